@@ -1,0 +1,30 @@
+# `make test`: set up .venv (CPU torch where there is no GPU) and run the test suite.
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+TORCH   ?= torch==2.13.0
+
+.PHONY: setup test lint
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+
+# A stamp file keeps `make test` fast on the second run; it is redone when requirements change.
+$(VENV)/.installed: requirements.txt requirements-dev.txt | $(BIN)/python
+	@if command -v nvidia-smi >/dev/null 2>&1; then \
+		$(BIN)/pip install -q torch; \
+	else \
+		echo "No GPU found: installing the CPU build of torch ($(TORCH))"; \
+		$(BIN)/pip install -q $(TORCH); \
+	fi
+	$(BIN)/pip install -q -r requirements.txt -r requirements-dev.txt
+	@$(BIN)/python tools/fonts.py --ensure
+	@touch $@
+
+setup: $(VENV)/.installed
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check .

@@ -1,0 +1,25 @@
+"""Shared fixtures: a small synthetic Manga109-format release, built once per test session."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tools.make_synthetic_manga109 import generate
+
+
+@pytest.fixture(scope="session")
+def synthetic_release(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Read-only release: 5 books x 3 small pages. Copy it (see `release_copy`) before corrupting anything."""
+    root = tmp_path_factory.mktemp("m109") / "Manga109s"
+    generate(root, books=5, pages=3, seed=7, width=800, height=560, num_workers=1)
+    return root
+
+
+@pytest.fixture
+def release_copy(synthetic_release: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / "release"
+    shutil.copytree(synthetic_release, dst)
+    return dst
