@@ -1,0 +1,125 @@
+"""Load a PaddleOCR-VL model and its processor (hub id or local folder) with the native transformers classes.
+
+The one thing this adds over ``from_pretrained`` is protection against the untied-lm_head trap:
+
+The released ``PaddlePaddle/PaddleOCR-VL`` config.json is flat (text settings at the top level) with
+``"tie_word_embeddings": false`` and its safetensors hold their own ``lm_head.weight``. In transformers 5,
+``PaddleOCRVLConfig.__post_init__`` builds ``text_config`` from the flat keys *without* that flag, so the
+text config gets the default ``True``, which is then forwarded to the outer config: the loaded config says
+``tie_word_embeddings=True``. ``from_pretrained`` happens to skip the tie (both tensors are in the checkpoint
+with different values, it only warns), but the config is wrong, so any later ``model.tie_weights()`` (token
+resizing, adapters, ...) silently replaces the trained lm_head with the input embeddings, and a fine-tuned
+save carries the wrong flag on. We read the checkpoint's keys first and, when it has an ``lm_head.weight``,
+load with both flags forced to ``False``; afterwards we check that the two tensors really are separate.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, PreTrainedConfig
+from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, cached_file
+
+
+class ModelLoadError(ValueError):
+    """The model or processor could not be loaded (bad path, unreachable hub id, inconsistent checkpoint)."""
+
+
+def _looks_like_local_path(model_path: str) -> bool:
+    # A hub id is "name" or "org/name"; anything else that looks like a path is never sent to the hub, so a
+    # typo in a folder name fails fast with a clear message instead of a confusing hub error.
+    return (
+        os.path.exists(model_path)
+        or os.path.isabs(model_path)
+        or model_path.startswith((".", "~"))
+        or model_path.count("/") > 1
+        or (os.sep != "/" and os.sep in model_path)
+    )
+
+
+def _checkpoint_keys(model_path: str) -> set[str] | None:
+    """Tensor names in the safetensors checkpoint (header/index only), or None if it has no safetensors."""
+    quiet: dict[str, Any] = {
+        "_raise_exceptions_for_missing_entries": False,
+        "_raise_exceptions_for_connection_errors": False,
+    }
+    index = cached_file(model_path, SAFE_WEIGHTS_INDEX_NAME, **quiet)
+    if index:
+        return set(json.loads(Path(index).read_text())["weight_map"])
+    single = cached_file(model_path, SAFE_WEIGHTS_NAME, **quiet)
+    if single:
+        with safe_open(single, framework="pt") as f:
+            return set(f.keys())
+    return None
+
+
+def _force_untied(config: PreTrainedConfig) -> None:
+    config.tie_word_embeddings = False
+    # Also the text config: saving then reloading would otherwise forward its True back to the outer config.
+    text_config = config.get_text_config()
+    if text_config is not config and hasattr(text_config, "tie_word_embeddings"):
+        text_config.tie_word_embeddings = False
+
+
+def load_model_and_processor(
+    model_path: str,
+    *,
+    dtype: torch.dtype | str | None = None,
+    device: str | torch.device | None = None,
+    trust_remote_code: bool = False,
+    attn_implementation: str | None = None,
+) -> tuple[Any, Any]:
+    """Return ``(model, processor)`` for a hub id or local folder; raise ``ModelLoadError`` on failure."""
+    model_path = str(model_path)
+    if _looks_like_local_path(model_path):
+        folder = Path(model_path).expanduser()
+        if not folder.is_dir():
+            raise ModelLoadError(
+                f"model folder {model_path!r} does not exist (resolved to {folder.resolve()})"
+            )
+        if not (folder / "config.json").is_file():
+            raise ModelLoadError(f"{model_path!r} is a folder but has no config.json: not a saved model")
+        model_path = str(folder)
+    where = "local folder" if os.path.isdir(model_path) else "Hugging Face hub id"
+    try:
+        config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+        keys = _checkpoint_keys(model_path)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(
+            f"could not load a model config from {model_path!r} (tried as {where}): {e}"
+        ) from e
+
+    has_lm_head = None if keys is None else any(k.endswith("lm_head.weight") for k in keys)
+    if has_lm_head:
+        _force_untied(config)
+    elif has_lm_head is False and not getattr(config, "tie_word_embeddings", True):
+        raise ModelLoadError(
+            f"{model_path!r}: config says the lm_head is untied but the checkpoint has no lm_head.weight; "
+            "loading would leave a randomly initialised lm_head"
+        )
+
+    kwargs: dict[str, Any] = {"config": config, "trust_remote_code": trust_remote_code}
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(model_path, **kwargs)
+        processor = AutoProcessor.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(
+            f"could not load model/processor from {model_path!r} (tried as {where}): {e}"
+        ) from e
+
+    if has_lm_head:
+        lm_head = model.get_output_embeddings().weight
+        if lm_head.data_ptr() == model.get_input_embeddings().weight.data_ptr():
+            raise ModelLoadError(f"{model_path!r}: checkpoint has its own lm_head.weight but it got tied")
+    if device is not None:
+        model = model.to(device)
+    return model.eval(), processor
