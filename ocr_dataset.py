@@ -1,0 +1,115 @@
+"""JSONL written by prepare_manga109_data.py -> (image, text) samples in the chat-messages format.
+
+Shared by training, evaluation and the benchmarks. Records are validated when the file is read, so a broken
+line fails at start-up with its file and line number, not hours into a run.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, ImageEnhance, ImageOps
+
+PROMPT = "OCR:"
+REQUIRED_FIELDS = ("image", "text")
+
+
+class DatasetError(ValueError):
+    """A JSONL record or its image is unusable; the message names file and line."""
+
+
+def build_messages(text: str | None = None) -> list[dict[str, Any]]:
+    """The conversation the model is trained on; without `text` it is the generation prompt."""
+    messages: list[dict[str, Any]] = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT}]}
+    ]
+    if text is not None:
+        messages.append({"role": "assistant", "content": [{"type": "text", "text": text}]})
+    return messages
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """Read and validate records; each gets `_line` and `image_path` (absolute)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"{path}: file not found (run prepare_manga109_data.py first?)")
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DatasetError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+            missing = [k for k in REQUIRED_FIELDS if not isinstance(rec, dict) or k not in rec]
+            if missing:
+                raise DatasetError(f"{path}:{lineno}: missing field(s) {', '.join(missing)}")
+            if not isinstance(rec["text"], str) or not isinstance(rec["image"], str):
+                raise DatasetError(f"{path}:{lineno}: 'image' and 'text' must be strings")
+            rec["_line"] = lineno
+            rec["image_path"] = str((path.parent / rec["image"]).resolve())
+            rec.setdefault("id", f"{path.name}:{lineno}")
+            records.append(rec)
+    return records
+
+
+def load_image(rec: dict[str, Any], source: str) -> Image.Image:
+    try:
+        with Image.open(rec["image_path"]) as im:
+            return im.convert("RGB")
+    except (OSError, ValueError) as e:
+        raise DatasetError(f"{source}:{rec['_line']}: cannot open image {rec['image_path']} ({e})") from None
+
+
+def augment(image: Image.Image, rng: Any = random) -> Image.Image:
+    """Light, label-preserving changes: contrast/brightness jitter and a few pixels of padding."""
+    image = ImageEnhance.Contrast(image).enhance(rng.uniform(0.8, 1.2))
+    image = ImageEnhance.Brightness(image).enhance(rng.uniform(0.9, 1.1))
+    pad = tuple(rng.randint(0, 4) for _ in range(4))
+    return ImageOps.expand(image, border=pad, fill=(255, 255, 255)) if any(pad) else image
+
+
+class OCRDataset:
+    """Map-style dataset over one JSONL split. Items: image, text, messages, id, book, orientation."""
+
+    def __init__(
+        self, jsonl_path: str | Path, *, augment: bool = False, max_samples: int | None = None
+    ) -> None:
+        self.path = str(jsonl_path)
+        self.records = read_jsonl(jsonl_path)
+        if max_samples is not None:
+            self.records = self.records[:max_samples]
+        self.augment = augment
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        rec = self.records[i]
+        image = load_image(rec, self.path)
+        if self.augment:
+            # The module RNG: DataLoader seeds it differently in each worker, a shared Random would repeat.
+            image = augment(image, random)
+        return {
+            "image": image,
+            "text": rec["text"],
+            "messages": build_messages(rec["text"]),
+            "id": rec["id"],
+            "book": rec.get("book", ""),
+            "orientation": rec.get("orientation", ""),
+        }
+
+    def image_sizes(self) -> list[tuple[int, int]]:
+        """(width, height) per record, from the JSONL when present (no image decode needed)."""
+        sizes = []
+        for rec in self.records:
+            if "width" in rec and "height" in rec:
+                sizes.append((int(rec["width"]), int(rec["height"])))
+            else:
+                with Image.open(rec["image_path"]) as im:
+                    sizes.append(im.size)
+        return sizes
