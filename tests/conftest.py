@@ -23,3 +23,14 @@ def release_copy(synthetic_release: Path, tmp_path: Path) -> Path:
     dst = tmp_path / "release"
     shutil.copytree(synthetic_release, dst)
     return dst
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Folder of a tiny random PaddleOCR-VL (untied lm_head) whose tokenizer covers the synthetic charset."""
+    from tools.make_synthetic_manga109 import CHARSET
+    from tools.make_tiny_model import build_tiny_model
+
+    out = tmp_path_factory.mktemp("tiny_model")
+    build_tiny_model(out, charset=CHARSET)
+    return out

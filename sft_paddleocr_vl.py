@@ -1,0 +1,385 @@
+"""Supervised fine-tuning of PaddleOCR-VL on manga text crops (JSONL from prepare_manga109_data.py).
+
+    python sft_paddleocr_vl.py --model_path PaddlePaddle/PaddleOCR-VL --data_dir ./data/manga109s \
+        --output_dir ./sft_output --bf16 --gradient_checkpointing ...      (train.sh sets the defaults)
+
+What differs from a plain Trainer run, and why:
+- precision fp32_master (default): fp32 weights + bf16 autocast, so lr-2e-5 updates are not rounded away
+  as they are when AdamW steps bf16 weights directly. bf16_lean: bf16 weights for 12 GB cards, stepped by
+  torch-optimi's AdamW with Kahan summation, which keeps the low bits an update would lose.
+- loss = summed cross-entropy over answer tokens / answer tokens in the whole accumulated batch (across
+  micro-batches and ranks), and logits are computed only where the next token is an answer token.
+- evaluation adds CER and exact match from greedy generation on a capped val subset; best checkpoint by CER.
+- a non-finite loss stops the run naming the step, before anything is saved.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
+from transformers.trainer_pt_utils import LengthGroupedSampler
+from transformers.trainer_utils import get_last_checkpoint
+
+from custom_collator import OCRCollator, configure_image_size, num_image_tokens
+from ocr_dataset import DatasetError, OCRDataset, build_messages, load_image
+from ocr_metrics import cer_metrics
+from ocr_model import ModelLoadError, generate_texts, load_model_and_processor
+
+logger = logging.getLogger("sft")
+
+
+@dataclass
+class ModelArguments:
+    model_path: str = field(
+        default="PaddlePaddle/PaddleOCR-VL", metadata={"help": "Hub id or local folder of the model to tune."}
+    )
+    precision: str = field(
+        default="fp32_master",
+        metadata={
+            "help": "fp32_master: fp32 weights + bf16 autocast (needs ~16 GB for the 0.9B model). "
+            "bf16_lean: bf16 weights + Kahan-summed AdamW (fits 12 GB).",
+            "choices": ["fp32_master", "bf16_lean"],
+        },
+    )
+    attn_implementation: str | None = field(
+        default="sdpa", metadata={"help": "Attention kernel: sdpa, eager or flash_attention_2."}
+    )
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Allow code from the model repo (not needed: transformers>=5)."}
+    )
+
+
+@dataclass
+class DataArguments:
+    data_dir: str = field(
+        default="./data/manga109s", metadata={"help": "Output folder of prepare_manga109_data.py."}
+    )
+    max_length: int = field(default=1536, metadata={"help": "Longest sequence (image + text tokens)."})
+    on_overlong: str = field(
+        default="drop",
+        metadata={
+            "help": "Over-long samples: drop (counted, logged) or error.",
+            "choices": ["drop", "error"],
+        },
+    )
+    pad_to_multiple_of: int | None = field(default=None, metadata={"help": "Pad batches to a multiple."})
+    min_pixels: int | None = field(
+        default=None, metadata={"help": "Image min pixels (default: the checkpoint's processor config)."}
+    )
+    max_pixels: int | None = field(
+        default=None, metadata={"help": "Image max pixels (default: the checkpoint's processor config)."}
+    )
+    augment: bool = field(default=False, metadata={"help": "Light contrast/brightness/padding jitter."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use the first N train crops."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Val crops for the eval loss."})
+    eval_generation_samples: int = field(
+        default=200, metadata={"help": "Val crops decoded for CER / exact match at each eval (0: off)."}
+    )
+    generation_batch_size: int = field(default=16, metadata={"help": "Batch size of eval generation."})
+    generation_max_new_tokens: int = field(default=128, metadata={"help": "Token cap of eval generation."})
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+class EpochLengthGroupedSampler(LengthGroupedSampler):
+    """Length grouping whose shuffle depends only on (seed, epoch), so a resumed run sees the same order."""
+
+    def __init__(self, batch_size: int, lengths: list[int], seed: int) -> None:
+        super().__init__(batch_size, lengths=lengths)
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        self.generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return super().__iter__()
+
+
+class BF16Trainer(Trainer):
+    """Trainer with answer-token-weighted loss, generation metrics, length grouping and a NaN guard."""
+
+    def __init__(
+        self,
+        *args,
+        lengths: list[int] | None = None,
+        gen_dataset: OCRDataset | None = None,
+        data_args: DataArguments | None = None,
+        **kwargs,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.lengths = lengths
+        self.gen_dataset = gen_dataset
+        self.data_args = data_args
+
+    def _load_weights(self, path: str, model=None) -> None:
+        # Trainer reads checkpoint files with their raw key names, but transformers 5 saves PaddleOCR-VL in
+        # the release's key layout (mlp_AR.*, visual.*, model.*): resuming would silently keep the fresh
+        # weights. from_pretrained applies the key mapping; strict loading proves every tensor arrived.
+        target = self.accelerator.unwrap_model(model if model is not None else self.model)
+        dtype = next(target.parameters()).dtype
+        loaded = type(target).from_pretrained(path, config=target.config, dtype=dtype)
+        target.load_state_dict(loaded.state_dict(), strict=True)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        self._load_weights(resume_from_checkpoint, model)
+
+    def _load_best_model(self) -> None:
+        logger.info(
+            "loading best checkpoint %s (%s)", self.state.best_model_checkpoint, self.state.best_metric
+        )
+        self._load_weights(self.state.best_model_checkpoint)
+
+    def _get_train_sampler(self, *args, **kwargs):
+        # Batches of similar length waste less padding; the lengths come from JSONL sizes, no decoding.
+        if self.args.per_device_train_batch_size > 1 and self.lengths is not None:
+            return EpochLengthGroupedSampler(
+                self.args.train_batch_size, self.lengths, self.args.data_seed or self.args.seed
+            )
+        return super()._get_train_sampler(*args, **kwargs)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        labels = inputs.pop("labels")
+        targets = labels[:, 1:]
+        # Positions whose next token is an answer token: only there do we need the 100k-vocab projection.
+        keep = (targets != -100).any(0).nonzero().squeeze(1)
+        dtype = next(model.parameters()).dtype
+        inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+        outputs = model(**inputs, logits_to_keep=keep, use_cache=False)
+        logits = outputs.logits.float()
+        loss = F.cross_entropy(
+            logits.flatten(0, 1), targets[:, keep].flatten(), ignore_index=-100, reduction="sum"
+        )
+        if num_items_in_batch is None:  # evaluation: normalize within the batch
+            loss = loss / (targets != -100).sum()
+        else:
+            loss = loss / num_items_in_batch
+            if self.args.average_tokens_across_devices:
+                # num_items_in_batch counts all ranks; DDP then averages gradients over ranks.
+                loss = loss * self.accelerator.num_processes
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(
+                f"loss is {loss.item()} at step {self.state.global_step} (epoch {self.state.epoch:.3f}); "
+                "stopping before the weights are saved. Try a lower --learning_rate or check the data."
+            )
+        return (loss, outputs) if return_outputs else loss
+
+    def evaluation_loop(
+        self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"
+    ):
+        output = super().evaluation_loop(dataloader, description, True, ignore_keys, metric_key_prefix)
+        if self.gen_dataset is not None and len(self.gen_dataset):
+            for k, v in self.generation_metrics().items():
+                output.metrics[f"{metric_key_prefix}_{k}"] = v
+        return output
+
+    def generation_metrics(self) -> dict[str, float]:
+        from accelerate.utils import gather_object
+
+        ds, rank, world = self.gen_dataset, self.args.process_index, self.args.world_size
+        mine = list(range(rank, len(ds), world))  # each rank decodes its share, results are gathered
+        images = [load_image(ds.records[i], ds.path) for i in mine]
+        model = self.accelerator.unwrap_model(self.model)
+        with torch.autocast(
+            "cuda", dtype=torch.bfloat16, enabled=self.args.bf16 and torch.cuda.is_available()
+        ):
+            preds = generate_texts(
+                model,
+                self.processing_class,
+                images,
+                batch_size=self.data_args.generation_batch_size,
+                max_new_tokens=self.data_args.generation_max_new_tokens,
+            )
+        pairs = gather_object([(p, ds.records[i]["text"]) for p, i in zip(preds, mine, strict=True)])
+        m = cer_metrics([p for p, _ in pairs], [r for _, r in pairs], "none")
+        nows = cer_metrics([p for p, _ in pairs], [r for _, r in pairs], "nows")
+        return {
+            "cer": m["cer"],
+            "cer_mean": m["cer_mean"],
+            "exact_match": m["exact_match"],
+            "cer_nows": nows["cer"],
+        }
+
+
+def sequence_lengths(ds: OCRDataset, processor) -> list[int]:
+    """Exact token count of each sample (template + image tokens + answer + eos) without decoding images."""
+    prompt = processor.apply_chat_template(build_messages(), tokenize=False, add_generation_prompt=True)
+    n_prompt = (
+        len(processor.tokenizer(prompt, add_special_tokens=False)["input_ids"]) - 1
+    )  # minus placeholder
+    full = [
+        processor.apply_chat_template(build_messages(r["text"]), tokenize=False)[len(prompt) :]
+        for r in ds.records
+    ]
+    n_answer = [len(ids) for ids in processor.tokenizer(full, add_special_tokens=False)["input_ids"]]
+    return [
+        n_prompt + num_image_tokens(processor, w, h) + a
+        for (w, h), a in zip(ds.image_sizes(), n_answer, strict=True)
+    ]
+
+
+def drop_overlong(ds: OCRDataset, lengths: list[int], data_args: DataArguments) -> list[int]:
+    over = [i for i, n in enumerate(lengths) if n > data_args.max_length]
+    if over and data_args.on_overlong == "error":
+        ids = [ds.records[i]["id"] for i in over[:5]]
+        raise DatasetError(
+            f"{len(over)} samples in {ds.path} exceed max_length={data_args.max_length}: {ids}"
+        )
+    if over:
+        logger.warning(
+            "dropping %d of %d samples longer than max_length=%d", len(over), len(ds), data_args.max_length
+        )
+    keep = [i for i in range(len(ds)) if lengths[i] <= data_args.max_length]
+    ds.records = [ds.records[i] for i in keep]
+    return [lengths[i] for i in keep]
+
+
+def check_output_dir(path: str) -> None:
+    """Fail before hours of work if checkpoints can't be written."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = Path(path) / ".write_test"
+        probe.write_bytes(b"x" * 1024)
+        probe.unlink()
+    except OSError as e:
+        raise SystemExit(f"error: cannot write to output_dir {path!r}: {e}") from None
+
+
+def plot_curves(log_history: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(h["step"], h["loss"]) for h in log_history if "loss" in h]
+    evals = [(h["step"], h) for h in log_history if "eval_loss" in h]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    if train:
+        ax1.plot(*zip(*train, strict=True), label="train loss")
+    if evals:
+        ax1.plot([s for s, _ in evals], [h["eval_loss"] for _, h in evals], "o-", label="val loss")
+        cer = [(s, h["eval_cer"]) for s, h in evals if "eval_cer" in h]
+        if cer:
+            ax2.plot(*zip(*cer, strict=True), "o-", color="C3", label="val CER")
+            ax2.set_ylim(bottom=0)
+    ax1.set(xlabel="optimizer step", ylabel="loss", title="loss")
+    ax2.set(xlabel="optimizer step", ylabel="CER", title="val CER (greedy)")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, TrainingArguments]:
+    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def build_trainer(
+    model_args: ModelArguments, data_args: DataArguments, args: TrainingArguments, callbacks=None
+) -> BF16Trainer:
+    """Everything up to trainer.train(); raises ModelLoadError / DatasetError on bad input."""
+    check_output_dir(args.output_dir)
+    set_seed(args.seed)
+    if args.resume_from_checkpoint == "auto":
+        args.resume_from_checkpoint = get_last_checkpoint(args.output_dir)
+        logger.info("resume: %s", args.resume_from_checkpoint or "no checkpoint yet, starting fresh")
+    args.remove_unused_columns = False  # the collator needs image/messages, which forward() doesn't take
+    if args.gradient_checkpointing and args.gradient_checkpointing_kwargs is None:
+        args.gradient_checkpointing_kwargs = {"use_reentrant": False}
+
+    lean = model_args.precision == "bf16_lean"
+    model, processor = load_model_and_processor(
+        model_args.model_path,
+        dtype=torch.bfloat16 if lean else torch.float32,
+        trust_remote_code=model_args.trust_remote_code,
+        attn_implementation=model_args.attn_implementation,
+    )
+    model.config.use_cache = False  # the cache is useless in training and conflicts with checkpointing
+    configure_image_size(processor, data_args.min_pixels, data_args.max_pixels)
+    data = Path(data_args.data_dir)
+    train_ds = OCRDataset(
+        data / "train.jsonl", augment=data_args.augment, max_samples=data_args.max_train_samples
+    )
+    if not len(train_ds):
+        raise DatasetError(f"{data / 'train.jsonl'} has no samples")
+    lengths = drop_overlong(train_ds, sequence_lengths(train_ds, processor), data_args)
+    val_path = data / "val.jsonl"
+    has_val = val_path.is_file() and val_path.stat().st_size > 0
+    eval_ds = OCRDataset(val_path, max_samples=data_args.max_eval_samples) if has_val else None
+    gen_n = data_args.eval_generation_samples
+    gen_ds = OCRDataset(val_path, max_samples=gen_n) if has_val and gen_n else None
+    if eval_ds is None:
+        args.eval_strategy = "no"
+    elif args.metric_for_best_model is None and gen_ds is not None:
+        args.metric_for_best_model, args.greater_is_better = "cer", False
+
+    optimizer = None
+    if lean:
+        import optimi
+
+        betas = (args.adam_beta1, args.adam_beta2)
+        optimizer = (
+            optimi.AdamW,
+            {"lr": args.learning_rate, "betas": betas, "eps": args.adam_epsilon, "kahan_sum": True},
+        )
+    collator = OCRCollator(
+        processor,
+        max_length=data_args.max_length,
+        on_overlong=data_args.on_overlong,
+        pad_to_multiple_of=data_args.pad_to_multiple_of,
+    )
+    logger.info(
+        "train %d crops, val %d; %.1fM parameters, precision %s",
+        len(train_ds),
+        len(eval_ds) if eval_ds else 0,
+        sum(p.numel() for p in model.parameters()) / 1e6,
+        model_args.precision,
+    )
+    return BF16Trainer(
+        model=model,
+        args=args,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        data_collator=collator,
+        processing_class=processor,
+        optimizer_cls_and_kwargs=optimizer,
+        callbacks=callbacks,
+        lengths=lengths,
+        gen_dataset=gen_ds,
+        data_args=data_args,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    model_args, data_args, args = parse_args(argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    try:
+        trainer = build_trainer(model_args, data_args, args)
+        trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    except (ModelLoadError, DatasetError, NonFiniteLossError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    trainer.save_model(args.output_dir)
+    trainer.save_state()
+    if trainer.is_world_process_zero():
+        plot_curves(trainer.state.log_history, Path(args.output_dir) / "training_curves.png")
+        if trainer.data_collator.num_dropped:
+            logger.warning("collator dropped %d over-long samples", trainer.data_collator.num_dropped)
+        logger.info("saved model and training_curves.png to %s", args.output_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,242 @@
+"""Collator labels, loss normalization, and training that provably learns (tiny model, CPU)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import TrainerCallback
+
+import prepare_manga109_data as prep
+import sft_paddleocr_vl as sft
+from custom_collator import BoundaryError, OCRCollator, OverlongError
+from ocr_dataset import OCRDataset, build_messages, load_image
+from ocr_model import generate_texts, load_model_and_processor
+
+
+@pytest.fixture(scope="module")
+def prepared(synthetic_release: Path, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("prepared")
+    prep.run(prep.PrepareArguments(manga109_root=str(synthetic_release), output_dir=str(out), num_workers=1,
+                                   test_fraction=0.2, val_fraction=0.2))
+    return out
+
+
+@pytest.fixture(scope="module")
+def processor(tiny_model: Path):
+    return load_model_and_processor(str(tiny_model))[1]
+
+
+def subset(prepared: Path, dst: Path, n: int, split: str = "train") -> Path:
+    """A data_dir holding the first n records of a split as train.jsonl (absolute image paths)."""
+    dst.mkdir(parents=True, exist_ok=True)
+    recs = [json.loads(line) for line in (prepared / f"{split}.jsonl").read_text().splitlines()][:n]
+    with open(dst / "train.jsonl", "w", encoding="utf-8") as f:
+        for r in recs:
+            f.write(json.dumps({**r, "image": str(prepared / r["image"])}, ensure_ascii=False) + "\n")
+    return dst
+
+
+def examples(prepared: Path, texts: list[str]) -> list[dict]:
+    ds = OCRDataset(prepared / "train.jsonl")
+    return [{**ds[i], "text": t, "messages": build_messages(t), "id": i} for i, t in enumerate(texts)]
+
+
+def train_args(tiny_model: Path, data_dir: Path, out: Path, *extra: str):
+    return sft.parse_args([
+        "--model_path", str(tiny_model), "--data_dir", str(data_dir), "--output_dir", str(out),
+        "--report_to", "none", "--disable_tqdm", "true", "--seed", "0", "--weight_decay", "0",
+        "--logging_steps", "10", *extra,
+    ])
+
+
+# ---------------------------------------------------------------- collator
+
+
+def test_labels_cover_exactly_answer_and_eos(prepared: Path, processor) -> None:
+    texts = ["あ", "魔王様！行くぞ！", "ＯＫ、１２３", "「ドキドキ」…ー"]
+    batch = OCRCollator(processor, pad_to_multiple_of=8)(examples(prepared, texts))
+    ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"]
+    assert ids.shape[1] % 8 == 0 and (mask[:, -1] == 0).any()  # right padding happened
+    eos = processor.tokenizer.eos_token_id
+    for row, text in enumerate(texts):
+        answer = processor.tokenizer(text, add_special_tokens=False)["input_ids"] + [eos]
+        labelled = (labels[row] != -100).nonzero().squeeze(1)
+        n = int(mask[row].sum())
+        # A contiguous run ending at the last real token, equal to the answer + eos ...
+        assert labelled.tolist() == list(range(n - len(answer), n))
+        assert labels[row, labelled].tolist() == answer == ids[row, labelled].tolist()
+        # ... and nothing on the prompt, the image tokens or the padding.
+        assert (labels[row, : n - len(answer)] == -100).all() and (labels[row, n:] == -100).all()
+    for key in ("mm_token_type_ids", "pixel_values", "image_grid_thw"):
+        assert key in batch
+
+
+def test_missing_boundary_raises(prepared: Path, processor) -> None:
+    import copy
+
+    broken = copy.deepcopy(processor)
+    # The generation prompt says "Bot:" but a rendered answer follows "Assistant:": no common prefix.
+    broken.chat_template = (
+        "{% for m in messages %}{% if m.role == 'assistant' %}Assistant: {{ m.content[0].text }}</s>"
+        "{% else %}User: <|IMAGE_START|><|IMAGE_PLACEHOLDER|><|IMAGE_END|>OCR:\n{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}Bot: {% endif %}"
+    )
+    with pytest.raises(BoundaryError, match="cannot tell where the answer begins"):
+        OCRCollator(broken)(examples(prepared, ["あいう"]))
+
+
+def test_overlong_sample_dropped_or_raises(prepared: Path, processor) -> None:
+    exs = examples(prepared, ["あ", "とても長いテキストとても長いテキスト"])
+    full = OCRCollator(processor, max_length=None)(exs)
+    lengths = full["attention_mask"].sum(1).tolist()
+    limit = min(lengths)  # the shorter sample fits exactly, the longer one doesn't
+    assert max(lengths) > limit
+    collator = OCRCollator(processor, max_length=limit)
+    batch = collator(exs)
+    keep = lengths.index(limit)
+    assert collator.num_dropped == 1 and batch["input_ids"].shape == (1, limit)
+    assert torch.equal(batch["input_ids"][0], full["input_ids"][keep, :limit])
+    patches = int(batch["image_grid_thw"].prod(-1).sum())
+    assert batch["pixel_values"].shape[0] == patches
+    with pytest.raises(OverlongError):
+        OCRCollator(processor, max_length=limit, on_overlong="error")(exs)
+    with pytest.raises(OverlongError, match="every sample"):
+        OCRCollator(processor, max_length=limit - 1)(exs)
+
+
+def test_sequence_lengths_match_collator(prepared: Path, processor) -> None:
+    ds = OCRDataset(prepared / "train.jsonl", max_samples=12)
+    est = sft.sequence_lengths(ds, processor)
+    batch = OCRCollator(processor, max_length=None)([ds[i] for i in range(len(ds))])
+    assert est == batch["attention_mask"].sum(1).tolist()
+
+
+# ---------------------------------------------------------------- loss
+
+
+def make_trainer(tiny_model: Path, prepared: Path, tmp_path: Path) -> sft.BF16Trainer:
+    return sft.build_trainer(*train_args(tiny_model, subset(prepared, tmp_path / "d", 4), tmp_path / "o"))
+
+
+def test_loss_equals_plain_computation(tiny_model: Path, prepared: Path, tmp_path: Path) -> None:
+    trainer = make_trainer(tiny_model, prepared, tmp_path)
+    model, collator = trainer.model, trainer.data_collator
+    batch = collator(examples(prepared, ["あいう", "魔王様！行くぞ！", "x"]))
+    plain = model(**batch).loss  # HF: full logits everywhere, mean over answer tokens
+    ours = trainer.compute_loss(model, dict(batch))
+    assert torch.allclose(ours, plain, rtol=1e-5, atol=1e-6)
+
+
+def test_token_weighted_loss_across_micro_batches(tiny_model: Path, prepared: Path, tmp_path: Path) -> None:
+    trainer = make_trainer(tiny_model, prepared, tmp_path)
+    model, collator = trainer.model, trainer.data_collator
+    exs = examples(prepared, ["あ", "とても長いテキストとても長い"])  # 2 vs 15 answer tokens
+    whole = collator(exs)
+    parts = [collator([e]) for e in exs]
+    n_items = sum(int((p["labels"][:, 1:] != -100).sum()) for p in parts)
+
+    def grads(batches) -> list[torch.Tensor]:
+        model.zero_grad()
+        for b in batches:
+            trainer.compute_loss(model, dict(b), num_items_in_batch=n_items).backward()
+        return [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    one, two = grads([whole]), grads(parts)
+    assert len(one) == len(two) > 10
+    for a, b in zip(one, two, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    # A per-micro-batch mean (the seed's normalization) would weight the 2-token answer like the 15-token one.
+    model.zero_grad()
+    seed_style = sum(trainer.compute_loss(model, dict(b)) for b in parts) / 2
+    seed_style.backward()
+    seed_grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert not all(torch.allclose(a, b, rtol=1e-3) for a, b in zip(one, seed_grads, strict=True))
+
+
+def test_nonfinite_loss_stops_with_step(tiny_model: Path, prepared: Path, tmp_path: Path) -> None:
+    trainer = make_trainer(tiny_model, prepared, tmp_path)
+    with torch.no_grad():
+        trainer.model.lm_head.weight.fill_(float("nan"))
+    with pytest.raises(sft.NonFiniteLossError, match="at step 0"):
+        trainer.compute_loss(trainer.model, dict(trainer.data_collator(examples(prepared, ["あ"]))))
+
+
+def test_lean_optimizer_keeps_small_updates() -> None:
+    """Why bf16_lean uses Kahan summation: plain AdamW on bf16 weights rounds lr-1e-5 steps away."""
+    import optimi
+
+    def run(opt_cls, **kw) -> tuple[torch.Tensor, torch.optim.Optimizer]:
+        p = torch.nn.Parameter(torch.ones(4096, dtype=torch.bfloat16))
+        opt = opt_cls([p], lr=1e-5, weight_decay=0.0, **kw)
+        for _ in range(1000):
+            p.grad = torch.ones_like(p)
+            opt.step()
+        return p, opt
+
+    p, _ = run(torch.optim.AdamW)
+    assert (p == 1.0).all()  # every one of the 1000 updates was rounded away
+    p, opt = run(optimi.AdamW, kahan_sum=True)
+    # The bf16 weight moved to within one bf16 step (2**-8 below 1.0) of the true 0.99 ...
+    assert p.float().mean().item() == pytest.approx(0.99, abs=2**-8)
+    # ... and weight + (bf16) compensation buffer hold the sum to ~0.1 % of the 0.01 total change.
+    exact = p.float() + opt.state[p]["kahan_comp"].float()
+    assert exact.mean().item() == pytest.approx(0.99, abs=2e-3)
+
+
+# ---------------------------------------------------------------- training
+
+
+def test_overfit_16_crops_then_reload(tiny_model: Path, prepared: Path, tmp_path: Path) -> None:
+    data = subset(prepared, tmp_path / "d", 16)
+    out = tmp_path / "out"
+    trainer = sft.build_trainer(*train_args(
+        tiny_model, data, out, "--max_steps", "300", "--per_device_train_batch_size", "16",
+        "--learning_rate", "5e-3", "--lr_scheduler_type", "cosine", "--warmup_steps", "10",
+        "--save_strategy", "no",
+    ))
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert losses[-1] < 0.05 < losses[0]
+    records = trainer.train_dataset.records
+    images = [load_image(r, "train") for r in records]
+    preds = generate_texts(trainer.model, trainer.processing_class, images, batch_size=16, max_new_tokens=24)
+    exact = sum(p == r["text"] for p, r in zip(preds, records, strict=True))
+    assert exact >= 15, list(zip(preds, [r["text"] for r in records], strict=True))
+
+    trainer.save_model(str(out))
+    model, processor = load_model_and_processor(str(out))
+    assert torch.equal(model.lm_head.weight, trainer.model.lm_head.weight)
+    assert not torch.equal(model.lm_head.weight, model.get_input_embeddings().weight)
+    assert generate_texts(model, processor, images, batch_size=4, max_new_tokens=24) == preds
+
+
+class StopAt(TrainerCallback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        control.should_training_stop = state.global_step >= self.step
+        return control
+
+
+def test_resume_gives_same_weights(tiny_model: Path, prepared: Path, tmp_path: Path) -> None:
+    data = subset(prepared, tmp_path / "d", 12)
+    common = ["--max_steps", "8", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2",
+              "--learning_rate", "3e-3", "--save_strategy", "steps", "--save_steps", "4"]
+    straight = sft.build_trainer(*train_args(tiny_model, data, tmp_path / "a", *common))
+    straight.train()
+
+    args_b = train_args(tiny_model, data, tmp_path / "b", *common)
+    interrupted = sft.build_trainer(*args_b, callbacks=[StopAt(4)])
+    interrupted.train()
+    assert interrupted.state.global_step == 4 and (tmp_path / "b" / "checkpoint-4").is_dir()
+    m, d, a = train_args(tiny_model, data, tmp_path / "b", *common, "--resume_from_checkpoint", "auto")
+    resumed = sft.build_trainer(m, d, a)
+    assert a.resume_from_checkpoint.endswith("checkpoint-4")
+    resumed.train(resume_from_checkpoint=a.resume_from_checkpoint)
+    assert resumed.state.global_step == straight.state.global_step == 8
+    for (name, p), q in zip(straight.model.named_parameters(), resumed.model.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
