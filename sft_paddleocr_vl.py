@@ -321,9 +321,12 @@ def build_trainer(
     gen_n = data_args.eval_generation_samples
     gen_ds = OCRDataset(val_path, max_samples=gen_n) if has_val and gen_n else None
     if eval_ds is None:
-        args.eval_strategy = "no"
-    elif args.metric_for_best_model is None and gen_ds is not None:
+        logger.warning("no val split in %s: training without evaluation", data)
+        args.eval_strategy, args.load_best_model_at_end = "no", False
+    elif args.metric_for_best_model in (None, "cer") and gen_ds is not None:
         args.metric_for_best_model, args.greater_is_better = "cer", False
+    elif args.metric_for_best_model == "cer":  # CER needs generation; fall back to the val loss
+        args.metric_for_best_model, args.greater_is_better = "loss", False
 
     optimizer = None
     if lean:

@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# Fine-tune PaddleOCR-VL on the prepared Manga109s crops.
+#
+#   bash train.sh                                   # the defaults below
+#   LR=1e-5 EPOCHS=1 bash train.sh                  # override by environment variable ...
+#   bash train.sh --max_steps 100 --eval_steps 50   # ... or by extra arguments (passed through, they win)
+#   NUM_GPUS=2 bash train.sh                        # DDP through torchrun
+#
+# A killed run continues from its last checkpoint when started again (RESUME=auto); RESUME=none starts over.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+PYTHON=${PYTHON:-python}
+MODEL_PATH=${MODEL_PATH:-PaddlePaddle/PaddleOCR-VL}
+DATA_DIR=${DATA_DIR:-./data/manga109s}
+OUTPUT_DIR=${OUTPUT_DIR:-./sft_output}
+EPOCHS=${EPOCHS:-3}
+LR=${LR:-2e-5}
+SCHEDULER=${SCHEDULER:-cosine}
+WARMUP=${WARMUP:-0.03}                 # < 1: fraction of all steps
+WEIGHT_DECAY=${WEIGHT_DECAY:-0.01}
+MAX_GRAD_NORM=${MAX_GRAD_NORM:-1.0}
+BATCH_SIZE=${BATCH_SIZE:-1}            # per device
+GRAD_ACCUM=${GRAD_ACCUM:-16}
+MAX_LENGTH=${MAX_LENGTH:-1536}
+PRECISION=${PRECISION:-auto}           # auto | fp32_master | bf16_lean
+BF16=${BF16:-auto}                     # auto: on when a CUDA GPU is present (CPU runs in fp32)
+GRADIENT_CHECKPOINTING=${GRADIENT_CHECKPOINTING:-true}
+SAVE_STEPS=${SAVE_STEPS:-2000}
+SAVE_TOTAL_LIMIT=${SAVE_TOTAL_LIMIT:-3}
+EVAL_STEPS=${EVAL_STEPS:-$SAVE_STEPS}  # must divide SAVE_STEPS: the best checkpoint (by val CER) is kept
+EVAL_GENERATION_SAMPLES=${EVAL_GENERATION_SAMPLES:-200}
+LOGGING_STEPS=${LOGGING_STEPS:-10}
+NUM_WORKERS=${NUM_WORKERS:-2}
+SEED=${SEED:-42}
+NUM_GPUS=${NUM_GPUS:-1}
+RESUME=${RESUME:-auto}                 # auto | none | path/to/checkpoint-N
+REPORT_TO=${REPORT_TO:-none}
+
+gpu_gb=$("$PYTHON" -c "import torch; print(torch.cuda.get_device_properties(0).total_memory // 2**30 \
+    if torch.cuda.is_available() else 0)")
+if [ "$BF16" = auto ]; then
+    if [ "$gpu_gb" -gt 0 ]; then BF16=true; else BF16=false; fi
+fi
+if [ "$PRECISION" = auto ]; then
+    # fp32 master weights + AdamW states need ~15 GB for the 0.9B model before activations.
+    # CPU runs (tests, the demo) stay in fp32.
+    if [ "$gpu_gb" -eq 0 ] || [ "$gpu_gb" -ge 20 ]; then PRECISION=fp32_master; else PRECISION=bf16_lean; fi
+fi
+resume_args=()
+[ "$RESUME" != none ] && resume_args=(--resume_from_checkpoint "$RESUME")
+
+launcher=("$PYTHON")
+if [ "$NUM_GPUS" -gt 1 ]; then
+    launcher=("$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$NUM_GPUS")
+fi
+
+echo "train.sh: model=$MODEL_PATH data=$DATA_DIR out=$OUTPUT_DIR precision=$PRECISION bf16=$BF16 gpus=$NUM_GPUS"
+exec "${launcher[@]}" sft_paddleocr_vl.py \
+    --model_path "$MODEL_PATH" \
+    --data_dir "$DATA_DIR" \
+    --output_dir "$OUTPUT_DIR" \
+    --precision "$PRECISION" \
+    --bf16 "$BF16" \
+    --num_train_epochs "$EPOCHS" \
+    --learning_rate "$LR" \
+    --lr_scheduler_type "$SCHEDULER" \
+    --warmup_steps "$WARMUP" \
+    --weight_decay "$WEIGHT_DECAY" \
+    --max_grad_norm "$MAX_GRAD_NORM" \
+    --per_device_train_batch_size "$BATCH_SIZE" \
+    --per_device_eval_batch_size "$BATCH_SIZE" \
+    --gradient_accumulation_steps "$GRAD_ACCUM" \
+    --max_length "$MAX_LENGTH" \
+    --gradient_checkpointing "$GRADIENT_CHECKPOINTING" \
+    --eval_strategy steps \
+    --eval_steps "$EVAL_STEPS" \
+    --eval_generation_samples "$EVAL_GENERATION_SAMPLES" \
+    --save_strategy steps \
+    --save_steps "$SAVE_STEPS" \
+    --save_total_limit "$SAVE_TOTAL_LIMIT" \
+    --load_best_model_at_end true \
+    --metric_for_best_model cer \
+    --greater_is_better false \
+    --logging_steps "$LOGGING_STEPS" \
+    --dataloader_num_workers "$NUM_WORKERS" \
+    --seed "$SEED" \
+    --report_to "$REPORT_TO" \
+    "${resume_args[@]}" \
+    "$@"
