@@ -45,8 +45,9 @@ def num_image_tokens(processor: Any, width: int, height: int) -> int:
     """Image tokens the processor will produce for an image of this size (without decoding it)."""
     ip = processor.image_processor
     factor = ip.patch_size * ip.merge_size
-    h, w = smart_resize(height, width, factor=factor, min_pixels=ip.size["shortest_edge"],
-                        max_pixels=ip.size["longest_edge"])
+    h, w = smart_resize(
+        height, width, factor=factor, min_pixels=ip.size["shortest_edge"], max_pixels=ip.size["longest_edge"]
+    )
     return (h // ip.patch_size) * (w // ip.patch_size) // (ip.merge_size**2)
 
 
@@ -80,8 +81,14 @@ class OCRCollator:
     answer would teach the model a wrong target.
     """
 
-    def __init__(self, processor: Any, *, max_length: int | None = 1536, on_overlong: str = "drop",
-                 pad_to_multiple_of: int | None = None) -> None:
+    def __init__(
+        self,
+        processor: Any,
+        *,
+        max_length: int | None = 1536,
+        on_overlong: str = "drop",
+        pad_to_multiple_of: int | None = None,
+    ) -> None:
         if on_overlong not in ("drop", "error"):
             raise ValueError(f"on_overlong must be 'drop' or 'error', not {on_overlong!r}")
         self.processor = processor
@@ -110,10 +117,17 @@ class OCRCollator:
                 )
             fulls.append(full)
             prompts.append(prompt)
-        batch = dict(self.processor(
-            text=fulls, images=[ex["image"] for ex in examples], padding=True, padding_side="right",
-            pad_to_multiple_of=self.pad_to_multiple_of, add_special_tokens=False, return_tensors="pt",
-        ))
+        batch = dict(
+            self.processor(
+                text=fulls,
+                images=[ex["image"] for ex in examples],
+                padding=True,
+                padding_side="right",
+                pad_to_multiple_of=self.pad_to_multiple_of,
+                add_special_tokens=False,
+                return_tensors="pt",
+            )
+        )
         ids, mask = batch["input_ids"], batch["attention_mask"]
         labels = ids.clone()
         labels[mask == 0] = IGNORE_INDEX
@@ -149,7 +163,14 @@ class OCRCollator:
 def generation_batch(processor: Any, images: list, *, pad_to_multiple_of: int | None = None) -> dict:
     """Left-padded prompts (one image each) ready for `model.generate`."""
     prompt = _render(processor, build_messages(), generation_prompt=True)
-    return dict(processor(
-        text=[prompt] * len(images), images=images, padding=True, padding_side="left",
-        pad_to_multiple_of=pad_to_multiple_of, add_special_tokens=False, return_tensors="pt",
-    ))
+    return dict(
+        processor(
+            text=[prompt] * len(images),
+            images=images,
+            padding=True,
+            padding_side="left",
+            pad_to_multiple_of=pad_to_multiple_of,
+            add_special_tokens=False,
+            return_tensors="pt",
+        )
+    )
