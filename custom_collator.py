@@ -97,6 +97,7 @@ class OCRCollator:
         self.pad_to_multiple_of = pad_to_multiple_of
         self.image_token_id = processor.image_token_id
         self.num_dropped = 0
+        self.seen_ids: list = []  # sample ids collated, in order (written out by --log_sample_ids)
 
     def _prompt_ids(self, prompt: str, n_image_tokens: int) -> list[int]:
         ids = self.processor.tokenizer(prompt, add_special_tokens=False)["input_ids"]
@@ -107,6 +108,7 @@ class OCRCollator:
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         fulls, prompts = [], []
+        self.seen_ids.extend(ex.get("id") for ex in examples)
         for ex in examples:
             full = _render(self.processor, ex["messages"], generation_prompt=False)
             prompt = _render(self.processor, ex["messages"][:-1], generation_prompt=True)

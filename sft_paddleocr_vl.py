@@ -15,8 +15,10 @@ What differs from a plain Trainer run, and why:
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +27,6 @@ import torch
 import torch.nn.functional as F
 from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
 from transformers.trainer_pt_utils import LengthGroupedSampler
-from transformers.trainer_utils import get_last_checkpoint
 
 from custom_collator import OCRCollator, configure_image_size, num_image_tokens
 from ocr_dataset import DatasetError, OCRDataset, build_messages, load_image
@@ -84,6 +85,9 @@ class DataArguments:
     )
     generation_batch_size: int = field(default=16, metadata={"help": "Batch size of eval generation."})
     generation_max_new_tokens: int = field(default=128, metadata={"help": "Token cap of eval generation."})
+    log_sample_ids: bool = field(
+        default=False, metadata={"help": "Write the ids of the crops each rank trained on (checks sharding)."}
+    )
 
 
 class NonFiniteLossError(RuntimeError):
@@ -246,6 +250,21 @@ def drop_overlong(ds: OCRDataset, lengths: list[int], data_args: DataArguments) 
     return [lengths[i] for i in keep]
 
 
+def latest_complete_checkpoint(output_dir: str) -> str | None:
+    """Newest checkpoint-N whose trainer_state.json (written last by the Trainer) is complete.
+
+    A run killed while saving leaves a checkpoint folder without it; resuming from that would fail.
+    """
+    found = []
+    for path in Path(output_dir).glob("checkpoint-*"):
+        try:
+            json.loads((path / "trainer_state.json").read_text())
+            found.append((int(path.name.split("-")[-1]), str(path)))
+        except (OSError, ValueError):
+            logger.warning("ignoring incomplete checkpoint %s", path)
+    return max(found)[1] if found else None
+
+
 def check_output_dir(path: str) -> None:
     """Fail before hours of work if checkpoints can't be written."""
     try:
@@ -255,6 +274,27 @@ def check_output_dir(path: str) -> None:
         probe.unlink()
     except OSError as e:
         raise SystemExit(f"error: cannot write to output_dir {path!r}: {e}") from None
+
+
+def check_disk_space(args: TrainingArguments, model) -> None:
+    """A checkpoint holds weights + optimizer state; a full disk mid-save would lose the run's progress."""
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    per_checkpoint = weights if args.save_only_model else 3 * weights  # + two Adam moments
+    free = shutil.disk_usage(args.output_dir).free
+    if args.save_strategy != "no" and free < per_checkpoint:
+        raise SystemExit(
+            f"error: {args.output_dir} has {free / 2**30:.1f} GiB free but one checkpoint needs "
+            f"~{per_checkpoint / 2**30:.1f} GiB; free some space or choose another --output_dir"
+        )
+    keep = (args.save_total_limit or 1) + 1
+    if free < keep * per_checkpoint:
+        logger.warning(
+            "only %.1f GiB free in %s; %d checkpoints of ~%.1f GiB may not fit",
+            free / 2**30,
+            args.output_dir,
+            keep,
+            per_checkpoint / 2**30,
+        )
 
 
 def plot_curves(log_history: list[dict], path: Path) -> None:
@@ -296,7 +336,7 @@ def build_trainer(
     check_output_dir(args.output_dir)
     set_seed(args.seed)
     if args.resume_from_checkpoint == "auto":
-        args.resume_from_checkpoint = get_last_checkpoint(args.output_dir)
+        args.resume_from_checkpoint = latest_complete_checkpoint(args.output_dir)
         logger.info("resume: %s", args.resume_from_checkpoint or "no checkpoint yet, starting fresh")
     args.remove_unused_columns = False  # the collator needs image/messages, which forward() doesn't take
     if args.gradient_checkpointing and args.gradient_checkpointing_kwargs is None:
@@ -310,6 +350,7 @@ def build_trainer(
         attn_implementation=model_args.attn_implementation,
     )
     model.config.use_cache = False  # the cache is useless in training and conflicts with checkpointing
+    check_disk_space(args, model)
     configure_image_size(processor, data_args.min_pixels, data_args.max_pixels)
     data = Path(data_args.data_dir)
     train_ds = OCRDataset(
@@ -377,8 +418,19 @@ def main(argv: list[str] | None = None) -> int:
     except (ModelLoadError, DatasetError, NonFiniteLossError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # typically a full disk while saving a checkpoint
+        last = latest_complete_checkpoint(args.output_dir)
+        print(
+            f"error: {e}\nthe last complete checkpoint is {last}; rerun with --resume_from_checkpoint auto "
+            "once the problem is fixed",
+            file=sys.stderr,
+        )
+        return 2
     trainer.save_model(args.output_dir)
     trainer.save_state()
+    if data_args.log_sample_ids:
+        ids_path = Path(args.output_dir) / f"sample_ids_rank{args.process_index}.json"
+        ids_path.write_text(json.dumps(trainer.data_collator.seen_ids, ensure_ascii=False))
     if trainer.is_world_process_zero():
         plot_curves(trainer.state.log_history, Path(args.output_dir) / "training_curves.png")
         if trainer.data_collator.num_dropped:

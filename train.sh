@@ -51,8 +51,11 @@ resume_args=()
 [ "$RESUME" != none ] && resume_args=(--resume_from_checkpoint "$RESUME")
 
 launcher=("$PYTHON")
+ddp_args=()
 if [ "$NUM_GPUS" -gt 1 ]; then
     launcher=("$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$NUM_GPUS")
+    # Without a GPU the Trainer would start independent single processes: ask for gloo explicitly.
+    [ "$gpu_gb" -eq 0 ] && ddp_args=(--ddp_backend gloo)
 fi
 
 echo "train.sh: model=$MODEL_PATH data=$DATA_DIR out=$OUTPUT_DIR precision=$PRECISION bf16=$BF16 gpus=$NUM_GPUS"
@@ -87,4 +90,5 @@ exec "${launcher[@]}" sft_paddleocr_vl.py \
     --seed "$SEED" \
     --report_to "$REPORT_TO" \
     "${resume_args[@]}" \
+    "${ddp_args[@]}" \
     "$@"

@@ -34,3 +34,14 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("tiny_model")
     build_tiny_model(out, charset=CHARSET)
     return out
+
+
+@pytest.fixture(scope="session")
+def prepared(synthetic_release: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The synthetic release prepared with a book-level split (3 train, 1 val, 1 test book)."""
+    import prepare_manga109_data as prep
+
+    out = tmp_path_factory.mktemp("prepared")
+    prep.run(prep.PrepareArguments(manga109_root=str(synthetic_release), output_dir=str(out), num_workers=1,
+                                   test_fraction=0.2, val_fraction=0.2))
+    return out

@@ -9,19 +9,10 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-import prepare_manga109_data as prep
 import sft_paddleocr_vl as sft
 from custom_collator import BoundaryError, OCRCollator, OverlongError
 from ocr_dataset import OCRDataset, build_messages, load_image
 from ocr_model import generate_texts, load_model_and_processor
-
-
-@pytest.fixture(scope="module")
-def prepared(synthetic_release: Path, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("prepared")
-    prep.run(prep.PrepareArguments(manga109_root=str(synthetic_release), output_dir=str(out), num_workers=1,
-                                   test_fraction=0.2, val_fraction=0.2))
-    return out
 
 
 @pytest.fixture(scope="module")
