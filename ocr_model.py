@@ -151,18 +151,20 @@ def generate_texts(
     eos_id = processor.tokenizer.eos_token_id
     was_training = model.training
     model.eval()
-    batches = range(0, len(order), batch_size)
-    for start in tqdm(batches, desc="generating", disable=not progress, unit="batch"):
-        idx = order[start : start + batch_size]
-        batch = generation_batch(processor, [images[i] for i in idx])
-        batch = {k: v.to(device) for k, v in batch.items()}
-        batch["pixel_values"] = batch["pixel_values"].to(model.dtype)
-        out = model.generate(
-            **batch, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
-            pad_token_id=pad_id, eos_token_id=eos_id,
-        )
-        new_tokens = out[:, batch["input_ids"].shape[1] :]
-        for i, text in zip(idx, processor.batch_decode(new_tokens, skip_special_tokens=True), strict=True):
-            texts[i] = text
-    model.train(was_training)
+    try:
+        batches = range(0, len(order), batch_size)
+        for start in tqdm(batches, desc="generating", disable=not progress, unit="batch"):
+            idx = order[start : start + batch_size]
+            batch = generation_batch(processor, [images[i] for i in idx])
+            batch = {k: v.to(device) for k, v in batch.items()}
+            batch["pixel_values"] = batch["pixel_values"].to(model.dtype)
+            out = model.generate(
+                **batch, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
+                pad_token_id=pad_id, eos_token_id=eos_id,
+            )
+            decoded = processor.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+            for i, text in zip(idx, decoded, strict=True):
+                texts[i] = text
+    finally:  # also when generation fails, e.g. during training-time evaluation
+        model.train(was_training)
     return texts

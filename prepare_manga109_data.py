@@ -27,8 +27,11 @@ from tqdm import tqdm
 
 TOOL_VERSION = "prepare_manga109_data 1.0"
 SPLITS = ("train", "val", "test")
-FILTERED = {"empty_text", "too_small"}  # skipped by design; everything else is bad data (stops --strict)
-STATE_FILE = ".prepare_state.json"  # settings that change crop pixels; a mismatch needs --overwrite
+# Skipped by design; every other reason is bad data (and stops --strict).
+FILTERED = {"empty_text", "too_small", "extreme_aspect"}
+STATE_FILE = ".prepare_state.json"
+# The PaddleOCR-VL image processor refuses images whose sides differ by more than 200x.
+MAX_ASPECT = 150  # settings that change crop pixels; a mismatch needs --overwrite
 
 
 class PrepareError(Exception):
@@ -230,6 +233,8 @@ def _check_box(t, title: str, page: int, width: int, height: int, args: PrepareA
         return skip("off_page")
     if cx1 - cx0 < args.min_size or cy1 - cy0 < args.min_size:
         return skip("too_small")
+    if max(cx1 - cx0, cy1 - cy0) > MAX_ASPECT * min(cx1 - cx0, cy1 - cy0):
+        return skip("extreme_aspect")
     m = args.margin
     bbox = (max(cx0 - m, 0), max(cy0 - m, 0), min(cx1 + m, width), min(cy1 + m, height))
     text_id = t.get("id") or f"p{page}_{x0}_{y0}"

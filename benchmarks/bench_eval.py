@@ -1,0 +1,141 @@
+"""Time evaluate_model.py's generation path against the seed project's one-crop-at-a-time loop.
+
+    python benchmarks/bench_eval.py --model tiny --num_samples 64        # CPU: tiny random model
+    python benchmarks/bench_eval.py --model full --num_samples 256       # GPU: full-size random weights
+
+Both paths OCR the same crops (cut by prepare_manga109_data.py from synthetic full-size pages, so crop sizes
+are realistic) with greedy decoding:
+  batched   ocr_model.generate_texts: batches of --batch_size, left padding, KV cache on
+  seed loop one crop per model.generate(..., use_cache=False), as the seed project evaluated
+`full` is PaddleOCRVLConfig() (0.9B, untied lm_head) with random weights in bf16 on CUDA, with the release's
+image-processor bounds (min_pixels 147384, max_pixels 2822400) and the tiny character tokenizer (its ids are
+valid ids of the 103424-token vocabulary). Random weights rarely emit </s>, so every crop generates
+--max_new_tokens tokens; the default 16 is about one manga text line. A path or hub id is loaded as is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import prepare_manga109_data as prep  # noqa: E402
+from benchmarks.full_size import build_full_size_random  # noqa: E402
+from custom_collator import generation_batch  # noqa: E402
+from evaluate_model import device_description  # noqa: E402
+from ocr_dataset import load_image, read_jsonl  # noqa: E402
+from ocr_model import generate_texts, load_model_and_processor  # noqa: E402
+from tools.make_synthetic_manga109 import CHARSET, generate  # noqa: E402
+from tools.make_tiny_model import build_tiny_model  # noqa: E402
+
+
+def full_size_random(tiny_dir: str, device: str, dtype: torch.dtype) -> tuple[Any, Any]:
+    model, processor = build_full_size_random(tiny_dir, dtype=dtype, device=device)
+    with torch.no_grad():
+        # Ids past the small tokenizer decode to nothing; zero logits for them (same compute) make greedy
+        # pick decodable ids, so comparing the two paths' texts means something.
+        model.get_output_embeddings().weight[len(processor.tokenizer) :] = 0
+    return model.eval(), processor
+
+
+@torch.inference_mode()
+def seed_loop(model: Any, processor: Any, images: list, max_new_tokens: int) -> list[str]:
+    """The seed project's evaluation: one crop per generate() call, KV cache off."""
+    device = next(model.parameters()).device
+    tok = processor.tokenizer
+    texts = []
+    for image in images:
+        batch = {k: v.to(device) for k, v in generation_batch(processor, [image]).items()}
+        batch["pixel_values"] = batch["pixel_values"].to(model.dtype)
+        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, use_cache=False,
+                             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        texts.append(processor.decode(out[0, batch["input_ids"].shape[1] :], skip_special_tokens=True))
+    return texts
+
+
+def timed(fn: Any, *args: Any, **kwargs: Any) -> tuple[list[str], float]:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    out = fn(*args, **kwargs)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return out, time.perf_counter() - t
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="tiny", help="tiny, full, or a model path / hub id")
+    ap.add_argument("--num_samples", type=int, default=64, help="crops timed by both paths")
+    ap.add_argument("--batch_size", type=int, default=16)
+    ap.add_argument("--max_new_tokens", type=int, default=16)
+    ap.add_argument("--books", type=int, default=2, help="synthetic books (full-size 1654x1170 pages)")
+    ap.add_argument("--pages", type=int, default=6, help="pages per synthetic book")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--repeats", type=int, default=3, help="time each path this often, report the fastest")
+    a = ap.parse_args(argv)
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    with tempfile.TemporaryDirectory() as tmp:
+        release, data = Path(tmp, "m109"), Path(tmp, "data")
+        generate(release, books=a.books, pages=a.pages, seed=a.seed)
+        # The split does not matter here (all crops are pooled); random mode works with any book count.
+        prep.run(prep.PrepareArguments(manga109_root=str(release), output_dir=str(data), split_mode="random",
+                                       num_workers=1))
+        records = [r for s in prep.SPLITS for r in read_jsonl(data / f"{s}.jsonl")]
+        if len(records) < a.num_samples:
+            sys.exit(f"error: only {len(records)} crops; raise --books/--pages")
+        records = random.Random(a.seed).sample(records, a.num_samples)
+        images = [load_image(r, "bench") for r in records]
+
+        if a.model in ("tiny", "full"):
+            tiny_dir = build_tiny_model(Path(tmp, "tiny"), charset=CHARSET)
+            if a.model == "tiny":
+                model, processor = load_model_and_processor(tiny_dir, dtype=dtype, device=device)
+            else:
+                model, processor = full_size_random(tiny_dir, device, dtype)
+        else:
+            model, processor = load_model_and_processor(a.model, dtype=dtype, device=device)
+
+        # Warm-up outside the timings: the first generate() pays one-off costs (kernels, allocator).
+        generate_texts(model, processor, images[:2], batch_size=2, max_new_tokens=2)
+        seed_loop(model, processor, images[:1], max_new_tokens=2)
+        # Alternating repeats and keeping each path's fastest run filters out other load on the machine
+        # without favouring whichever path happened to run during a quiet spell.
+        t_batched = t_single = float("inf")
+        for _ in range(max(a.repeats, 1)):
+            batched, t = timed(generate_texts, model, processor, images, batch_size=a.batch_size,
+                               max_new_tokens=a.max_new_tokens)
+            t_batched = min(t_batched, t)
+            single, t = timed(seed_loop, model, processor, images, a.max_new_tokens)
+            t_single = min(t_single, t)
+
+    n = len(images)
+    params = sum(p.numel() for p in model.parameters())
+    same = sum(x == y for x, y in zip(batched, single, strict=True))
+    sizes = sorted(im.width * im.height for im in images)
+    print(f"\ndevice: {device_description(device)}, dtype {dtype}")
+    print(f"model: {a.model} ({params / 1e6:.1f} M parameters), {n} crops "
+          f"(median {sizes[n // 2]} px), max_new_tokens {a.max_new_tokens}, "
+          f"mean output {sum(len(t) for t in batched) / n:.1f} chars")
+    print(f"{'path':52s} {'seconds':>8s} {'crops/s':>8s}")
+    print(f"{'seed loop (batch 1, use_cache=False)':52s} {t_single:8.2f} {n / t_single:8.2f}")
+    label = f"generate_texts (batch {a.batch_size}, use_cache=True)"
+    print(f"{label:52s} {t_batched:8.2f} {n / t_batched:8.2f}")
+    print(f"ratio: {t_single / t_batched:.1f}x")
+    print(f"identical texts: {same}/{n}" + ("" if same == n else "  (bf16 batching can flip near-ties)"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,287 @@
+"""Evaluate a PaddleOCR-VL checkpoint on a prepared split: CER / exact match under every normalization.
+
+    python evaluate_model.py --model_path PaddlePaddle/PaddleOCR-VL --split test
+    python evaluate_model.py --model_path ./runs/ft/checkpoint-best --num_samples 500
+    python evaluate_model.py --compare base/metrics.json ft/metrics.json --output_dir ./eval_output
+
+Writes predictions.jsonl (flushed after every chunk, so a crash or Ctrl-C keeps what was produced),
+metrics.json and summary.md. Bad input (unknown model, broken JSONL, unreadable image, empty split) ends
+with one `error: ...` line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import random
+import re
+import sys
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ocr_dataset import DatasetError, load_image, read_jsonl
+from ocr_metrics import NORMALIZATIONS, all_metrics, edit_distance, normalize
+
+METRICS = {"cer": "CER", "cer_mean": "mean CER", "exact_match": "exact match"}
+
+
+class EvalError(Exception):
+    """Bad arguments or input; printed as one line, without traceback."""
+
+
+class Interrupted(Exception):
+    """Ctrl-C during generation; the message says how many predictions were kept."""
+
+
+def arg(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class EvalArguments:
+    model_path: str | None = arg(None, "Hub id or local folder of the model (and processor) to evaluate.")
+    data_dir: str = arg("./data/manga109s", "Folder with <split>.jsonl (prepare_manga109_data.py).")
+    split: str = arg("test", "Which JSONL to evaluate: train, val or test.")
+    num_samples: int | None = arg(
+        None, "Evaluate a random subset of this size (random.Random(seed).sample over the file's records, "
+        "as the seed project did with 500). Default: the whole split.")
+    batch_size: int = arg(16, "Crops per generate() call.")
+    output_dir: str | None = arg(
+        None, "Where predictions.jsonl, metrics.json and summary.md go. Default: <model_path>/eval_<split> "
+        "for a local model, else ./eval_output/<model name>_<split>.")
+    max_new_tokens: int = arg(128, "Longest generated text, in tokens.")
+    seed: int = arg(42, "Seed of the --num_samples subset.")
+    worst: int = arg(20, "List this many worst predictions (most edits).")
+    min_pixels: int | None = arg(None, "Override the image processor's min_pixels (default: checkpoint's).")
+    max_pixels: int | None = arg(None, "Override the image processor's max_pixels (default: checkpoint's).")
+    trust_remote_code: bool = arg(False, "Allow the checkpoint's own code (not needed for PaddleOCR-VL).")
+    compare: list[str] | None = arg(
+        None, "Instead of evaluating: print a side-by-side table of these metrics.json files (also written "
+        "to <output_dir>/comparison.md when --output_dir is given).")
+
+
+def device_description(device: str) -> str:
+    import torch
+
+    if device.startswith("cuda"):
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def default_output_dir(model_path: str, split: str) -> Path:
+    if os.path.isdir(model_path):
+        return Path(model_path) / f"eval_{split}"
+    return Path("eval_output") / f"{re.sub(r'[^A-Za-z0-9._-]+', '_', model_path).strip('_')}_{split}"
+
+
+def select_records(args: EvalArguments) -> tuple[list[dict], int, str]:
+    path = Path(args.data_dir).resolve() / f"{args.split}.jsonl"
+    records = read_jsonl(path)
+    if not records:
+        raise EvalError(f"{path} has no records (empty split)")
+    total = len(records)
+    if args.num_samples is not None:
+        if args.num_samples <= 0:
+            raise EvalError(f"--num_samples must be positive, got {args.num_samples}")
+        if args.num_samples < total:
+            records = random.Random(args.seed).sample(records, args.num_samples)
+    missing = [r for r in records if not os.path.isfile(r["image_path"])]
+    if missing:  # a stat per crop is cheap; finding a missing crop an hour into generation is not
+        r = missing[0]
+        raise EvalError(f"{path}:{r['_line']}: image {r['image_path']} not found ({len(missing)} missing)")
+    return records, total, str(path)
+
+
+def predict_records(model: Any, processor: Any, records: list[dict], source: str, out_path: Path,
+                    args: EvalArguments) -> list[dict]:
+    """Generate in chunks and append each chunk's rows to predictions.jsonl as soon as it is done."""
+    from tqdm import tqdm
+
+    from custom_collator import num_image_tokens
+    from ocr_model import generate_texts
+
+    def tokens(r: dict) -> int:
+        if "width" not in r or "height" not in r:
+            return 0
+        try:
+            return num_image_tokens(processor, r["width"], r["height"])
+        except ValueError as e:  # e.g. aspect ratio over 200: the processor would refuse it mid-run
+            size = f"{r['width']}x{r['height']}"
+            raise EvalError(f"{source}:{r['_line']}: unusable crop size {size} ({e})") from None
+
+    # Sorting the whole split by image-token count (JSONL width/height, no decode) keeps batch padding
+    # small; a prediction does not depend on which batch it is in (tested).
+    order = sorted(records, key=tokens)
+    rows: list[dict] = []
+    chunk = 8 * args.batch_size
+    with open(out_path, "w", encoding="utf-8") as f, tqdm(total=len(order), unit="crop", desc="eval") as bar:
+        try:
+            for start in range(0, len(order), chunk):
+                part = order[start : start + chunk]
+                images = [load_image(r, source) for r in part]
+                texts = generate_texts(model, processor, images, batch_size=args.batch_size,
+                                       max_new_tokens=args.max_new_tokens)
+                for rec, text in zip(part, texts, strict=True):
+                    ref = rec["text"]
+                    rows.append({"id": rec["id"], "book": rec.get("book", ""),
+                                 "orientation": rec.get("orientation", ""), "reference": ref,
+                                 "prediction": text, "edits": edit_distance(normalize(text), normalize(ref))})
+                    f.write(json.dumps(rows[-1], ensure_ascii=False) + "\n")
+                f.flush()
+                bar.update(len(part))
+        except DatasetError as e:
+            raise EvalError(f"{e}; {len(rows)} predictions already written to {out_path}") from None
+        except KeyboardInterrupt:
+            raise Interrupted(f"{len(rows)} predictions written to {out_path}") from None
+    return rows
+
+
+def breakdown(rows: list[dict], key: str) -> dict[str, dict]:
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for r in rows:
+        groups[r[key] or "(unknown)"].append(r)
+    return {g: all_metrics([r["prediction"] for r in rs], [r["reference"] for r in rs])
+            for g, rs in sorted(groups.items())}
+
+
+def pct(v: float) -> str:
+    return f"{100 * v:.2f} %"
+
+
+def cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", "⏎") or "∅"
+
+
+def md_row(*cells: object) -> str:
+    return "| " + " | ".join(map(str, cells)) + " |"
+
+
+def group_table(title: str, groups: dict[str, dict]) -> list[str]:
+    lines = [f"## By {title} (normalization: none)", "", md_row(title, "crops", *METRICS.values()),
+             md_row("---", *["---:"] * 4)]
+    for g, m in groups.items():
+        lines.append(md_row(cell(g), m["none"]["n"], *(pct(m["none"][k]) for k in METRICS)))
+    return [*lines, ""]
+
+
+def summary_markdown(res: dict) -> str:
+    subset = f"random subset, seed {res['seed']}" if res["num_samples"] < res["split_size"] else "whole split"
+    lines = [f"# {res['model_path']} on {res['split']}", "",
+             f"{res['num_samples']} of {res['split_size']} crops ({subset}) from `{res['data_file']}`; batch "
+             f"size {res['batch_size']}, {res['device']}, {res['seconds']:.1f} s "
+             f"({res['crops_per_second']:.2f} crops/s).", "",
+             f"**CER {pct(res['metrics']['none']['cer'])}, exact match "
+             f"{pct(res['metrics']['none']['exact_match'])}** (normalization none, the headline).", "",
+             md_row("normalization", *METRICS.values(), "edits / reference chars"),
+             md_row("---", *["---:"] * 4)]
+    for mode, m in res["metrics"].items():
+        lines.append(md_row(mode, *(pct(m[k]) for k in METRICS), f"{m['edits']} / {m['ref_chars']}"))
+    lines += ["", *group_table("book", res["by_book"]), *group_table("orientation", res["by_orientation"])]
+    lines += [f"## Worst {len(res['worst'])} (most edits, normalization: none)", "",
+              md_row("id", "edits", "reference", "prediction"), md_row("---", "---:", "---", "---")]
+    for w in res["worst"]:
+        lines.append(md_row(cell(w["id"]), w["edits"], cell(w["reference"]), cell(w["prediction"])))
+    return "\n".join(lines) + "\n"
+
+
+def compare_markdown(paths: list[str]) -> str:
+    if len(paths) < 2:
+        raise EvalError("--compare needs at least two metrics.json files")
+    runs = []
+    for p in paths:
+        try:
+            run = json.loads(Path(p).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise EvalError(f"--compare: cannot read {p}: {e}") from None
+        if not isinstance(run, dict) or not {"metrics", "model_path", "split"} <= run.keys():
+            raise EvalError(f"--compare: {p} is not a metrics.json written by evaluate_model.py")
+        runs.append(run)
+    labels = [r["model_path"] for r in runs]
+    if len(set(labels)) < len(labels):  # the same model twice (e.g. two splits): the file tells them apart
+        labels = [f"{lab} ({p})" for lab, p in zip(labels, paths, strict=True)]
+    two = len(runs) == 2
+    lines = [md_row("metric", "normalization", *map(cell, labels), *(["Δ (2nd − 1st)"] if two else [])),
+             md_row("---", "---", *["---:"] * (len(runs) + two))]
+    for key, name in METRICS.items():
+        for mode in NORMALIZATIONS:
+            vals = [r["metrics"][mode][key] for r in runs]
+            delta = [f"{100 * (vals[1] - vals[0]):+.2f} pp"] if two else []
+            lines.append(md_row(name, mode, *map(pct, vals), *delta))
+    lines.append(md_row("crops", "", *(f"{r.get('num_samples')} ({r['split']})" for r in runs), *[""] * two))
+    if len({(r["split"], r.get("num_samples"), r.get("seed"), r.get("data_file")) for r in runs}) > 1:
+        lines += ["", "Note: these runs did not evaluate the same crops (split, subset or data differ), "
+                  "so the differences mix model and data effects."]
+    return "\n".join(lines) + "\n"
+
+
+def evaluate(args: EvalArguments) -> dict:
+    import torch
+
+    from custom_collator import configure_image_size
+    from ocr_model import load_model_and_processor
+
+    if args.batch_size <= 0:
+        raise EvalError(f"--batch_size must be positive, got {args.batch_size}")
+    records, total, source = select_records(args)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model, processor = load_model_and_processor(args.model_path, dtype=dtype, device=device,
+                                                trust_remote_code=args.trust_remote_code)
+    configure_image_size(processor, args.min_pixels, args.max_pixels)
+    out_dir = Path(args.output_dir) if args.output_dir else default_output_dir(args.model_path, args.split)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    t0 = time.perf_counter()
+    rows = predict_records(model, processor, records, source, out_dir / "predictions.jsonl", args)
+    seconds = time.perf_counter() - t0
+    size = processor.image_processor.size
+    res = {
+        "model_path": args.model_path, "data_file": source, "split": args.split, "num_samples": len(rows),
+        "split_size": total, "seed": args.seed, "batch_size": args.batch_size,
+        "max_new_tokens": args.max_new_tokens, "min_pixels": size["shortest_edge"],
+        "max_pixels": size["longest_edge"], "device": device_description(device), "dtype": str(dtype),
+        "seconds": round(seconds, 3), "crops_per_second": round(len(rows) / max(seconds, 1e-9), 3),
+        "metrics": all_metrics([r["prediction"] for r in rows], [r["reference"] for r in rows]),
+        "by_book": breakdown(rows, "book"), "by_orientation": breakdown(rows, "orientation"),
+        "worst": sorted(rows, key=lambda r: (-r["edits"], r["id"]))[: max(args.worst, 0)],
+    }
+    text = json.dumps(res, ensure_ascii=False, indent=1) + "\n"
+    (out_dir / "metrics.json").write_text(text, encoding="utf-8")
+    (out_dir / "summary.md").write_text(summary_markdown(res), encoding="utf-8")
+    return {**res, "output_dir": str(out_dir)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from transformers import HfArgumentParser
+
+    from ocr_model import ModelLoadError
+
+    (args,) = HfArgumentParser(EvalArguments).parse_args_into_dataclasses(args=argv)
+    try:
+        if args.compare:
+            table = compare_markdown(args.compare)
+            print(table, end="")
+            if args.output_dir:
+                Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+                (Path(args.output_dir) / "comparison.md").write_text(table, encoding="utf-8")
+            return 0
+        if not args.model_path:
+            raise EvalError("--model_path is required (or --compare A.json B.json)")
+        res = evaluate(args)
+    except (EvalError, DatasetError, ModelLoadError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Interrupted as e:
+        print(f"interrupted: {e}", file=sys.stderr)
+        return 130
+    print(summary_markdown(res), end="")
+    print(f"-> {res['output_dir']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,252 @@
+"""evaluate_model.py and the batched generation path it uses, on the tiny model and synthetic crops."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+import evaluate_model
+import ocr_model
+import prepare_manga109_data as prep
+from custom_collator import num_image_tokens
+from ocr_dataset import load_image, read_jsonl
+from ocr_metrics import all_metrics
+from ocr_model import generate_texts, load_model_and_processor
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def data_dir(synthetic_release: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("eval_data")
+    prep.run(prep.PrepareArguments(manga109_root=str(synthetic_release), output_dir=str(out), num_workers=1))
+    return out
+
+
+def evaluate(tiny_model: Path, data_dir: Path, out: Path, *extra: str) -> int:
+    return evaluate_model.main([
+        "--model_path", str(tiny_model), "--data_dir", str(data_dir), "--output_dir", str(out),
+        "--max_new_tokens", "6", *extra,
+    ])
+
+
+def predictions(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "predictions.jsonl").read_text(encoding="utf-8").splitlines()]
+
+
+def error_line(capsys: pytest.CaptureFixture[str], rc: int) -> str:
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def _mixed_length_model(tiny_model: Path, images: list, max_new_tokens: int):
+    """The tiny model with its </s> logit scaled until greedy outputs end at different lengths.
+
+    A random model almost never emits </s>, so every row would run to max_new_tokens and the padding of
+    finished rows (where batching bugs hide) would never be exercised.
+    """
+    model, processor = load_model_and_processor(str(tiny_model))
+    row = model.get_output_embeddings().weight[processor.tokenizer.eos_token_id]
+    original = row.detach().clone()
+    for scale in (3.5, 3.0, 4.0, 2.5, 4.5, 5.0):
+        with torch.no_grad():
+            row.copy_(original * scale)
+        texts = generate_texts(model, processor, images, batch_size=16, max_new_tokens=max_new_tokens)
+        lengths = {len(t) for t in texts}
+        if len(lengths) >= 3 and any(0 < n < max_new_tokens for n in lengths):
+            return model, processor, texts
+    pytest.fail("could not make the tiny model stop at different lengths")
+
+
+def test_batched_generation_equals_batch_size_1(
+    tiny_model: Path, data_dir: Path, synthetic_release: Path
+) -> None:
+    records = [r for s in prep.SPLITS for r in read_jsonl(data_dir / f"{s}.jsonl")]
+    images = [load_image(r, "test") for r in random.Random(0).sample(records, 12)]
+    page = Image.open(next((synthetic_release / "images").glob("*/000.jpg"))).convert("RGB")
+    # Larger and oddly shaped regions too, so batches mix very different image-token counts.
+    regions = [(0, 0, 300, 200), (10, 10, 60, 500), (100, 50, 700, 120), (5, 5, 40, 40)]
+    images += [page.crop(b) for b in regions]
+    model, processor, texts = _mixed_length_model(tiny_model, images, max_new_tokens=12)
+
+    tokens = {num_image_tokens(processor, *im.size) for im in images}
+    assert len(tokens) >= 4, tokens
+    single = generate_texts(model, processor, images, batch_size=1, max_new_tokens=12)
+    assert single == texts  # batches of 16 (all in one)
+    assert generate_texts(model, processor, images[::-1], batch_size=7, max_new_tokens=12) == single[::-1]
+
+
+def test_evaluate_writes_consistent_outputs(tiny_model: Path, data_dir: Path, tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "eval"
+    assert evaluate(tiny_model, data_dir, out, "--batch_size", "4", "--worst", "3") == 0
+    assert "# " in capsys.readouterr().out
+    refs = {r["id"]: r for r in read_jsonl(data_dir / "test.jsonl")}
+    rows = predictions(out)
+    assert sorted(r["id"] for r in rows) == sorted(refs)
+    for r in rows:
+        assert set(r) == {"id", "book", "orientation", "reference", "prediction", "edits"}
+        assert (r["reference"], r["book"], r["orientation"]) == (
+            refs[r["id"]]["text"], refs[r["id"]]["book"], refs[r["id"]]["orientation"])
+
+    m = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+    assert m["metrics"] == all_metrics([r["prediction"] for r in rows], [r["reference"] for r in rows])
+    assert m["metrics"]["none"]["edits"] == sum(r["edits"] for r in rows)
+    assert (m["split"], m["num_samples"], m["split_size"]) == ("test", len(refs), len(refs))
+    assert m["batch_size"] == 4
+    assert m["model_path"] == str(tiny_model) and m["device"].startswith("cpu")
+    assert m["seconds"] > 0 and m["crops_per_second"] > 0
+    assert sum(g["none"]["n"] for g in m["by_book"].values()) == len(rows)
+    assert set(m["by_orientation"]) == {r["orientation"] for r in rows}
+    ranked = sorted(rows, key=lambda r: (-r["edits"], r["id"]))[:3]
+    assert m["worst"] == ranked
+    summary = (out / "summary.md").read_text(encoding="utf-8")
+    for heading in ("| none |", "| nfkc |", "## By book", "## By orientation", "## Worst 3"):
+        assert heading in summary
+
+
+def test_predictions_do_not_depend_on_batch_size(tiny_model: Path, data_dir: Path, tmp_path: Path) -> None:
+    assert evaluate(tiny_model, data_dir, tmp_path / "b1", "--batch_size", "1") == 0
+    assert evaluate(tiny_model, data_dir, tmp_path / "b5", "--batch_size", "5") == 0
+    one = {r["id"]: r["prediction"] for r in predictions(tmp_path / "b1")}
+    assert one == {r["id"]: r["prediction"] for r in predictions(tmp_path / "b5")}
+
+
+def test_num_samples_is_the_seeded_subset(tiny_model: Path, data_dir: Path, tmp_path: Path) -> None:
+    records = read_jsonl(data_dir / "train.jsonl")
+    for seed in (42, 7):
+        out = tmp_path / str(seed)
+        assert evaluate(tiny_model, data_dir, out, "--split", "train", "--num_samples", "5",
+                        "--seed", str(seed)) == 0
+        expected = {r["id"] for r in random.Random(seed).sample(records, 5)}
+        assert {r["id"] for r in predictions(out)} == expected
+        m = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+        assert (m["num_samples"], m["split_size"], m["seed"]) == (5, len(records), seed)
+
+
+def test_default_output_dir(tiny_model: Path) -> None:
+    assert evaluate_model.default_output_dir(str(tiny_model), "test") == tiny_model / "eval_test"
+    hub = evaluate_model.default_output_dir("PaddlePaddle/PaddleOCR-VL", "val")
+    assert hub == Path("eval_output") / "PaddlePaddle_PaddleOCR-VL_val"
+
+
+def _metrics_file(path: Path, model: str, cer: float, exact: float, n: int = 10) -> str:
+    m = {mode: {"cer": cer, "cer_mean": cer + 0.1, "exact_match": exact} for mode in ("none", "nows", "nfkc")}
+    res = {"model_path": model, "split": "test", "num_samples": n, "seed": 42, "data_file": "d", "metrics": m}
+    path.write_text(json.dumps(res), encoding="utf-8")
+    return str(path)
+
+
+def test_compare_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    a = _metrics_file(tmp_path / "a.json", "base", 0.5, 0.1)
+    b = _metrics_file(tmp_path / "b.json", "./runs/ft", 0.25, 0.4)
+    assert evaluate_model.main(["--compare", a, b, "--output_dir", str(tmp_path / "cmp")]) == 0
+    table = capsys.readouterr().out
+    assert table == (tmp_path / "cmp" / "comparison.md").read_text(encoding="utf-8")
+    lines = table.splitlines()
+    assert lines[0] == "| metric | normalization | base | ./runs/ft | Δ (2nd − 1st) |"
+    assert "| CER | none | 50.00 % | 25.00 % | -25.00 pp |" in lines
+    assert "| mean CER | nfkc | 60.00 % | 35.00 % | -25.00 pp |" in lines
+    assert "| exact match | nows | 10.00 % | 40.00 % | +30.00 pp |" in lines
+    assert len([line for line in lines if line.startswith("| CER |")]) == 3
+    assert "Note:" not in table
+
+    c = _metrics_file(tmp_path / "c.json", "base", 0.3, 0.2, n=500)  # same model, other sample count
+    assert evaluate_model.main(["--compare", a, b, c]) == 0
+    table = capsys.readouterr().out
+    assert "Δ" not in table and f"base ({a})" in table and f"base ({c})" in table and "Note:" in table
+
+
+def test_compare_rejects_bad_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    a = _metrics_file(tmp_path / "a.json", "base", 0.5, 0.1)
+    (tmp_path / "x.json").write_text('{"foo": 1}')
+    rc = evaluate_model.main(["--compare", a, str(tmp_path / "x.json")])
+    assert "not a metrics.json" in error_line(capsys, rc)
+    rc = evaluate_model.main(["--compare", a, str(tmp_path / "none.json")])
+    assert "cannot read" in error_line(capsys, rc)
+    assert "at least two" in error_line(capsys, evaluate_model.main(["--compare", a]))
+
+
+def test_unknown_model_path_cli(data_dir: Path, tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "evaluate_model.py", "--model_path", str(tmp_path / "no_such_model"),
+         "--data_dir", str(data_dir), "--output_dir", str(tmp_path / "out")],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: model folder")
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_data_gives_one_error_line(tiny_model: Path, data_dir: Path, tmp_path: Path,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    good = (data_dir / "test.jsonl").read_text(encoding="utf-8").splitlines()
+    (bad / "test.jsonl").write_text(good[0] + "\n" + json.dumps({"image": "x.png", "book": "B"}) + "\n")
+    assert f"{bad / 'test.jsonl'}:2: missing field(s) text" in error_line(
+        capsys, evaluate(tiny_model, bad, tmp_path / "o1"))
+
+    (bad / "val.jsonl").write_text("\n")
+    assert "no records (empty split)" in error_line(capsys, evaluate(tiny_model, bad, tmp_path / "o2",
+                                                                     "--split", "val"))
+    (bad / "train.jsonl").write_text(json.dumps({"image": "crops/missing.png", "text": "あ"}) + "\n")
+    assert "missing.png not found" in error_line(capsys, evaluate(tiny_model, bad, tmp_path / "o3",
+                                                                  "--split", "train"))
+    assert "--model_path is required" in error_line(capsys, evaluate_model.main(["--data_dir", str(bad)]))
+    crop = read_jsonl(data_dir / "test.jsonl")[0]["image_path"]
+    thin = {"image": crop, "text": "あ", "width": 2, "height": 500}
+    (bad / "train.jsonl").write_text(json.dumps(thin) + "\n")
+    line = error_line(capsys, evaluate(tiny_model, bad, tmp_path / "o4", "--split", "train"))
+    assert "train.jsonl:1: unusable crop size 2x500" in line  # the processor refuses aspect ratios over 200
+
+
+@pytest.fixture
+def data_copy(data_dir: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(data_dir, tmp_path / "data"))
+
+
+def test_unreadable_image_keeps_earlier_predictions(tiny_model: Path, data_copy: Path, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(tiny_model)
+    records = read_jsonl(data_copy / "test.jsonl")
+    last = sorted(records, key=lambda r: num_image_tokens(processor, r["width"], r["height"]))[-1]
+    Path(last["image_path"]).write_bytes(b"not a png")
+    out = tmp_path / "out"
+    # batch 2 -> chunks of 16: every complete chunk before the broken crop is on disk.
+    line = error_line(capsys, evaluate(tiny_model, data_copy, out, "--batch_size", "2"))
+    done = (len(records) - 1) // 16 * 16
+    assert f"test.jsonl:{last['_line']}: cannot open image" in line
+    assert f"{done} predictions already written" in line
+    assert len(predictions(out)) == done > 0
+
+
+def test_ctrl_c_keeps_earlier_predictions(
+    tiny_model: Path, data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    calls = []
+
+    def interrupt_second_chunk(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return generate_texts(*args, **kwargs)
+
+    monkeypatch.setattr(ocr_model, "generate_texts", interrupt_second_chunk)
+    assert evaluate(tiny_model, data_dir, tmp_path / "out", "--batch_size", "1") == 130
+    assert "interrupted: 8 predictions written" in capsys.readouterr().err
+    assert len(predictions(tmp_path / "out")) == 8
