@@ -44,8 +44,8 @@ class ModelArguments:
     precision: str = field(
         default="fp32_master",
         metadata={
-            "help": "fp32_master: fp32 weights + bf16 autocast (needs ~16 GB for the 0.9B model). "
-            "bf16_lean: bf16 weights + Kahan-summed AdamW (fits 12 GB).",
+            "help": "fp32_master: fp32 weights + bf16 autocast (weights, grads and AdamW state alone take "
+            "~14.5 GB for the 0.9B model). bf16_lean: bf16 weights + Kahan-summed AdamW (~9 GB).",
             "choices": ["fp32_master", "bf16_lean"],
         },
     )
