@@ -1,10 +1,11 @@
+# `make demo`: the whole pipeline on CPU with synthetic data and a tiny model (< 10 min on 2 cores).
 # `make test`: set up .venv (CPU torch where there is no GPU) and run the test suite.
 PY      ?= python3
 VENV    ?= .venv
 BIN     := $(VENV)/bin
 TORCH   ?= torch==2.13.0
 
-.PHONY: setup test lint
+.PHONY: setup test lint demo
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -28,3 +29,6 @@ test: setup
 
 lint: setup
 	$(BIN)/ruff check .
+
+demo: setup
+	PYTHON=$(abspath $(BIN)/python) bash tools/demo.sh
