@@ -85,6 +85,14 @@ class DataArguments:
     )
     generation_batch_size: int = field(default=16, metadata={"help": "Batch size of eval generation."})
     generation_max_new_tokens: int = field(default=128, metadata={"help": "Token cap of eval generation."})
+    group_by_length: bool = field(
+        default=False,
+        metadata={
+            "help": "Batch crops of similar token length together (less padding when batch > 1). Off by "
+            "default: on the synthetic demo data, length-homogeneous batches stopped the tiny model "
+            "from learning to read."
+        },
+    )
     log_sample_ids: bool = field(
         default=False, metadata={"help": "Write the ids of the crops each rank trained on (checks sharding)."}
     )
@@ -163,7 +171,8 @@ class BF16Trainer(Trainer):
 
     def _get_train_sampler(self, *args, **kwargs):
         # Batches of similar length waste less padding; the lengths come from JSONL sizes, no decoding.
-        if self.args.per_device_train_batch_size > 1 and self.lengths is not None:
+        group = self.data_args is not None and self.data_args.group_by_length
+        if group and self.args.per_device_train_batch_size > 1 and self.lengths is not None:
             return EpochLengthGroupedSampler(
                 self.args.train_batch_size, self.lengths, self.args.data_seed or self.args.seed
             )

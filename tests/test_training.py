@@ -213,10 +213,12 @@ class StopAt(TrainerCallback):
         return control
 
 
-def test_resume_gives_same_weights(tiny_model: Path, prepared: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("grouping", ["false", "true"])
+def test_resume_gives_same_weights(tiny_model: Path, prepared: Path, tmp_path: Path, grouping: str) -> None:
     data = subset(prepared, tmp_path / "d", 12)
     common = ["--max_steps", "8", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2",
-              "--learning_rate", "3e-3", "--save_strategy", "steps", "--save_steps", "4"]
+              "--learning_rate", "3e-3", "--save_strategy", "steps", "--save_steps", "4",
+              "--group_by_length", grouping]
     straight = sft.build_trainer(*train_args(tiny_model, data, tmp_path / "a", *common))
     straight.train()
 
