@@ -54,6 +54,19 @@ PHRASES = (
 NO_START = "ーぁぃぅぇぉっゃゅょゎゕゖァィゥェォッャュョヮヵヶ、。」"  # never begin a random run
 # Sorted so that a tokenizer built from it is the same on every run and machine.
 CHARSET: str = "".join(sorted(set(HIRAGANA + KATAKANA + KANJI + PUNCT + DIGITS + LATIN + "".join(PHRASES))))
+# --charset: "full" is the mixed text above (phrases, runs, SFX, digits, Latin: CHARSET). The others draw
+# every text as a random run of 1..max_chars characters of a small alphabet, which a tiny model learns to read
+# within minutes on a CPU (the demo). Each is a subset of CHARSET, so the default tokenizer covers them too.
+KATAKANA_BASIC = (  # the 46 basic katakana: no small, voiced or semi-voiced forms
+    "アイウエオカキクケコサシスセソタチツテトナニヌネノ"
+    "ハヒフヘホマミムメモヤユヨラリルレロワヲン"
+)
+CHARSETS: dict[str, str] = {
+    "full": CHARSET,
+    "katakana": KATAKANA_BASIC,
+    "digits": DIGITS[10:],  # full-width ０-９
+    "katakana_digits": KATAKANA_BASIC + DIGITS[10:],
+}
 ROTATED = set("ー…「」")  # drawn turned 90° in vertical typesetting
 SMALL_PUNCT = set("、。")  # sit in the upper right of their cell in vertical typesetting
 TITLE_A = "Sakura Kaze Hoshi Yume Tsuki Umi Sora Hana Kumo Yoru Kage Honoo Midori Akai Shiroi Kuroi".split()
@@ -65,8 +78,13 @@ class NoFontError(RuntimeError):
     """No usable CJK font: the message is fonts.INSTALL_HINT."""
 
 
-def sample_text(rng: random.Random, max_chars: int) -> str:
-    """A plausible-ish line: mostly dialogue phrases, some random runs, SFX katakana and digits/Latin."""
+def sample_text(rng: random.Random, max_chars: int, alphabet: str | None = None, min_chars: int = 1) -> str:
+    """A plausible-ish line: mostly dialogue phrases, some random runs, SFX katakana and digits/Latin.
+
+    With an ``alphabet`` (a --charset other than full): a random run of min_chars..max_chars of its chars.
+    """
+    if alphabet:
+        return "".join(rng.choice(alphabet) for _ in range(rng.randint(min_chars, max_chars)))
     r = rng.random()
     if r < 0.45:
         text = rng.choice(PHRASES)
@@ -198,7 +216,7 @@ def _overlaps(box: tuple[int, int, int, int], placed: list[tuple[int, int, int, 
 
 def render_page(task: tuple) -> dict:
     """Draw one page, save its JPEG, and return its annotations (IDs are assigned later, in page order)."""
-    seed, book, page, path, width, height, n_chars, max_chars = task
+    seed, book, page, path, width, height, n_chars, max_chars, alphabet, min_chars = task
     rng = random.Random(f"{seed}:{book}:{page}")
     img = Image.new("L", (width, height), 255)
     draw = ImageDraw.Draw(img)
@@ -231,12 +249,12 @@ def render_page(task: tuple) -> dict:
             if _overlaps((x - 2, y - 2, x + size + 2, y + size + 5), placed):
                 continue
             placed.append((x - 2, y - 2, x + size + 2, y + size + 5))
-            ch = rng.choice(HIRAGANA)
+            ch = rng.choice(alphabet or HIRAGANA)
             draw.text((x + size // 2, y + size // 2), ch, fill=0, font=_font(font_path, size), anchor="mm")
             ann["text"].append(((x, y, x + size, y + rng.randint(size, size + 3)), ch))
             continue
         size = max(12, round(rng.uniform(0.014, 0.026) * height))  # below 12 px glyphs turn to mush
-        text = "" if kind == "empty" else sample_text(rng, max_chars)
+        text = "" if kind == "empty" else sample_text(rng, max_chars, alphabet, min_chars)
         ascii_heavy = sum(c in LATIN or c in DIGITS for c in text) > len(text) / 2
         vertical = rng.random() < (0.35 if ascii_heavy else 0.85)
         chunks, tw, th = _layout(rng, text or "あいう", _font(font_path, size), size, vertical)
@@ -292,8 +310,18 @@ def _box(parent: etree._Element, tag: str, next_id: int, box, **extra: str) -> N
 
 def generate(out_dir: str | os.PathLike, books: int = 2, pages: int = 10, seed: int = 0, width: int = 1654,
              height: int = 1170, num_workers: int | None = 1, max_chars: int = 16,
-             fonts: list[str] | None = None, progress: bool = True) -> dict:
-    """Write a synthetic Manga109-layout dataset to out_dir; return counts of what was written."""
+             fonts: list[str] | None = None, progress: bool = True, charset: str = "full",
+             min_chars: int = 1) -> dict:
+    """Write a synthetic Manga109-layout dataset to out_dir; return counts of what was written.
+
+    charset: a key of CHARSETS; anything but "full" draws runs of min_chars..max_chars characters of that
+    small alphabet (the demo). min_chars is used only then.
+    """
+    if charset not in CHARSETS:
+        raise ValueError(f"unknown charset {charset!r}; choose from {', '.join(CHARSETS)}")
+    if charset != "full" and not 1 <= min_chars <= max_chars:
+        raise ValueError(f"need 1 <= min_chars <= max_chars, got {min_chars} and {max_chars}")
+    alphabet = None if charset == "full" else CHARSETS[charset]
     fonts = list(fonts) if fonts else find_cjk_fonts()
     if not fonts or not all(os.path.isfile(f) for f in fonts):
         raise NoFontError(INSTALL_HINT)
@@ -306,7 +334,7 @@ def generate(out_dir: str | os.PathLike, books: int = 2, pages: int = 10, seed: 
         (out / "images" / title).mkdir(parents=True, exist_ok=True)
         for p in range(pages):
             path = str(out / "images" / title / f"{p:03d}.jpg")
-            tasks.append((seed, b, p, path, width, height, n_chars[b], max_chars))
+            tasks.append((seed, b, p, path, width, height, n_chars[b], max_chars, alphabet, min_chars))
     workers = min(num_workers or os.cpu_count() or 1, len(tasks)) or 1
     bar = dict(total=len(tasks), desc="pages", unit="page", disable=not progress)
     if workers == 1:
@@ -358,11 +386,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--num_workers", type=int, default=os.cpu_count())
     ap.add_argument("--max_chars", type=int, default=16, help="longest text element, in characters")
     ap.add_argument("--font", action="extend", nargs="+", default=None, help="CJK font file(s) to draw with")
+    ap.add_argument("--charset", choices=list(CHARSETS), default="full",
+                    help="full (default): mixed Japanese text from CHARSET. katakana (46 basic), digits "
+                    "(full-width 0-9) or katakana_digits (both, 56): every text is a random run of "
+                    "1..--max_chars of them, which a tiny model learns to read in minutes on a CPU (demo)")
+    ap.add_argument("--min_chars", type=int, default=1,
+                    help="shortest text with a --charset other than full (default 1); equal to --max_chars: "
+                    "texts of one length")
     args = ap.parse_args(argv)
     try:
         stats = generate(args.out, books=args.books, pages=args.pages, seed=args.seed, width=args.width,
                          height=args.height, num_workers=args.num_workers, max_chars=args.max_chars,
-                         fonts=args.font)
+                         fonts=args.font, charset=args.charset, min_chars=args.min_chars)
     except NoFontError as e:
         print(e, file=sys.stderr)
         return 1

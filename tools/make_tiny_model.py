@@ -7,6 +7,10 @@ checkpoint), so the saved folder loads with ``AutoModelForImageTextToText`` / ``
 charset, 2+2 layers of width 64 and a small pixel budget.
 
 Usage: python tools/make_tiny_model.py --out fixtures/tiny-paddleocr-vl [--tie_word_embeddings]
+
+For the CPU demo (a model that learns to read within minutes), e.g.:
+    python tools/make_tiny_model.py --out ./tiny_model --charset katakana_digits \
+        --init_std 0.1 --vision_init_std 0.2 --min_pixels 784
 """
 
 from __future__ import annotations
@@ -137,6 +141,16 @@ def default_charset(*, require_synthetic: bool = False) -> str:
     return charset
 
 
+def synthetic_charsets() -> dict[str, str]:
+    """Named charsets of the generator: ``CHARSETS`` in tools/make_synthetic_manga109.py."""
+    path = Path(__file__).resolve().parent / "make_synthetic_manga109.py"
+    spec = importlib.util.spec_from_file_location("_make_synthetic_manga109_charsets", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return dict(module.CHARSETS)
+
+
 def build_tokenizer(charset: str) -> TokenizersBackend:
     """Character-level tokenizer: one token per character of ``charset`` (+ ASCII), unknown chars -> <unk>."""
     vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
@@ -194,8 +208,18 @@ def build_tiny_model(
     hidden: int = 64,
     tie_word_embeddings: bool = False,
     seed: int = 0,
+    init_std: float | None = None,
+    vision_init_std: float | None = None,
+    min_pixels: int = TINY_MIN_PIXELS,
+    max_pixels: int = TINY_MAX_PIXELS,
 ) -> str:
-    """Save a random tiny PaddleOCR-VL (model, processor, generation config) to ``out_dir``; return it."""
+    """Save a random tiny PaddleOCR-VL (model, processor, generation config) to ``out_dir``; return it.
+
+    init_std / vision_init_std: redraw the weights of every Linear, Conv2d and Embedding of the language model
+    (init_std) or of the vision tower and projector (vision_init_std) from N(0, std), biases and norms kept.
+    None keeps transformers' initializer_range 0.02, under which a model this small sits for thousands of
+    steps on a plateau where it ignores the image (random vision features are nearly the same for every crop).
+    """
     if hidden % 16:
         raise ValueError(f"hidden must be a multiple of 16 (4 heads, axial vision rope), got {hidden}")
     out = Path(out_dir)
@@ -249,6 +273,8 @@ def build_tiny_model(
     with torch.random.fork_rng(devices=[]):  # seed the init without touching the caller's RNG state
         torch.manual_seed(seed)
         model = PaddleOCRVLForConditionalGeneration(config).eval()
+        if init_std is not None or vision_init_std is not None:
+            _redraw_weights(model, init_std, vision_init_std)
     model.generation_config = GenerationConfig(
         bos_token_id=ids[BOS],
         eos_token_id=ids[EOS],
@@ -261,8 +287,8 @@ def build_tiny_model(
 
     # The release's preprocessor_config uses mean/std 0.5 (not the class's CLIP defaults) and bicubic.
     image_processor = _image_processor_class()(
-        min_pixels=TINY_MIN_PIXELS,
-        max_pixels=TINY_MAX_PIXELS,
+        min_pixels=min_pixels,
+        max_pixels=max_pixels,
         patch_size=14,
         merge_size=2,
         temporal_patch_size=1,
@@ -276,6 +302,18 @@ def build_tiny_model(
     processor.save_pretrained(out)
     _write_manifest(out, charset=charset, seed=seed, ids=ids)
     return str(out)
+
+
+@torch.no_grad()
+def _redraw_weights(model: torch.nn.Module, text_std: float | None, vision_std: float | None) -> None:
+    for name, module in model.named_modules():
+        if not isinstance(module, (torch.nn.Linear, torch.nn.Conv2d, torch.nn.Embedding)):
+            continue
+        std = vision_std if name.split(".")[1:2] in (["visual"], ["projector"]) else text_std
+        if std is not None:
+            module.weight.normal_(0.0, std)
+            if getattr(module, "padding_idx", None) is not None:
+                module.weight[module.padding_idx].zero_()
 
 
 def _write_manifest(out: Path, *, charset: str, seed: int, ids: dict[str, int]) -> None:
@@ -300,21 +338,66 @@ def main(argv: list[str] | None = None) -> int:
         help="require CHARSET from tools/make_synthetic_manga109.py (default: use it if present, "
         "else a built-in Japanese charset)",
     )
+    parser.add_argument(
+        "--charset",
+        default=None,
+        metavar="NAME",
+        help="build the tokenizer from this named charset of tools/make_synthetic_manga109.py (full, "
+        "katakana, digits, katakana_digits; its --charset) instead of CHARSET: a small one for the demo",
+    )
     parser.add_argument("--text_layers", type=int, default=2)
     parser.add_argument("--vision_layers", type=int, default=2)
-    parser.add_argument("--hidden", type=int, default=64)
+    parser.add_argument("--hidden", type=int, default=64, help="width, a multiple of 16 (default 64)")
     parser.add_argument("--tie_word_embeddings", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--init_std",
+        type=float,
+        default=None,
+        help="redraw the language model's Linear/Embedding weights from N(0, std) (default: transformers' "
+        "0.02). 0.1 with --vision_init_std 0.2 lets the tiny model learn to read much sooner",
+    )
+    parser.add_argument(
+        "--vision_init_std",
+        type=float,
+        default=None,
+        help="the same for the vision tower and projector (default 0.02): 0.2 makes the random image "
+        "features differ from crop to crop",
+    )
+    parser.add_argument(
+        "--min_pixels",
+        type=int,
+        default=TINY_MIN_PIXELS,
+        help=f"image processor min_pixels (default {TINY_MIN_PIXELS}: at least 16 image tokens per crop; "
+        "784 = one 28x28 token, so crops are not upscaled and a 12-30 px glyph is about one token)",
+    )
+    parser.add_argument(
+        "--max_pixels",
+        type=int,
+        default=TINY_MAX_PIXELS,
+        help=f"image processor max_pixels (default {TINY_MAX_PIXELS}: at most 64 image tokens per crop)",
+    )
     args = parser.parse_args(argv)
 
+    if args.charset is not None:
+        charsets = synthetic_charsets()
+        if args.charset not in charsets:
+            parser.error(f"--charset {args.charset!r}: choose from {', '.join(charsets)}")
+        charset = charsets[args.charset]
+    else:
+        charset = default_charset(require_synthetic=args.charset_from_synthetic)
     out = build_tiny_model(
         args.out,
-        charset=default_charset(require_synthetic=args.charset_from_synthetic),
+        charset=charset,
         text_layers=args.text_layers,
         vision_layers=args.vision_layers,
         hidden=args.hidden,
         tie_word_embeddings=args.tie_word_embeddings,
         seed=args.seed,
+        init_std=args.init_std,
+        vision_init_std=args.vision_init_std,
+        min_pixels=args.min_pixels,
+        max_pixels=args.max_pixels,
     )
     print(out)
     return 0
