@@ -113,7 +113,7 @@ def test_two_process_ddp_through_train_sh(tiny_model: Path, prepared: Path, tmp_
     env = train_env(tiny_model, prepared, out, NUM_GPUS="2", BATCH_SIZE="2", GRAD_ACCUM="1")
     proc = subprocess.run(["bash", str(REPO / "train.sh"), "--max_steps", "4", "--log_sample_ids", "true",
                            "--disable_tqdm", "true", "--max_eval_samples", "4"],
-                          env=env, capture_output=True, text=True, timeout=300)
+                          env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     train_ids = {json.loads(line)["id"] for line in (prepared / "train.jsonl").read_text().splitlines()}
     seen = [set(json.loads((out / f"sample_ids_rank{r}.json").read_text())) & train_ids for r in (0, 1)]
