@@ -164,6 +164,7 @@ class BF16Trainer(Trainer):
         self._load_weights(resume_from_checkpoint, model)
 
     def _load_best_model(self) -> None:
+        self.accelerator.wait_for_everyone()  # rank 0 may still be writing that checkpoint
         logger.info(
             "loading best checkpoint %s (%s)", self.state.best_model_checkpoint, self.state.best_metric
         )
