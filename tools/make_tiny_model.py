@@ -9,7 +9,7 @@ charset, 2+2 layers of width 64 and a small pixel budget.
 Usage: python tools/make_tiny_model.py --out fixtures/tiny-paddleocr-vl [--tie_word_embeddings]
 
 For the CPU demo (a model that learns to read within minutes), e.g.:
-    python tools/make_tiny_model.py --out ./tiny_model --charset katakana_digits \
+    python tools/make_tiny_model.py --out ./tiny_model --charset katakana \\
         --init_std 0.1 --vision_init_std 0.2 --min_pixels 784
 """
 
