@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -45,3 +46,15 @@ def prepared(synthetic_release: Path, tmp_path_factory: pytest.TempPathFactory) 
     prep.run(prep.PrepareArguments(manga109_root=str(synthetic_release), output_dir=str(out), num_workers=1,
                                    test_fraction=0.2, val_fraction=0.2))
     return out
+
+
+@pytest.fixture
+def error_line(capsys: pytest.CaptureFixture[str]) -> Callable[[int], str]:
+    """Checks a CLI failed cleanly (exit 2, no traceback) and returns its single `error: ` line."""
+    def read(rc: int) -> str:
+        err = capsys.readouterr().err
+        assert rc == 2 and "Traceback" not in err, err
+        lines = [line for line in err.splitlines() if line.startswith("error: ")]
+        assert len(lines) == 1, err
+        return lines[0]
+    return read

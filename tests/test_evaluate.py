@@ -7,6 +7,7 @@ import random
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -40,14 +41,6 @@ def evaluate(tiny_model: Path, data_dir: Path, out: Path, *extra: str) -> int:
 
 def predictions(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "predictions.jsonl").read_text(encoding="utf-8").splitlines()]
-
-
-def error_line(capsys: pytest.CaptureFixture[str], rc: int) -> str:
-    err = capsys.readouterr().err
-    assert rc == 2 and "Traceback" not in err, err
-    lines = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert len(lines) == 1, err
-    return lines[0]
 
 
 def _mixed_length_model(tiny_model: Path, images: list, max_new_tokens: int):
@@ -168,14 +161,14 @@ def test_compare_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     assert "Δ" not in table and f"base ({a})" in table and f"base ({c})" in table and "Note:" in table
 
 
-def test_compare_rejects_bad_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_compare_rejects_bad_files(tmp_path: Path, error_line: Callable[[int], str]) -> None:
     a = _metrics_file(tmp_path / "a.json", "base", 0.5, 0.1)
     (tmp_path / "x.json").write_text('{"foo": 1}')
     rc = evaluate_model.main(["--compare", a, str(tmp_path / "x.json")])
-    assert "not a metrics.json" in error_line(capsys, rc)
+    assert "not a metrics.json" in error_line(rc)
     rc = evaluate_model.main(["--compare", a, str(tmp_path / "none.json")])
-    assert "cannot read" in error_line(capsys, rc)
-    assert "at least two" in error_line(capsys, evaluate_model.main(["--compare", a]))
+    assert "cannot read" in error_line(rc)
+    assert "at least two" in error_line(evaluate_model.main(["--compare", a]))
 
 
 def test_unknown_model_path_cli(data_dir: Path, tmp_path: Path) -> None:
@@ -190,25 +183,25 @@ def test_unknown_model_path_cli(data_dir: Path, tmp_path: Path) -> None:
 
 
 def test_bad_data_gives_one_error_line(tiny_model: Path, data_dir: Path, tmp_path: Path,
-                                       capsys: pytest.CaptureFixture[str]) -> None:
+                                       error_line: Callable[[int], str]) -> None:
     bad = tmp_path / "bad"
     bad.mkdir()
     good = (data_dir / "test.jsonl").read_text(encoding="utf-8").splitlines()
     (bad / "test.jsonl").write_text(good[0] + "\n" + json.dumps({"image": "x.png", "book": "B"}) + "\n")
     assert f"{bad / 'test.jsonl'}:2: missing field(s) text" in error_line(
-        capsys, evaluate(tiny_model, bad, tmp_path / "o1"))
+        evaluate(tiny_model, bad, tmp_path / "o1"))
 
     (bad / "val.jsonl").write_text("\n")
-    assert "no records (empty split)" in error_line(capsys, evaluate(tiny_model, bad, tmp_path / "o2",
+    assert "no records (empty split)" in error_line(evaluate(tiny_model, bad, tmp_path / "o2",
                                                                      "--split", "val"))
     (bad / "train.jsonl").write_text(json.dumps({"image": "crops/missing.png", "text": "あ"}) + "\n")
-    assert "missing.png not found" in error_line(capsys, evaluate(tiny_model, bad, tmp_path / "o3",
+    assert "missing.png not found" in error_line(evaluate(tiny_model, bad, tmp_path / "o3",
                                                                   "--split", "train"))
-    assert "--model_path is required" in error_line(capsys, evaluate_model.main(["--data_dir", str(bad)]))
+    assert "--model_path is required" in error_line(evaluate_model.main(["--data_dir", str(bad)]))
     crop = read_jsonl(data_dir / "test.jsonl")[0]["image_path"]
     thin = {"image": crop, "text": "あ", "width": 2, "height": 500}
     (bad / "train.jsonl").write_text(json.dumps(thin) + "\n")
-    line = error_line(capsys, evaluate(tiny_model, bad, tmp_path / "o4", "--split", "train"))
+    line = error_line(evaluate(tiny_model, bad, tmp_path / "o4", "--split", "train"))
     assert "train.jsonl:1: unusable crop size 2x500" in line  # the processor refuses aspect ratios over 200
 
 
@@ -218,7 +211,7 @@ def data_copy(data_dir: Path, tmp_path: Path) -> Path:
 
 
 def test_unreadable_image_keeps_earlier_predictions(tiny_model: Path, data_copy: Path, tmp_path: Path,
-                                                    capsys: pytest.CaptureFixture[str]) -> None:
+                                                    error_line: Callable[[int], str]) -> None:
     from transformers import AutoProcessor
 
     processor = AutoProcessor.from_pretrained(tiny_model)
@@ -227,7 +220,7 @@ def test_unreadable_image_keeps_earlier_predictions(tiny_model: Path, data_copy:
     Path(last["image_path"]).write_bytes(b"not a png")
     out = tmp_path / "out"
     # batch 2 -> chunks of 16: every complete chunk before the broken crop is on disk.
-    line = error_line(capsys, evaluate(tiny_model, data_copy, out, "--batch_size", "2"))
+    line = error_line(evaluate(tiny_model, data_copy, out, "--batch_size", "2"))
     done = (len(records) - 1) // 16 * 16
     assert f"test.jsonl:{last['_line']}: cannot open image" in line
     assert f"{done} predictions already written" in line

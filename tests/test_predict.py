@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -33,14 +34,6 @@ def loaded(tiny_model: Path):
 
 def expected_texts(loaded, images: list) -> list[str]:
     return generate_texts(*loaded, images, batch_size=1, max_new_tokens=6)
-
-
-def error_line(capsys: pytest.CaptureFixture[str], rc: int) -> str:
-    err = capsys.readouterr().err
-    assert rc == 2 and "Traceback" not in err, err
-    lines = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert len(lines) == 1, err
-    return lines[0]
 
 
 def page_of(synthetic_release: Path, records: list[dict]) -> tuple[str, int, Path, Path]:
@@ -104,44 +97,44 @@ def test_page_with_manga109_xml_matches_prepare(tiny_model: Path, synthetic_rele
 
 
 def test_bad_input(tiny_model: Path, synthetic_release: Path, data_dir: Path, tmp_path: Path,
-                   capsys: pytest.CaptureFixture[str]) -> None:
+                   capsys: pytest.CaptureFixture[str], error_line: Callable[[int], str]) -> None:
     model = ["--model_path", str(tiny_model), *TOKENS]
     crop = read_jsonl(data_dir / "test.jsonl")[0]["image_path"]
     book, page, image, xml = page_of(synthetic_release, read_jsonl(data_dir / "train.jsonl"))
 
     rc = predict.main([*model, crop, str(tmp_path / "nope.png")])
-    assert "image not found" in error_line(capsys, rc) and capsys.readouterr().out == ""
+    assert "image not found" in error_line(rc) and capsys.readouterr().out == ""
     earlier = tmp_path / "earlier.jsonl"
     earlier.write_text("kept\n")
     rc = predict.main(["--model_path", str(tmp_path / "no_model"), crop, "--output", str(earlier)])
-    assert "does not exist" in error_line(capsys, rc)
+    assert "does not exist" in error_line(rc)
     assert earlier.read_text() == "kept\n"  # not truncated by a run that never started
     boxes = [*model, str(image), "--boxes", str(tmp_path / "b.json")]
     (tmp_path / "b.json").write_text("[[10, 10, 5, 50]]")
-    assert "b.json[0]" in error_line(capsys, predict.main(boxes))
+    assert "b.json[0]" in error_line(predict.main(boxes))
     (tmp_path / "b.json").write_text('{"bbox": [1, 2, 3, 4]}')
-    assert "JSON list" in error_line(capsys, predict.main(boxes))
+    assert "JSON list" in error_line(predict.main(boxes))
     (tmp_path / "b.json").write_text("[[0, 0, 2, 500]]")  # aspect ratio over 200 after resizing
-    assert "box [0, 0, 2, 500]: unusable 2x500 image" in error_line(capsys, predict.main(boxes))
+    assert "box [0, 0, 2, 500]: unusable 2x500 image" in error_line(predict.main(boxes))
     rc = predict.main([*model, str(image), "--manga109_xml", str(xml), "--page", "99"])
-    assert "no page with index 99" in error_line(capsys, rc)
+    assert "no page with index 99" in error_line(rc)
     rc = predict.main([*model, str(image), "--page", "1"])
-    assert "go together" in error_line(capsys, rc)
+    assert "go together" in error_line(rc)
     small = tmp_path / "small.png"
     Image.new("RGB", (100, 100), "white").save(small)
     rc = predict.main([*model, str(small), "--manga109_xml", str(xml), "--page", str(page)])
-    assert "the image is 100x100" in error_line(capsys, rc)
+    assert "the image is 100x100" in error_line(rc)
 
 
 def test_unreadable_crop_keeps_earlier_output(tiny_model: Path, data_dir: Path, tmp_path: Path,
-                                              capsys: pytest.CaptureFixture[str]) -> None:
+                                              error_line: Callable[[int], str]) -> None:
     paths = [r["image_path"] for r in read_jsonl(data_dir / "train.jsonl")[:8]]
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"not an image")
     out = tmp_path / "p.jsonl"
     rc = predict.main(["--model_path", str(tiny_model), *paths, str(broken), "--batch_size", "1",
                        "--output", str(out), *TOKENS])
-    assert f"cannot open image {broken}" in error_line(capsys, rc)
+    assert f"cannot open image {broken}" in error_line(rc)
     assert len(out.read_text(encoding="utf-8").splitlines()) == 8  # the first chunk (8 x batch 1)
 
 
