@@ -349,6 +349,8 @@ def build_trainer(
         args.resume_from_checkpoint = latest_complete_checkpoint(args.output_dir)
         logger.info("resume: %s", args.resume_from_checkpoint or "no checkpoint yet, starting fresh")
     args.remove_unused_columns = False  # the collator needs image/messages, which forward() doesn't take
+    if not torch.accelerator.is_available():
+        args.dataloader_pin_memory = False  # pinning needs an accelerator; torch warns per loader otherwise
     if args.gradient_checkpointing and args.gradient_checkpointing_kwargs is None:
         args.gradient_checkpointing_kwargs = {"use_reentrant": False}
 
