@@ -354,6 +354,14 @@ def build_trainer(
     if args.gradient_checkpointing and args.gradient_checkpointing_kwargs is None:
         args.gradient_checkpointing_kwargs = {"use_reentrant": False}
 
+    # data first: a missing split should fail before minutes of downloading and loading weights
+    data = Path(data_args.data_dir)
+    train_ds = OCRDataset(
+        data / "train.jsonl", augment=data_args.augment, max_samples=data_args.max_train_samples
+    )
+    if not len(train_ds):
+        raise DatasetError(f"{data / 'train.jsonl'} has no samples")
+
     lean = model_args.precision == "bf16_lean"
     model, processor = load_model_and_processor(
         model_args.model_path,
@@ -364,12 +372,6 @@ def build_trainer(
     model.config.use_cache = False  # the cache is useless in training and conflicts with checkpointing
     check_disk_space(args, model)
     configure_image_size(processor, data_args.min_pixels, data_args.max_pixels)
-    data = Path(data_args.data_dir)
-    train_ds = OCRDataset(
-        data / "train.jsonl", augment=data_args.augment, max_samples=data_args.max_train_samples
-    )
-    if not len(train_ds):
-        raise DatasetError(f"{data / 'train.jsonl'} has no samples")
     lengths = drop_overlong(train_ds, sequence_lengths(train_ds, processor), data_args)
     val_path = data / "val.jsonl"
     has_val = val_path.is_file() and val_path.stat().st_size > 0

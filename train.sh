@@ -37,6 +37,12 @@ NUM_GPUS=${NUM_GPUS:-1}
 RESUME=${RESUME:-auto}                 # auto | none | path/to/checkpoint-N
 REPORT_TO=${REPORT_TO:-none}
 
+if ! "$PYTHON" -c "import torch, transformers" 2>/dev/null; then
+    hint="activate the environment that has requirements.txt installed, or set PYTHON=path/to/python"
+    [ -x .venv/bin/python ] && hint="$hint (make setup built one: PYTHON=.venv/bin/python bash train.sh)"
+    echo "error: $PYTHON cannot import torch and transformers: $hint" >&2
+    exit 2
+fi
 gpu_gb=$("$PYTHON" -c "import torch; print(torch.cuda.get_device_properties(0).total_memory // 2**30 \
     if torch.cuda.is_available() else 0)")
 if [ "$BF16" = auto ]; then

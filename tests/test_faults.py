@@ -108,6 +108,25 @@ def test_full_disk_fails_before_work(tiny_model: Path, prepared: Path, tmp_path:
         sft.build_trainer(*args)
 
 
+def test_bad_setup_fails_before_loading_the_model(tmp_path: Path, monkeypatch) -> None:
+    def must_not_load(*a, **k):
+        raise AssertionError("the model was loaded before the data was checked")
+
+    monkeypatch.setattr(sft, "load_model_and_processor", must_not_load)
+    args = sft.parse_args(["--model_path", "PaddlePaddle/PaddleOCR-VL", "--data_dir", str(tmp_path / "none"),
+                           "--output_dir", str(tmp_path / "o"), "--report_to", "none"])
+    with pytest.raises(sft.DatasetError, match="train.jsonl: file not found"):
+        sft.build_trainer(*args)
+
+    # train.sh run by a Python without torch: one clear line, not a traceback from its GPU probe.
+    bare = tmp_path / "bare_python"
+    bare.write_text("#!/bin/sh\necho 'ModuleNotFoundError' >&2\nexit 1\n")
+    bare.chmod(0o755)
+    proc = subprocess.run(["bash", str(REPO / "train.sh")], env=dict(os.environ, PYTHON=str(bare)),
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "cannot import torch and transformers" in proc.stderr, proc.stderr
+
+
 def test_two_process_ddp_through_train_sh(tiny_model: Path, prepared: Path, tmp_path: Path) -> None:
     out = tmp_path / "ddp"
     env = train_env(tiny_model, prepared, out, NUM_GPUS="2", BATCH_SIZE="2", GRAD_ACCUM="1")
