@@ -10,12 +10,14 @@ Every recipe trains on 16 crops per optimizer step (micro-batch B x accumulation
                 order, loaded in the training process (Trainer's defaults: no workers, pinned memory).
   default       ours (--precision bf16_lean): bf16 weights + optimi.AdamW(kahan_sum=True); answer_loss (logits
                 only where the next token is an answer, summed CE / answer tokens of the step); 8 x 2 in
-                EpochLengthGroupedSampler batches; checkpointing; --num_workers workers, pinned memory.
+                shuffled batches (group=1: length-grouped, as --group_by_length); checkpointing;
+                --num_workers workers, pinned memory.
   default_nogc  default without gradient checkpointing: no recomputation, more activation memory.
   fp32_master   default with fp32 weights + bf16 autocast + torch AdamW (--precision fp32_master, >12 GB).
   lowres        default with min_pixels lowered to 28*28*64 (release: 147384). CHANGES WHAT THE MODEL SEES
                 (fewer image tokens per crop): a different training, not a faster way to do the same one.
-Overrides: default:bs=4,ga=4,gc=0,workers=2. Every recipe uses SDPA (the issue does not name the seed's).
+Overrides: default:bs=4,ga=4,gc=0,group=1,workers=2. Every recipe uses SDPA (the issue does not name
+the seed's).
 
 full = PaddleOCRVLConfig() defaults (0.9B: text 1024 x 18, vocab 103424; vision 1152 x 27; untied lm_head),
 random weights, the tiny character tokenizer (its ids are valid rows of the 103k embedding) and the
@@ -76,6 +78,7 @@ class Recipe:
     bs: int = 8
     ga: int = 2
     gc: bool = True
+    group: bool = False  # length-grouped batches, as --group_by_length (off by default in training too)
     workers: int | None = None  # None: --num_workers
     min_pixels: int | None = None
 
@@ -90,16 +93,18 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 def parse_recipe(spec: str) -> Recipe:
-    """'default' or 'default:bs=4,ga=4,gc=0,workers=2' -> Recipe."""
+    """'default' or 'default:bs=4,ga=4,gc=0,group=1,workers=2' -> Recipe."""
     name, _, opts = spec.partition(":")
     if name not in PRESETS:
         raise SystemExit(f"error: unknown recipe {name!r}; choose from {', '.join(PRESETS)}")
     recipe = Recipe(spec, **PRESETS[name])
     for opt in filter(None, opts.split(",")):
         key, _, value = opt.partition("=")
-        if key not in ("bs", "ga", "gc", "workers") or not value.isdigit():
-            raise SystemExit(f"error: bad recipe option {opt!r} in {spec!r} (bs=, ga=, gc=0/1, workers=)")
-        setattr(recipe, key, bool(int(value)) if key == "gc" else int(value))
+        if key not in ("bs", "ga", "gc", "group", "workers") or not value.isdigit():
+            raise SystemExit(
+                f"error: bad recipe option {opt!r} in {spec!r} (bs=, ga=, gc=0/1, group=0/1, workers=)"
+            )
+        setattr(recipe, key, bool(int(value)) if key in ("gc", "group") else int(value))
     return recipe
 
 
@@ -125,7 +130,7 @@ def batches(data_dir: Path, processor: Any, recipe: Recipe, workers: int, pin: b
     lengths = sft.drop_overlong(ds, sft.sequence_lengths(ds, processor), args)
     if len(ds) < recipe.bs:
         raise SystemExit(f"error: {len(ds)} crops < batch size {recipe.bs}; raise --books/--pages")
-    if recipe.bs > 1:  # as BF16Trainer: length grouping only where there is a batch to group
+    if recipe.group and recipe.bs > 1:  # as BF16Trainer with --group_by_length
         sampler = sft.EpochLengthGroupedSampler(recipe.bs, lengths, seed=0)
     else:
         sampler = RandomSampler(ds, generator=torch.Generator().manual_seed(0))

@@ -42,8 +42,9 @@ def test_smoke_prints_both_recipes_and_ratio(tmp_path: Path) -> None:
 
 
 def test_recipe_options_parse() -> None:
-    r = bench_train.parse_recipe("default:bs=4,ga=4,gc=0")
-    assert (r.bs, r.ga, r.gc, r.precision, r.loss) == (4, 4, False, "bf16_lean", "answer")
+    r = bench_train.parse_recipe("default:bs=4,ga=4,gc=0,group=1")
+    assert (r.bs, r.ga, r.gc, r.group, r.precision, r.loss) == (4, 4, False, True, "bf16_lean", "answer")
+    assert not bench_train.parse_recipe("default").group  # as training: shuffled unless --group_by_length
     seed = bench_train.parse_recipe("seed")
     assert (seed.bs, seed.ga, seed.loss, seed.precision, seed.workers) == (1, 16, "model", "seed_bf16", 0)
 
