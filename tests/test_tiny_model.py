@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText, AutoProcessor, LogitsProcessor, LogitsProcessorList
 
 from ocr_model import ModelLoadError, load_model_and_processor
-from tools.make_tiny_model import build_tiny_model, default_charset, main
+from tools.make_synthetic_manga109 import CHARSET
+from tools.make_tiny_model import build_tiny_model, main
 
 IMAGE = "<|IMAGE_PLACEHOLDER|>"
 PROMPT = "<|begin_of_sentence|>User: <|IMAGE_START|><|IMAGE_PLACEHOLDER|><|IMAGE_END|>OCR:\nAssistant: "
@@ -23,13 +24,13 @@ PROMPT = "<|begin_of_sentence|>User: <|IMAGE_START|><|IMAGE_PLACEHOLDER|><|IMAGE
 
 @pytest.fixture(scope="module")
 def untied_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return Path(build_tiny_model(tmp_path_factory.mktemp("untied"), charset=default_charset()))
+    return Path(build_tiny_model(tmp_path_factory.mktemp("untied"), charset=CHARSET))
 
 
 @pytest.fixture(scope="module")
 def tied_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("tied")
-    return Path(build_tiny_model(out, charset=default_charset(), tie_word_embeddings=True))
+    return Path(build_tiny_model(out, charset=CHARSET, tie_word_embeddings=True))
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +76,7 @@ def test_loads_with_auto_classes_and_loader(untied_dir: Path, loaded) -> None:
 
 def test_tokenizer_is_character_level(loaded) -> None:
     tok = loaded[1].tokenizer
-    text = "".join(c for c in default_charset() if not c.isspace())[:200] + " OCR:\nAB12"
+    text = "".join(c for c in CHARSET if not c.isspace())[:200] + " OCR:\nAB12"
     ids = tok(text, add_special_tokens=True).input_ids
     assert len(ids) == len(text) and tok.unk_token_id not in ids
     assert tok.decode(ids) == text
@@ -243,8 +244,8 @@ def test_bad_paths_raise_model_load_error(tmp_path: Path) -> None:
 def test_builder_is_deterministic(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--out", str(tmp_path / "a"), "--seed", "3"]) == 0
     assert capsys.readouterr().out.strip() == str(tmp_path / "a")
-    build_tiny_model(tmp_path / "b", charset=default_charset(), seed=3)
-    build_tiny_model(tmp_path / "c", charset=default_charset(), seed=4)
+    build_tiny_model(tmp_path / "b", charset=CHARSET, seed=3)
+    build_tiny_model(tmp_path / "c", charset=CHARSET, seed=4)
     weights = {name: (tmp_path / name / "model.safetensors").read_bytes() for name in "abc"}
     assert weights["a"] == weights["b"] != weights["c"]
     assert (tmp_path / "a" / "tokenizer.json").read_bytes() == (

@@ -16,7 +16,6 @@ For the CPU demo (a model that learns to read within minutes), e.g.:
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -31,6 +30,10 @@ from transformers import (
     TokenizersBackend,
 )
 from transformers.utils import is_torchvision_available
+
+if __package__ in (None, ""):  # run as `python tools/make_tiny_model.py`: make the `tools` package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tools.make_synthetic_manga109 import CHARSETS  # noqa: E402
 
 # Special tokens with the released tokenizer's string forms; ids 0-2 match the release (<unk>, <s>, </s>).
 UNK, BOS, EOS = "<unk>", "<s>", "</s>"
@@ -95,62 +98,6 @@ CHAT_TEMPLATE = """{%- if not add_generation_prompt is defined -%}
 
 # Characters the chat template's literal text needs, whatever the charset.
 _ASCII = "".join(chr(c) for c in range(0x20, 0x7F)) + "\n"
-# Fallback charset, used only while tools/make_synthetic_manga109.py (the source of truth) does not exist.
-_HIRAGANA = "".join(chr(c) for c in range(0x3041, 0x3097)) + "ゝゞ"
-_KATAKANA = "".join(chr(c) for c in range(0x30A1, 0x30FB)) + "ーヽヾ"
-_FULLWIDTH = "".join(chr(c) for c in range(0xFF01, 0xFF5F)) + "\u3000"
-_JA_PUNCT = "、。・「」『』（）【】〈〉《》〔〕…‥〜～♪♡♥★☆○●◎◇◆□■△▲▽▼※→←↑↓！？―─〃々〆"
-_KANJI = (
-    "一二三四五六七八九十百千万円年月日時分秒週今何人子女男父母兄弟姉妹友先生学校名前私僕俺君彼自"
-    "大小中上下左右前後外内東西南北山川田森林木花草石水火土金空天気雨雪風海池島町村国家道電車駅店"
-    "本字文語話言読書聞見行来出入帰会食飲買売作使休思知考感分開閉立座走歩止待持取送届教習勉強働動"
-    "心体頭顔目耳口手足声力元気病死生命神様王女子殿姫兵士剣戦争勝負敵味方仲間世界街城館部屋室門"
-    "朝昼夜晩夕方春夏秋冬毎回度番号数半全部少多長短高安新古早遅近遠強弱重軽明暗白黒赤青色美好悪"
-    "楽苦痛怖驚怒泣笑愛恋信頼願望夢希絶対本当真実嘘違同別特急速変化理由意味用事問題答次初最終始"
-    "終了完成功失敗無有不可能必要方法場所物者性的感情気持約束秘密警察犯罪事件捜査証拠殺害逃追捕"
-    "助救守放置調査報告連絡電話手紙写真映画音楽歌声絵色紙机椅子窓扉家族親戚結婚妻夫息娘彼女誰俺達"
-    "様子先輩後輩同級生徒授業試験合格宿題放課部活練習試合優勝選手監督団体個人社会会社仕事給料金"
-    "銀行医者薬院治療怪我血涙汗顔肩腕指胸腹背腰脚膝眼鏡服靴帽髪首喉舌歯息鼻唇頬額骨肉皮膚"
-)
-
-
-def _builtin_charset() -> str:
-    return "".join(dict.fromkeys(_ASCII + _HIRAGANA + _KATAKANA + _FULLWIDTH + _JA_PUNCT + _KANJI))
-
-
-def default_charset(*, require_synthetic: bool = False) -> str:
-    """The synthetic generator's ``CHARSET`` when its module exists, else a built-in Japanese charset.
-
-    The module is loaded by path so this works both as ``python tools/make_tiny_model.py`` and as
-    ``import tools.make_tiny_model``; an existing but broken module raises instead of being ignored.
-    """
-    path = Path(__file__).resolve().parent / "make_synthetic_manga109.py"
-    if not path.is_file():
-        if require_synthetic:
-            raise FileNotFoundError(f"--charset-from-synthetic: {path} does not exist")
-        return _builtin_charset()
-    spec = importlib.util.spec_from_file_location("_make_synthetic_manga109_charset", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    charset = getattr(module, "CHARSET", None)
-    if not isinstance(charset, str) or not charset:
-        if require_synthetic:
-            raise ValueError(f"{path} has no non-empty str CHARSET")
-        return _builtin_charset()
-    return charset
-
-
-def synthetic_charsets() -> dict[str, str]:
-    """Named charsets of the generator: ``CHARSETS`` in tools/make_synthetic_manga109.py."""
-    path = Path(__file__).resolve().parent / "make_synthetic_manga109.py"
-    spec = importlib.util.spec_from_file_location("_make_synthetic_manga109_charsets", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return dict(module.CHARSETS)
-
-
 def build_tokenizer(charset: str) -> TokenizersBackend:
     """Character-level tokenizer: one token per character of ``charset`` (+ ASCII), unknown chars -> <unk>."""
     vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
@@ -333,17 +280,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument(
-        "--charset-from-synthetic",
-        action="store_true",
-        help="require CHARSET from tools/make_synthetic_manga109.py (default: use it if present, "
-        "else a built-in Japanese charset)",
-    )
-    parser.add_argument(
         "--charset",
-        default=None,
-        metavar="NAME",
-        help="build the tokenizer from this named charset of tools/make_synthetic_manga109.py (full, "
-        "katakana, digits, katakana_digits; its --charset) instead of CHARSET: a small one for the demo",
+        default="full",
+        choices=list(CHARSETS),
+        help="build the tokenizer from this named charset of tools/make_synthetic_manga109.py (its "
+        "--charset): full (default, its CHARSET) or a small one for the demo",
     )
     parser.add_argument("--text_layers", type=int, default=2)
     parser.add_argument("--vision_layers", type=int, default=2)
@@ -379,16 +320,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
 
-    if args.charset is not None:
-        charsets = synthetic_charsets()
-        if args.charset not in charsets:
-            parser.error(f"--charset {args.charset!r}: choose from {', '.join(charsets)}")
-        charset = charsets[args.charset]
-    else:
-        charset = default_charset(require_synthetic=args.charset_from_synthetic)
     out = build_tiny_model(
         args.out,
-        charset=charset,
+        charset=CHARSETS[args.charset],
         text_layers=args.text_layers,
         vision_layers=args.vision_layers,
         hidden=args.hidden,
