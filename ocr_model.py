@@ -134,11 +134,13 @@ def generate_texts(
     batch_size: int = 16,
     max_new_tokens: int = 128,
     progress: bool = False,
+    use_cache: bool = True,
 ) -> list[str]:
     """Greedy OCR of crops, batched with left padding and the KV cache; results in input order.
 
     Crops are sorted by their image-token count so each batch pads little. The released generation config
-    turns the KV cache off (the seed evaluated that way); `use_cache=True` here is what makes batches fast.
+    turns the KV cache off (the seed evaluated that way, one crop at a time: batch_size=1, use_cache=False);
+    the cache is what makes batches fast.
     """
     from tqdm import tqdm
 
@@ -159,7 +161,7 @@ def generate_texts(
             batch = {k: v.to(device) for k, v in batch.items()}
             batch["pixel_values"] = batch["pixel_values"].to(model.dtype)
             out = model.generate(
-                **batch, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
+                **batch, max_new_tokens=max_new_tokens, do_sample=False, use_cache=use_cache,
                 pad_token_id=pad_id, eos_token_id=eos_id,
             )
             decoded = processor.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)

@@ -30,7 +30,6 @@ sys.path.insert(0, str(ROOT))
 
 import prepare_manga109_data as prep  # noqa: E402
 from benchmarks.full_size import build_full_size_random  # noqa: E402
-from custom_collator import generation_batch  # noqa: E402
 from evaluate_model import device_description  # noqa: E402
 from ocr_dataset import load_image, read_jsonl  # noqa: E402
 from ocr_model import generate_texts, load_model_and_processor  # noqa: E402
@@ -47,19 +46,10 @@ def full_size_random(tiny_dir: str, device: str, dtype: torch.dtype) -> tuple[An
     return model.eval(), processor
 
 
-@torch.inference_mode()
 def seed_loop(model: Any, processor: Any, images: list, max_new_tokens: int) -> list[str]:
     """The seed project's evaluation: one crop per generate() call, KV cache off."""
-    device = next(model.parameters()).device
-    tok = processor.tokenizer
-    texts = []
-    for image in images:
-        batch = {k: v.to(device) for k, v in generation_batch(processor, [image]).items()}
-        batch["pixel_values"] = batch["pixel_values"].to(model.dtype)
-        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, use_cache=False,
-                             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-        texts.append(processor.decode(out[0, batch["input_ids"].shape[1] :], skip_special_tokens=True))
-    return texts
+    return generate_texts(model, processor, images, batch_size=1, max_new_tokens=max_new_tokens,
+                          use_cache=False)
 
 
 def timed(fn: Any, *args: Any, **kwargs: Any) -> tuple[list[str], float]:
