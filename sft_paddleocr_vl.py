@@ -120,6 +120,17 @@ def answer_loss(model, inputs: dict, num_items_in_batch=None) -> tuple[torch.Ten
     return loss / (num_items_in_batch if num_items_in_batch is not None else (targets != -100).sum()), outputs
 
 
+def lean_optimizer(
+    lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8
+) -> tuple[type, dict]:
+    """bf16_lean's optimizer as (class, kwargs): torch-optimi's AdamW with Kahan summation, which keeps the
+    low bits that stepping bf16 weights would round away. Betas/eps are passed because optimi's defaults
+    differ from Trainer's."""
+    import optimi
+
+    return optimi.AdamW, {"lr": lr, "betas": betas, "eps": eps, "kahan_sum": True}
+
+
 class EpochLengthGroupedSampler(LengthGroupedSampler):
     """Length grouping whose shuffle depends only on (seed, epoch), so a resumed run sees the same order."""
 
@@ -386,15 +397,8 @@ def build_trainer(
     elif args.metric_for_best_model == "cer":  # CER needs generation; fall back to the val loss
         args.metric_for_best_model, args.greater_is_better = "loss", False
 
-    optimizer = None
-    if lean:
-        import optimi
-
-        betas = (args.adam_beta1, args.adam_beta2)
-        optimizer = (
-            optimi.AdamW,
-            {"lr": args.learning_rate, "betas": betas, "eps": args.adam_epsilon, "kahan_sum": True},
-        )
+    betas = (args.adam_beta1, args.adam_beta2)
+    optimizer = lean_optimizer(args.learning_rate, betas, args.adam_epsilon) if lean else None
     collator = OCRCollator(
         processor,
         max_length=data_args.max_length,

@@ -45,7 +45,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import optimi
 import torch
 import transformers
 from torch.utils.data import DataLoader, RandomSampler
@@ -211,8 +210,9 @@ def run_recipe(recipe: Recipe, a: argparse.Namespace, tiny_dir: str, data_dir: P
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)  # the check's fp32 weights are not the recipe's memory
     params = [p for p in model.parameters() if p.requires_grad]
-    if recipe.precision == "bf16_lean":  # as sft_paddleocr_vl.py builds it (optimi's own betas/eps differ)
-        opt = optimi.AdamW(params, lr=a.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, kahan_sum=True)
+    if recipe.precision == "bf16_lean":
+        cls, kwargs = sft.lean_optimizer(a.lr)
+        opt = cls(params, weight_decay=0.0, **kwargs)
     else:  # fp32_master: Trainer's default on torch >= 2.8 is fused; the seed's older Trainer used foreach
         fused = recipe.precision == "fp32_master" and device.type == "cuda"
         opt = torch.optim.AdamW(params, lr=a.lr, weight_decay=0.0, fused=fused)
