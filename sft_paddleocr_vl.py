@@ -290,7 +290,7 @@ def check_output_dir(path: str) -> None:
     """Fail before hours of work if checkpoints can't be written."""
     try:
         os.makedirs(path, exist_ok=True)
-        probe = Path(path) / ".write_test"
+        probe = Path(path) / f".write_test.{os.getpid()}"  # one per process: DDP ranks probe at once
         probe.write_bytes(b"x" * 1024)
         probe.unlink()
     except OSError as e:
