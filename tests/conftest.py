@@ -48,6 +48,16 @@ def prepared(synthetic_release: Path, tmp_path_factory: pytest.TempPathFactory) 
     return out
 
 
+
+@pytest.fixture(scope="session")
+def data_dir(synthetic_release: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The synthetic release prepared with prepare's default split settings (read-only)."""
+    import prepare_manga109_data as prep
+
+    out = tmp_path_factory.mktemp("data")
+    prep.run(prep.PrepareArguments(manga109_root=str(synthetic_release), output_dir=str(out), num_workers=1))
+    return out
+
 @pytest.fixture
 def error_line(capsys: pytest.CaptureFixture[str]) -> Callable[[int], str]:
     """Checks a CLI failed cleanly (exit 2, no traceback) and returns its single `error: ` line."""

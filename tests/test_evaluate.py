@@ -25,13 +25,6 @@ from ocr_model import generate_texts, load_model_and_processor
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def data_dir(synthetic_release: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("eval_data")
-    prep.run(prep.PrepareArguments(manga109_root=str(synthetic_release), output_dir=str(out), num_workers=1))
-    return out
-
-
 def evaluate(tiny_model: Path, data_dir: Path, out: Path, *extra: str) -> int:
     return evaluate_model.main([
         "--model_path", str(tiny_model), "--data_dir", str(data_dir), "--output_dir", str(out),

@@ -12,19 +12,11 @@ import pytest
 from PIL import Image
 
 import predict
-import prepare_manga109_data as prep
 from ocr_dataset import read_jsonl
 from ocr_model import generate_texts, load_model_and_processor
 
 REPO = Path(__file__).resolve().parents[1]
 TOKENS = ["--max_new_tokens", "6"]
-
-
-@pytest.fixture(scope="module")
-def data_dir(synthetic_release: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("predict_data")
-    prep.run(prep.PrepareArguments(manga109_root=str(synthetic_release), output_dir=str(out), num_workers=1))
-    return out
 
 
 @pytest.fixture(scope="module")
