@@ -1,9 +1,12 @@
 """Batches for PaddleOCR-VL: training batches (labels on the answer only) and generation prompts.
 
-The answer boundary is derived from the processor's own chat template: each sample is rendered with and
-without its answer, and the tokens of the prompt must be a prefix of the tokens of the full conversation.
-Labels are -100 everywhere but on the answer and the end-of-sequence token. A sample whose boundary can't be
-found raises instead of being silently masked out (the seed project's NaN loss at batch size 1).
+Training ids are generation ids. The generation prompt is rendered by the processor's chat template and
+tokenized on its own, exactly as `generation_batch` feeds it to `generate`; the answer is tokenized on its own
+and joined after it, followed by eos. The released tokenizer merges a space with the next Latin letter or
+digit ("Assistant: OK" in one pass ends ":", "▁O", "K"), so tokenizing prompt + answer in one pass would
+train on a sequence the model never sees at generation, where the prompt always ends in a standalone "▁".
+Labels are -100 everywhere but on the answer and eos. A template that cannot render the release's generation
+prompt raises PromptError.
 """
 
 from __future__ import annotations
@@ -13,23 +16,74 @@ from itertools import accumulate
 from typing import Any
 
 import torch
+from jinja2 import TemplateError
 
 try:  # the PIL image-processor module needs no torchvision; fall back for releases without it
     from transformers.models.paddleocr_vl.image_processing_pil_paddleocr_vl import smart_resize
 except ImportError:
     from transformers.models.paddleocr_vl.image_processing_paddleocr_vl import smart_resize
 
-from ocr_dataset import build_messages
+from ocr_dataset import PROMPT, build_messages
 
 IGNORE_INDEX = -100
+BOS_TEXT = "<|begin_of_sentence|>"
+IMAGE_START, IMAGE_PLACEHOLDER, IMAGE_END = "<|IMAGE_START|>", "<|IMAGE_PLACEHOLDER|>", "<|IMAGE_END|>"
+IMAGE_TRIPLET = IMAGE_START + IMAGE_PLACEHOLDER + IMAGE_END
+# The release's generation prompts: v1 ends "Assistant: ", PaddleOCR-VL-1.5 and 1.6 end "Assistant:\n".
+RELEASE_PROMPTS = tuple(f"{BOS_TEXT}User: {IMAGE_TRIPLET}{PROMPT}\nAssistant:{end}" for end in (" ", "\n"))
 
 
-class BoundaryError(ValueError):
-    """The chat template's prompt is not a token prefix of the full conversation."""
+class PromptError(ValueError):
+    """The chat template does not render the release's generation prompt (`rendered`: what it rendered)."""
+
+    def __init__(self, message: str, rendered: str | None = None) -> None:
+        super().__init__(message)
+        self.rendered = rendered
 
 
 class OverlongError(ValueError):
     """A sample is longer than max_length (with on_overlong='error', or a batch with nothing left)."""
+
+
+def generation_prompt(processor: Any) -> str:
+    """The generation prompt (one image placeholder) exactly as generation feeds it, checked against the
+    release's shape; raises PromptError naming what was rendered."""
+    try:
+        text = processor.apply_chat_template(build_messages(), tokenize=False, add_generation_prompt=True)
+    except (TemplateError, TypeError, ValueError) as e:
+        raise PromptError(f"the chat template cannot render a generation prompt ({e})") from e
+    if text not in RELEASE_PROMPTS:
+        raise PromptError(
+            f"the chat template renders the generation prompt as {text!r}; expected the release's "
+            f"{RELEASE_PROMPTS[0]!r} (v1) or {RELEASE_PROMPTS[1]!r} (1.5/1.6)",
+            text,
+        )
+    tok = processor.tokenizer
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    start, image, end = tok.convert_tokens_to_ids([IMAGE_START, IMAGE_PLACEHOLDER, IMAGE_END])
+    i = ids.index(image) if image in ids else -1
+    if (
+        image != processor.image_token_id
+        or [ids.count(t) for t in (start, image, end)] != [1, 1, 1]
+        or ids[i - 1 : i + 2] != [start, image, end]
+    ):
+        raise PromptError(
+            f"the tokenizer does not keep the image markers as single tokens around the image: {text!r} -> "
+            f"{ids} ({IMAGE_START}, {IMAGE_PLACEHOLDER}, {IMAGE_END} = {start}, {image}, {end}; the "
+            f"processor's image token id is {processor.image_token_id})",
+            text,
+        )
+    return text
+
+
+def prompt_ids(processor: Any) -> list[int]:
+    """Token ids of the generation prompt, with one image placeholder (the processor repeats it per image)."""
+    return processor.tokenizer(generation_prompt(processor), add_special_tokens=False)["input_ids"]
+
+
+def answer_ids(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+    """Each answer tokenized on its own (as generated after the prompt), then eos: the labelled tokens."""
+    return [ids + [tokenizer.eos_token_id] for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
 
 def configure_image_size(processor: Any, min_pixels: int | None = None, max_pixels: int | None = None):
@@ -49,10 +103,6 @@ def num_image_tokens(processor: Any, width: int, height: int) -> int:
         height, width, factor=factor, min_pixels=ip.size["shortest_edge"], max_pixels=ip.size["longest_edge"]
     )
     return (h // ip.patch_size) * (w // ip.patch_size) // (ip.merge_size**2)
-
-
-def _render(processor: Any, messages: list[dict], generation_prompt: bool) -> str:
-    return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
 
 
 def _select(batch: dict[str, torch.Tensor], keep: list[int], pad_to_multiple_of: int | None) -> None:
@@ -95,58 +145,47 @@ class OCRCollator:
         self.max_length = max_length
         self.on_overlong = on_overlong
         self.pad_to_multiple_of = pad_to_multiple_of
-        self.image_token_id = processor.image_token_id
+        self.prompt = generation_prompt(processor)  # a template that can't render it fails here, loudly
         self.num_dropped = 0
         self.seen_ids: list = []  # sample ids collated, in order (written out by --log_sample_ids)
 
-    def _prompt_ids(self, prompt: str, n_image_tokens: int) -> list[int]:
-        ids = self.processor.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        if ids.count(self.image_token_id) != 1:
-            raise BoundaryError(f"expected one image placeholder in the rendered prompt {prompt!r}")
-        i = ids.index(self.image_token_id)
-        return ids[:i] + [self.image_token_id] * n_image_tokens + ids[i + 1 :]
-
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        fulls, prompts = [], []
         self.seen_ids.extend(ex.get("id") for ex in examples)
-        for ex in examples:
-            full = _render(self.processor, ex["messages"], generation_prompt=False)
-            prompt = _render(self.processor, ex["messages"][:-1], generation_prompt=True)
-            if not full.startswith(prompt) or len(full) == len(prompt):
-                raise BoundaryError(
-                    f"sample {ex.get('id')}: the chat template renders the prompt as {prompt!r}, which does "
-                    f"not start the full conversation {full!r}; cannot tell where the answer begins"
-                )
-            fulls.append(full)
-            prompts.append(prompt)
-        batch = dict(
-            self.processor(
-                text=fulls,
-                images=[ex["image"] for ex in examples],
-                padding=True,
-                padding_side="right",
-                pad_to_multiple_of=self.pad_to_multiple_of,
-                add_special_tokens=False,
-                return_tensors="pt",
-            )
+        # The prompts go through the processor exactly as in generation_batch (image tokens expanded there).
+        prompts = self.processor(
+            text=[self.prompt] * len(examples),
+            images=[ex["image"] for ex in examples],
+            padding=True,
+            padding_side="right",
+            add_special_tokens=False,
+            return_tensors="pt",
         )
-        ids, mask = batch["input_ids"], batch["attention_mask"]
-        labels = ids.clone()
-        labels[mask == 0] = IGNORE_INDEX
-        for row, prompt in enumerate(prompts):
-            n_img = int((ids[row] == self.image_token_id).sum())
-            prompt_ids = self._prompt_ids(prompt, n_img)
-            n = len(prompt_ids)
-            if ids[row, :n].tolist() != prompt_ids or n >= int(mask[row].sum()):
-                raise BoundaryError(
-                    f"sample {examples[row].get('id')}: prompt tokens are not a prefix of the conversation "
-                    "tokens (the tokenizer merges across the answer boundary)"
-                )
-            labels[row, :n] = IGNORE_INDEX
-        batch["labels"] = labels
+        answers = answer_ids(self.processor.tokenizer, [ex["text"] for ex in examples])
+        n_prompt = prompts["attention_mask"].sum(1).tolist()
+        lengths = [p + len(a) for p, a in zip(n_prompt, answers, strict=True)]
+        width = max(lengths)
+        if self.pad_to_multiple_of:
+            width = math.ceil(width / self.pad_to_multiple_of) * self.pad_to_multiple_of
+        shape = (len(examples), width)
+        ids = torch.full(shape, self.processor.tokenizer.pad_token_id, dtype=torch.long)
+        labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros(shape, dtype=prompts["attention_mask"].dtype)
+        mm_types = torch.zeros(shape, dtype=prompts["mm_token_type_ids"].dtype)
+        for row, (p, answer, n) in enumerate(zip(n_prompt, answers, lengths, strict=True)):
+            ids[row, :p] = prompts["input_ids"][row, :p]
+            ids[row, p:n] = labels[row, p:n] = torch.tensor(answer)
+            mask[row, :n] = 1
+            mm_types[row, :p] = prompts["mm_token_type_ids"][row, :p]
+        batch = {
+            "input_ids": ids,
+            "attention_mask": mask,
+            "mm_token_type_ids": mm_types,
+            "pixel_values": prompts["pixel_values"],
+            "image_grid_thw": prompts["image_grid_thw"],
+            "labels": labels,
+        }
 
         if self.max_length is not None:
-            lengths = mask.sum(1).tolist()
             keep = [i for i, n in enumerate(lengths) if n <= self.max_length]
             if len(keep) < len(examples):
                 over = [(examples[i].get("id"), lengths[i]) for i in range(len(examples)) if i not in keep]
@@ -164,10 +203,9 @@ class OCRCollator:
 
 def generation_batch(processor: Any, images: list, *, pad_to_multiple_of: int | None = None) -> dict:
     """Left-padded prompts (one image each) ready for `model.generate`."""
-    prompt = _render(processor, build_messages(), generation_prompt=True)
     return dict(
         processor(
-            text=[prompt] * len(images),
+            text=[generation_prompt(processor)] * len(images),
             images=images,
             padding=True,
             padding_side="left",

@@ -1,4 +1,4 @@
-"""JSONL written by prepare_manga109_data.py -> (image, text) samples in the chat-messages format.
+"""JSONL written by prepare_manga109_data.py -> (image, text) samples, and the conversation the model sees.
 
 Shared by training, evaluation and the benchmarks. Records are validated when the file is read, so a broken
 line fails at start-up with its file and line number, not hours into a run.
@@ -21,14 +21,13 @@ class DatasetError(ValueError):
     """A JSONL record or its image is unusable; the message names file and line."""
 
 
-def build_messages(text: str | None = None) -> list[dict[str, Any]]:
-    """The conversation the model is trained on; without `text` it is the generation prompt."""
-    messages: list[dict[str, Any]] = [
-        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT}]}
-    ]
-    if text is not None:
-        messages.append({"role": "assistant", "content": [{"type": "text", "text": text}]})
-    return messages
+def build_messages() -> list[dict[str, Any]]:
+    """The user turn (the crop, then PROMPT) that the chat template renders into the generation prompt.
+
+    Content is a list of typed items: the release's template iterates over it (a plain string fails there).
+    Training appends the answer's own tokens to the rendered prompt (custom_collator), not an assistant turn.
+    """
+    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT}]}]
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
@@ -74,7 +73,7 @@ def augment(image: Image.Image, rng: Any = random) -> Image.Image:
 
 
 class OCRDataset:
-    """Map-style dataset over one JSONL split. Items: image, text, messages, id, book, orientation."""
+    """Map-style dataset over one JSONL split. Items: image, text, id, book, orientation."""
 
     def __init__(
         self, jsonl_path: str | Path, *, augment: bool = False, max_samples: int | None = None
@@ -97,7 +96,6 @@ class OCRDataset:
         return {
             "image": image,
             "text": rec["text"],
-            "messages": build_messages(rec["text"]),
             "id": rec["id"],
             "book": rec.get("book", ""),
             "orientation": rec.get("orientation", ""),

@@ -1,6 +1,6 @@
 """Load a PaddleOCR-VL model and its processor (hub id or local folder) with the native transformers classes.
 
-The one thing this adds over ``from_pretrained`` is protection against the untied-lm_head trap:
+It adds two things over ``from_pretrained``. First, protection against the untied-lm_head trap:
 
 The released ``PaddlePaddle/PaddleOCR-VL`` config.json is flat (text settings at the top level) with
 ``"tie_word_embeddings": false`` and its safetensors hold their own ``lm_head.weight``. In transformers 5,
@@ -11,11 +11,20 @@ with different values, it only warns), but the config is wrong, so any later ``m
 resizing, adapters, ...) silently replaces the trained lm_head with the input embeddings, and a fine-tuned
 save carries the wrong flag on. We read the checkpoint's keys first and, when it has an ``lm_head.weight``,
 load with both flags forced to ``False``; afterwards we check that the two tensors really are separate.
+
+Second, it makes sure the model is prompted as released. The generation prompt is rendered and checked once
+at load (custom_collator.generation_prompt): one image run between the vision start/end ids, then ``OCR:``
+and the assistant prefix. The v1 template published with the model sets the image markers through a
+variable ``image_token`` (default: the start/placeholder/end triplet) that transformers 5 overrides with the
+tokenizer's ``<|IMAGE_PLACEHOLDER|>``, so it renders the image without its markers, in training and
+evaluation alike. Such a template is corrected in memory (one warning); any other unexpected prompt fails,
+naming the template file.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -24,6 +33,24 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, PreTrainedConfig
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, cached_file
+
+from custom_collator import (
+    IMAGE_END,
+    IMAGE_PLACEHOLDER,
+    IMAGE_START,
+    IMAGE_TRIPLET,
+    PromptError,
+    generation_prompt,
+)
+
+logger = logging.getLogger(__name__)
+_QUIET: dict[str, Any] = {
+    "_raise_exceptions_for_missing_entries": False,
+    "_raise_exceptions_for_connection_errors": False,
+}
+# Prepended to a template whose image markers come from the `image_token` variable: a top-level `set`
+# shadows the value transformers passes in, so the template renders the release's triplet again.
+MARKER_FIX = '{%- set image_token = "' + IMAGE_TRIPLET + '" -%}\n'
 
 
 class ModelLoadError(ValueError):
@@ -44,14 +71,10 @@ def _looks_like_local_path(model_path: str) -> bool:
 
 def _checkpoint_keys(model_path: str) -> set[str] | None:
     """Tensor names in the safetensors checkpoint (header/index only), or None if it has no safetensors."""
-    quiet: dict[str, Any] = {
-        "_raise_exceptions_for_missing_entries": False,
-        "_raise_exceptions_for_connection_errors": False,
-    }
-    index = cached_file(model_path, SAFE_WEIGHTS_INDEX_NAME, **quiet)
+    index = cached_file(model_path, SAFE_WEIGHTS_INDEX_NAME, **_QUIET)
     if index:
         return set(json.loads(Path(index).read_text())["weight_map"])
-    single = cached_file(model_path, SAFE_WEIGHTS_NAME, **quiet)
+    single = cached_file(model_path, SAFE_WEIGHTS_NAME, **_QUIET)
     if single:
         with safe_open(single, framework="pt") as f:
             return set(f.keys())
@@ -64,6 +87,56 @@ def _force_untied(config: PreTrainedConfig) -> None:
     text_config = config.get_text_config()
     if text_config is not config and hasattr(text_config, "tie_word_embeddings"):
         text_config.tie_word_embeddings = False
+
+
+def template_file(model_path: str) -> str:
+    """The file holding the checkpoint's chat template (named in errors and warnings)."""
+    names = ("chat_template.jinja", "chat_template.json", "processor_config.json", "tokenizer_config.json")
+    for name in names:
+        path = cached_file(model_path, name, **_QUIET)
+        if path and (name.endswith(".jinja") or "chat_template" in json.loads(Path(path).read_text())):
+            return path
+    return f"{model_path} (no chat template file)"
+
+
+def ensure_release_prompt(config: PreTrainedConfig, processor: Any, source: str) -> None:
+    """Make sure generation and training prompt the model as released, or raise ModelLoadError.
+
+    source names the template's file. A template that renders the release's prompt only once `image_token`
+    is the full marker triplet (the published v1 template under transformers 5) is corrected in memory.
+    """
+    tok = processor.tokenizer
+    for attr, token in (
+        ("image_token_id", IMAGE_PLACEHOLDER),
+        ("vision_start_token_id", IMAGE_START),
+        ("vision_end_token_id", IMAGE_END),
+    ):
+        if getattr(config, attr, None) != tok.convert_tokens_to_ids(token):
+            raise ModelLoadError(
+                f"config.json has {attr}={getattr(config, attr, None)} but the tokenizer's {token} is "
+                f"{tok.convert_tokens_to_ids(token)}: model and tokenizer do not belong together"
+            )
+    try:
+        generation_prompt(processor)
+        return
+    except PromptError as e:
+        error = e
+    template = processor.chat_template
+    if isinstance(template, str):
+        processor.chat_template = MARKER_FIX + template
+        try:
+            generation_prompt(processor)
+        except PromptError:
+            processor.chat_template = template
+        else:
+            logger.warning(
+                "%s renders the image without %s/%s (%r): the template takes its image markers from the "
+                "variable `image_token`, which transformers 5 sets to the tokenizer's %s. Rendering the "
+                "release's markers explicitly.",
+                source, IMAGE_START, IMAGE_END, error.rendered, IMAGE_PLACEHOLDER,
+            )
+            return
+    raise ModelLoadError(f"{source}: {error}") from error
 
 
 def load_model_and_processor(
@@ -120,6 +193,7 @@ def load_model_and_processor(
         lm_head = model.get_output_embeddings().weight
         if lm_head.data_ptr() == model.get_input_embeddings().weight.data_ptr():
             raise ModelLoadError(f"{model_path!r}: checkpoint has its own lm_head.weight but it got tied")
+    ensure_release_prompt(model.config, processor, template_file(model_path))
     if device is not None:
         model = model.to(device)
     return model.eval(), processor

@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
-from custom_collator import OCRCollator, configure_image_size, num_image_tokens
-from ocr_dataset import DatasetError, OCRDataset, build_messages, load_image
+from custom_collator import OCRCollator, answer_ids, configure_image_size, num_image_tokens, prompt_ids
+from ocr_dataset import DatasetError, OCRDataset, load_image
 from ocr_metrics import cer_metrics
 from ocr_model import ModelLoadError, generate_texts, load_model_and_processor
 
@@ -239,19 +239,13 @@ class BF16Trainer(Trainer):
 
 
 def sequence_lengths(ds: OCRDataset, processor) -> list[int]:
-    """Exact token count of each sample (template + image tokens + answer + eos) without decoding images."""
-    prompt = processor.apply_chat_template(build_messages(), tokenize=False, add_generation_prompt=True)
-    n_prompt = (
-        len(processor.tokenizer(prompt, add_special_tokens=False)["input_ids"]) - 1
-    )  # minus placeholder
-    full = [
-        processor.apply_chat_template(build_messages(r["text"]), tokenize=False)[len(prompt) :]
-        for r in ds.records
-    ]
-    n_answer = [len(ids) for ids in processor.tokenizer(full, add_special_tokens=False)["input_ids"]]
+    """Exact token count of each sample (prompt + image tokens + answer + eos), counted as the collator
+    builds it, without decoding images."""
+    n_prompt = len(prompt_ids(processor)) - 1  # minus the placeholder, which becomes the image tokens
+    answers = answer_ids(processor.tokenizer, [r["text"] for r in ds.records])
     return [
-        n_prompt + num_image_tokens(processor, w, h) + a
-        for (w, h), a in zip(ds.image_sizes(), n_answer, strict=True)
+        n_prompt + num_image_tokens(processor, w, h) + len(a)
+        for (w, h), a in zip(ds.image_sizes(), answers, strict=True)
     ]
 
 
@@ -359,7 +353,7 @@ def build_trainer(
     if args.resume_from_checkpoint == "auto":
         args.resume_from_checkpoint = latest_complete_checkpoint(args.output_dir)
         logger.info("resume: %s", args.resume_from_checkpoint or "no checkpoint yet, starting fresh")
-    args.remove_unused_columns = False  # the collator needs image/messages, which forward() doesn't take
+    args.remove_unused_columns = False  # the collator needs image/text, which forward() doesn't take
     if not torch.accelerator.is_available():
         args.dataloader_pin_memory = False  # pinning needs an accelerator; torch warns per loader otherwise
     if args.gradient_checkpointing and args.gradient_checkpointing_kwargs is None:

@@ -8,6 +8,14 @@ charset, 2+2 layers of width 64 and a small pixel budget.
 
 Usage: python tools/make_tiny_model.py --out fixtures/tiny-paddleocr-vl [--tie_word_embeddings]
 
+``--release_like v1|v1.5|v1.6`` (``build_release_like``) builds instead a fixture shaped like the real
+release's files, so code that works on it works on the real checkpoint (README, "Supported bases"): a
+SentencePiece-style tokenizer with the release's token ids and its 103424-row vocabulary, the release's chat
+template (v1: image markers through the ``image_token`` variable, which transformers 5 overrides; 1.5/1.6:
+hard-coded markers and ``Assistant:\n``), its preprocessor_config.json, a flat config.json, bf16 weights in
+the release's key layout including the tensors transformers does not load, and a generation_config.json
+with ``use_cache: false``. Only the widths and depths are tiny.
+
 For the CPU demo (a model that learns to read within minutes), e.g.:
     python tools/make_tiny_model.py --out ./tiny_model --charset katakana \\
         --init_std 0.1 --vision_init_std 0.2 --min_pixels 784
@@ -21,6 +29,7 @@ import sys
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from tokenizers import AddedToken, Tokenizer, decoders, models
 from transformers import (
     GenerationConfig,
@@ -33,7 +42,7 @@ from transformers.utils import is_torchvision_available
 
 if __package__ in (None, ""):  # run as `python tools/make_tiny_model.py`: make the `tools` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tools.make_synthetic_manga109 import CHARSETS  # noqa: E402
+from tools.make_synthetic_manga109 import CHARSET, CHARSETS  # noqa: E402
 
 # Special tokens with the released tokenizer's string forms; ids 0-2 match the release (<unk>, <s>, </s>).
 UNK, BOS, EOS = "<unk>", "<s>", "</s>"
@@ -146,6 +155,85 @@ TINY_MIN_PIXELS = 28 * 28 * 16
 TINY_MAX_PIXELS = 28 * 28 * 64
 
 
+def _random_model(
+    *,
+    vocab_size: int,
+    ids: dict[str, int],
+    hidden: int,
+    text_layers: int,
+    vision_layers: int,
+    tie_word_embeddings: bool,
+    seed: int,
+    init_std: float | None,
+    vision_init_std: float | None,
+) -> PaddleOCRVLForConditionalGeneration:
+    """A randomly initialised PaddleOCR-VL of the given width (4 heads) and depths, seeded."""
+    if hidden % 16:
+        raise ValueError(f"hidden must be a multiple of 16 (4 heads, axial vision rope), got {hidden}")
+    heads = 4
+    head_dim = hidden // heads
+    # M-RoPE splits head_dim/2 rotary frequencies over (t, h, w); keep the release's 16:24:24 proportions.
+    half = head_dim // 2
+    t_sec = half // 4
+    h_sec = (half - t_sec) // 2
+    mrope_section = [t_sec, h_sec, half - t_sec - h_sec]
+
+    text_config = {
+        "vocab_size": vocab_size,
+        "hidden_size": hidden,
+        "intermediate_size": 2 * hidden,
+        "num_hidden_layers": text_layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": 2,
+        "head_dim": head_dim,
+        "max_position_embeddings": 4096,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 500000.0, "mrope_section": mrope_section},
+        "pad_token_id": ids["pad"],
+        "bos_token_id": ids["bos"],
+        "eos_token_id": ids["eos"],
+        # Set here as well as on the outer config: PaddleOCRVLConfig forwards text_config's value (default
+        # True) to the outer config, which would silently tie an untied model.
+        "tie_word_embeddings": tie_word_embeddings,
+    }
+    vision_config = {
+        "hidden_size": hidden,
+        "intermediate_size": 2 * hidden,
+        "num_hidden_layers": vision_layers,
+        "num_attention_heads": heads,
+        "patch_size": 14,
+        "spatial_merge_size": 2,
+    }
+    config = PaddleOCRVLConfig(
+        text_config=text_config,
+        vision_config=vision_config,
+        image_token_id=ids["image"],
+        video_token_id=ids["video"],
+        vision_start_token_id=ids["vision_start"],
+        vision_end_token_id=ids["vision_end"],
+        tie_word_embeddings=tie_word_embeddings,
+    )
+    with torch.random.fork_rng(devices=[]):  # seed the init without touching the caller's RNG state
+        torch.manual_seed(seed)
+        model = PaddleOCRVLForConditionalGeneration(config).eval()
+        if init_std is not None or vision_init_std is not None:
+            _redraw_weights(model, init_std, vision_init_std)
+    return model
+
+
+def _image_processor(min_pixels: int, max_pixels: int):
+    # The release's preprocessor_config uses mean/std 0.5 (not the class's CLIP defaults) and bicubic.
+    return _image_processor_class()(
+        min_pixels=min_pixels,
+        max_pixels=max_pixels,
+        patch_size=14,
+        merge_size=2,
+        temporal_patch_size=1,
+        image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.5, 0.5, 0.5],
+        resample=3,
+    )
+
+
 def build_tiny_model(
     out_dir: str | Path,
     *,
@@ -167,61 +255,20 @@ def build_tiny_model(
     None keeps transformers' initializer_range 0.02, under which a model this small sits for thousands of
     steps on a plateau where it ignores the image (random vision features are nearly the same for every crop).
     """
-    if hidden % 16:
-        raise ValueError(f"hidden must be a multiple of 16 (4 heads, axial vision rope), got {hidden}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(charset)
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
 
-    heads = 4
-    head_dim = hidden // heads
-    # M-RoPE splits head_dim/2 rotary frequencies over (t, h, w); keep the release's 16:24:24 proportions.
-    half = head_dim // 2
-    t_sec = half // 4
-    h_sec = (half - t_sec) // 2
-    mrope_section = [t_sec, h_sec, half - t_sec - h_sec]
-
-    text_config = {
-        "vocab_size": len(tokenizer),
-        "hidden_size": hidden,
-        "intermediate_size": 2 * hidden,
-        "num_hidden_layers": text_layers,
-        "num_attention_heads": heads,
-        "num_key_value_heads": 2,
-        "head_dim": head_dim,
-        "max_position_embeddings": 4096,
-        "rope_parameters": {"rope_type": "default", "rope_theta": 500000.0, "mrope_section": mrope_section},
-        "pad_token_id": ids[UNK],
-        "bos_token_id": ids[BOS],
-        "eos_token_id": ids[EOS],
-        # Set here as well as on the outer config: PaddleOCRVLConfig forwards text_config's value (default
-        # True) to the outer config, which would silently tie an untied model.
-        "tie_word_embeddings": tie_word_embeddings,
-    }
-    vision_config = {
-        "hidden_size": hidden,
-        "intermediate_size": 2 * hidden,
-        "num_hidden_layers": vision_layers,
-        "num_attention_heads": heads,
-        "patch_size": 14,
-        "spatial_merge_size": 2,
-    }
-    config = PaddleOCRVLConfig(
-        text_config=text_config,
-        vision_config=vision_config,
-        image_token_id=ids[IMAGE_TOKEN],
-        video_token_id=ids[VIDEO_TOKEN],
-        vision_start_token_id=ids[IMAGE_START],
-        vision_end_token_id=ids[IMAGE_END],
-        tie_word_embeddings=tie_word_embeddings,
+    model = _random_model(
+        vocab_size=len(tokenizer),
+        ids={
+            "pad": ids[UNK], "bos": ids[BOS], "eos": ids[EOS], "image": ids[IMAGE_TOKEN],
+            "video": ids[VIDEO_TOKEN], "vision_start": ids[IMAGE_START], "vision_end": ids[IMAGE_END],
+        },
+        hidden=hidden, text_layers=text_layers, vision_layers=vision_layers, seed=seed,
+        tie_word_embeddings=tie_word_embeddings, init_std=init_std, vision_init_std=vision_init_std,
     )
-
-    with torch.random.fork_rng(devices=[]):  # seed the init without touching the caller's RNG state
-        torch.manual_seed(seed)
-        model = PaddleOCRVLForConditionalGeneration(config).eval()
-        if init_std is not None or vision_init_std is not None:
-            _redraw_weights(model, init_std, vision_init_std)
     model.generation_config = GenerationConfig(
         bos_token_id=ids[BOS],
         eos_token_id=ids[EOS],
@@ -232,23 +279,275 @@ def build_tiny_model(
     )
     model.save_pretrained(out, safe_serialization=True)
 
-    # The release's preprocessor_config uses mean/std 0.5 (not the class's CLIP defaults) and bicubic.
-    image_processor = _image_processor_class()(
-        min_pixels=min_pixels,
-        max_pixels=max_pixels,
-        patch_size=14,
-        merge_size=2,
-        temporal_patch_size=1,
-        image_mean=[0.5, 0.5, 0.5],
-        image_std=[0.5, 0.5, 0.5],
-        resample=3,
-    )
+    image_processor = _image_processor(min_pixels, max_pixels)
     processor = PaddleOCRVLProcessor(
         image_processor=image_processor, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE
     )
     processor.save_pretrained(out)
     _write_manifest(out, charset=charset, seed=seed, ids=ids)
     return str(out)
+
+
+# ---------------------------------------------------------------- release-like fixture
+# What is known about the real files (README, "Supported bases"): token ids from transformers' integration
+# test and several ports; the tokenizer is SentencePiece converted with add_prefix_space=False (no "▁" before
+# the first word), byte fallback for characters outside the vocabulary, and "▁" merged with a following Latin
+# letter or digit ("Assistant: OK" in one pass ends ":", "▁O", "K").
+
+RELEASE_SPECIAL_IDS = {
+    UNK: 0, BOS: 1, EOS: 2, CLS: 100273, IMAGE_TOKEN: 100295, IMAGE_START: 101305, IMAGE_END: 101306,
+    VIDEO_TOKEN: 101307,  # the converted config's video_token_id; the token's text is not known
+}
+# Pieces whose ids are known from the integration test's prompt (and " w" -> "▁w" = 296).
+RELEASE_PIECES = {"▁w": 296, "CR": 2497, "User": 2969, "Assistant": 92267, "▁": 93919, ":": 93963, "O": 93972}
+RELEASE_SP_PIECES = 100295  # SentencePiece pieces 0..100294; added tokens from 100295 (1019 of them)
+RELEASE_ADDED_END = 101314
+RELEASE_VOCAB_SIZE = 103424  # embedding rows (more than the tokenizer's 101314 ids, as in the release)
+BYTE_FALLBACK_START = 13  # <0x00>..<0xFF> at 13..268, so "\n" = <0x0A> = 23
+# Tensors in the released model.safetensors that transformers skips on load (and so never saves).
+PACKING_POSITIONS = 32768
+
+# The v1 template as published by PaddleX: the image markers come from a variable `image_token` whose
+# default is the triplet, used only when the caller has not defined it. transformers 5 passes the tokenizer's
+# named special tokens (image_token=<|IMAGE_PLACEHOLDER|>) into every template, so this renders
+# "User: <|IMAGE_PLACEHOLDER|>OCR:" without the start/end markers: the bug the loader corrects.
+V1_CHAT_TEMPLATE = """{%- if not add_generation_prompt is defined -%}
+    {%- set add_generation_prompt = true -%}
+{%- endif -%}
+{%- if not cls_token is defined -%}
+    {%- set cls_token = "<|begin_of_sentence|>" -%}
+{%- endif -%}
+{%- if not eos_token is defined -%}
+    {%- set eos_token = "</s>" -%}
+{%- endif -%}
+{%- if not image_token is defined -%}
+    {%- set image_token = "<|IMAGE_START|><|IMAGE_PLACEHOLDER|><|IMAGE_END|>" -%}
+{%- endif -%}
+{{- cls_token -}}
+{%- for message in messages -%}
+    {%- if message["role"] == "user" -%}
+        {{- "User: " -}}
+        {%- for content in message["content"] -%}
+            {%- if content["type"] == "image" -%}
+                {{ image_token }}
+            {%- endif -%}
+        {%- endfor -%}
+        {%- for content in message["content"] -%}
+            {%- if content["type"] == "text" -%}
+                {{ content["text"] }}
+            {%- endif -%}
+        {%- endfor -%}
+        {{ "\n" -}}
+    {%- elif message["role"] == "assistant" -%}
+        {{- "Assistant: " -}}
+        {%- for content in message["content"] -%}
+            {%- if content["type"] == "text" -%}
+                {{ content["text"] }}
+            {%- endif -%}
+        {%- endfor -%}
+        {{ eos_token -}}
+    {%- elif message["role"] == "system" -%}
+        {%- for content in message["content"] -%}
+            {%- if content["type"] == "text" -%}
+                {{ content["text"] + "\n" }}
+            {%- endif -%}
+        {%- endfor -%}
+    {%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {{- "Assistant: " -}}
+{%- endif -%}"""
+# PaddleOCR-VL-1.5 and 1.6: the same template with the markers written literally and "Assistant:\n".
+V15_CHAT_TEMPLATE = (
+    V1_CHAT_TEMPLATE.replace(
+        '{%- if not image_token is defined -%}\n'
+        '    {%- set image_token = "<|IMAGE_START|><|IMAGE_PLACEHOLDER|><|IMAGE_END|>" -%}\n'
+        '{%- endif -%}\n',
+        "",
+    )
+    .replace("{{ image_token }}", '{{ "<|IMAGE_START|><|IMAGE_PLACEHOLDER|><|IMAGE_END|>" }}')
+    .replace('"Assistant: "', '"Assistant:\\n"')
+)
+# version -> (chat template, min_pixels, max_pixels of its preprocessor_config.json)
+RELEASES: dict[str, tuple[str, int, int]] = {
+    "v1": (V1_CHAT_TEMPLATE, 147384, 2822400),
+    "v1.5": (V15_CHAT_TEMPLATE, 112896, 1003520),
+    "v1.6": (V15_CHAT_TEMPLATE, 112896, 1003520),
+}
+
+
+def _merge_chain(word: str) -> list[tuple[str, str]]:
+    return [(word[: i - 1], word[i - 1]) for i in range(2, len(word) + 1)]
+
+
+def build_release_tokenizer(charset: str = CHARSET) -> TokenizersBackend:
+    """A SentencePiece-style tokenizer with the release's ids: spaces as "▁", byte fallback, "▁"+Latin merges.
+
+    Every character of ``charset`` (and printable ASCII) is a piece of its own, so training can learn it; the
+    pieces whose ids are known sit at those ids, the rest of the 100295 SentencePiece ids are unused fillers.
+    """
+    merges = [m for w in ("User", "Assistant", "CR") for m in _merge_chain(w)]
+    merges += [("▁", c) for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"]
+    vocab = {t: i for t, i in RELEASE_SPECIAL_IDS.items() if i < RELEASE_SP_PIECES}
+    vocab |= RELEASE_PIECES | {f"<0x{b:02X}>": BYTE_FALLBACK_START + b for b in range(256)}
+    taken = set(vocab.values())
+    free = (i for i in range(RELEASE_SP_PIECES) if i not in taken)
+    for piece in [chr(c) for c in range(0x21, 0x7F)] + sorted(set(charset)) + [a + b for a, b in merges]:
+        if piece not in vocab and not piece.isspace():
+            vocab[piece] = next(free)
+    vocab |= {f"<unused_{i}>": i for i in free}
+    added = {i: f"<|RESERVED_{i}|>" for i in range(RELEASE_SP_PIECES, RELEASE_ADDED_END)}
+    added |= {i: t for t, i in RELEASE_SPECIAL_IDS.items()}
+    spec = {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": [
+            {"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
+             "normalized": False, "special": True}
+            for i, t in sorted(added.items())
+        ],
+        # No Prepend("▁"): the release was converted with add_prefix_space=False ("User" at the start is
+        # "User", not "▁User"); no pre-tokenizer, so "▁" merges with the next letter as SentencePiece does.
+        "normalizer": {"type": "Replace", "pattern": {"String": " "}, "content": "▁"},
+        "pre_tokenizer": None,
+        "post_processor": None,
+        "decoder": {"type": "Sequence", "decoders": [
+            {"type": "Replace", "pattern": {"String": "▁"}, "content": " "},
+            {"type": "ByteFallback"},
+            {"type": "Fuse"},
+        ]},
+        "model": {
+            "type": "BPE", "dropout": None, "unk_token": UNK, "continuing_subword_prefix": None,
+            "end_of_word_suffix": None, "fuse_unk": True, "byte_fallback": True, "ignore_merges": False,
+            "vocab": dict(sorted(vocab.items(), key=lambda kv: kv[1])),
+            "merges": [list(m) for m in merges],
+        },
+    }
+    return TokenizersBackend(
+        tokenizer_object=Tokenizer.from_str(json.dumps(spec)),
+        bos_token=BOS,
+        eos_token=EOS,
+        unk_token=UNK,
+        pad_token=UNK,
+        cls_token=CLS,
+        image_token=IMAGE_TOKEN,
+        extra_special_tokens=[IMAGE_START, IMAGE_END, VIDEO_TOKEN],
+        add_bos_token=False,
+        add_eos_token=False,
+        padding_side="right",
+        model_max_length=131072,
+    )
+
+
+def release_processor(version: str = "v1", charset: str = CHARSET) -> PaddleOCRVLProcessor:
+    """The release-like processor (tokenizer, chat template, image bounds) in memory, without a model."""
+    template, min_pixels, max_pixels = RELEASES[version]
+    return PaddleOCRVLProcessor(
+        image_processor=_image_processor(min_pixels, max_pixels),
+        tokenizer=build_release_tokenizer(charset),
+        chat_template=template,
+    )
+
+
+def _flat_config(nested: dict) -> dict:
+    """config.json in the release's flat layout: the text model's keys at the top level, no text_config."""
+    config = dict(nested)
+    text = config.pop("text_config")
+    rope = text.pop("rope_parameters")
+    for key in ("model_type", "tie_word_embeddings", "dtype"):
+        text.pop(key, None)
+    config.update(text)
+    config["rope_scaling"] = {"mrope_section": rope["mrope_section"], "rope_type": "default",
+                              "type": "default"}
+    config["rope_theta"] = rope["rope_theta"]
+    config.update(tie_word_embeddings=False, use_cache=False, torch_dtype="bfloat16")
+    for key in ("dtype", "transformers_version"):
+        config.pop(key, None)
+    vision = config["vision_config"]
+    vision.pop("rope_parameters", None)  # a transformers 5 addition; the release's vision_config lacks it
+    vision["model_type"] = "paddleocr_vl"  # what the release has; transformers fixes it up
+    return dict(sorted(config.items()))
+
+
+def _dropped_tensors(hidden: int, seed: int) -> dict[str, torch.Tensor]:
+    """The release's tensors that transformers ignores on load: the packing position embedding and the
+    SigLIP attention-pooling head (names as in the release; values random)."""
+    gen = torch.Generator().manual_seed(seed + 1)
+    inter = 2 * hidden
+    shapes = {
+        "embeddings.packing_position_embedding.weight": (PACKING_POSITIONS, hidden),
+        "head.probe": (1, 1, hidden),
+        "head.attention.in_proj_weight": (3 * hidden, hidden),
+        "head.attention.in_proj_bias": (3 * hidden,),
+        "head.attention.out_proj.weight": (hidden, hidden),
+        "head.attention.out_proj.bias": (hidden,),
+        "head.layernorm.weight": (hidden,),
+        "head.layernorm.bias": (hidden,),
+        "head.mlp.fc1.weight": (inter, hidden),
+        "head.mlp.fc1.bias": (inter,),
+        "head.mlp.fc2.weight": (hidden, inter),
+        "head.mlp.fc2.bias": (hidden,),
+    }
+    return {
+        f"visual.vision_model.{name}": (torch.randn(shape, generator=gen) * 0.02).to(torch.bfloat16)
+        for name, shape in shapes.items()
+    }
+
+
+def build_release_like(
+    out_dir: str | Path,
+    version: str = "v1",
+    *,
+    charset: str = CHARSET,
+    text_layers: int = 2,
+    vision_layers: int = 2,
+    hidden: int = 32,
+    seed: int = 0,
+    init_std: float | None = None,
+    vision_init_std: float | None = None,
+) -> str:
+    """Save a tiny random PaddleOCR-VL laid out like the real release ``version`` (v1, v1.5, v1.6)."""
+    if version not in RELEASES:
+        raise ValueError(f"unknown release {version!r}; choose from {', '.join(RELEASES)}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    processor = release_processor(version, charset)
+    ids = {
+        "pad": 0, "bos": 1, "eos": 2, "image": RELEASE_SPECIAL_IDS[IMAGE_TOKEN],
+        "video": RELEASE_SPECIAL_IDS[VIDEO_TOKEN], "vision_start": RELEASE_SPECIAL_IDS[IMAGE_START],
+        "vision_end": RELEASE_SPECIAL_IDS[IMAGE_END],
+    }
+    model = _random_model(
+        vocab_size=RELEASE_VOCAB_SIZE, ids=ids, hidden=hidden, text_layers=text_layers,
+        vision_layers=vision_layers, tie_word_embeddings=False, seed=seed, init_std=init_std,
+        vision_init_std=vision_init_std,
+    ).to(torch.bfloat16)
+    model.save_pretrained(out, safe_serialization=True)  # the release's key names (mlp_AR.*, visual.*, ...)
+    weights = load_file(str(out / "model.safetensors")) | _dropped_tensors(hidden, seed)
+    save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((out / "config.json").read_text())
+    _write_json(out / "config.json", _flat_config(config))
+    _write_json(out / "generation_config.json", {"eos_token_id": 2, "pad_token_id": 0, "use_cache": False})
+
+    processor.save_pretrained(out)
+    # The release ships preprocessor_config.json with top-level pixel bounds (transformers 5 writes a
+    # processor_config.json with a nested image processor and a `size` dict instead).
+    (out / "processor_config.json").unlink()
+    ip = processor.image_processor
+    _write_json(out / "preprocessor_config.json", {
+        "do_convert_rgb": True, "do_normalize": True, "do_rescale": True, "do_resize": True,
+        "image_mean": ip.image_mean, "image_processor_type": "PaddleOCRVLImageProcessor",
+        "image_std": ip.image_std, "max_pixels": RELEASES[version][2], "merge_size": ip.merge_size,
+        "min_pixels": RELEASES[version][1], "patch_size": ip.patch_size,
+        "processor_class": "PaddleOCRVLProcessor", "resample": 3, "rescale_factor": 1 / 255,
+        "temporal_patch_size": 1,
+    })
+    return str(out)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
 
 
 @torch.no_grad()

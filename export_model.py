@@ -1,0 +1,249 @@
+"""Export a fine-tuned checkpoint as a drop-in replacement for the base model it was trained from.
+
+    python export_model.py ./sft_output/checkpoint-2000 --base PaddlePaddle/PaddleOCR-VL --out ./ft-2000
+
+transformers loads PaddleOCR-VL without two groups of the release's tensors
+(``visual.vision_model.embeddings.packing_position_embedding.*`` and ``visual.vision_model.head.*``) and so
+saves a model without them; it also writes its own config.json, tokenizer and processor files. vLLM (before
+March 2026) and PaddleX refuse such a folder, and a fine-tune with rewritten configs can fail where the base
+works. The exported folder has the base's file set instead:
+
+- every file of the base (config.json, tokenizer, preprocessor config, chat template, generation config, ...)
+  copied unchanged, except the image processor's pixel bounds when training changed them (--min_pixels /
+  --max_pixels, read from the checkpoint's own processor config);
+- the weights in the base's key layout, shards, tensor order and dtype (bf16 for the release): the
+  checkpoint's tensors cast to the base's dtype, and the tensors transformers does not load copied from the
+  base byte for byte.
+
+sft_paddleocr_vl.py exports its final model this way (in place, in --output_dir); use this command for any
+intermediate ``checkpoint-N``. The result still loads with AutoModelForImageTextToText / AutoProcessor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import shutil
+import sys
+import tempfile
+from contextlib import ExitStack
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from transformers import AutoImageProcessor, PaddleOCRVLForConditionalGeneration
+from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
+
+logger = logging.getLogger(__name__)
+
+# What transformers skips when loading the release (regexes searched in tensor names), from transformers.
+NOT_LOADED = tuple(PaddleOCRVLForConditionalGeneration._keys_to_ignore_on_load_unexpected)
+# Weight formats other than safetensors would still hold the base's weights: never carried over.
+OTHER_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".pdparams", ".gguf", ".onnx")
+# Model and processor files that save_pretrained writes: removed from the output when the base has none.
+SAVED_FILES = re.compile(
+    r"(config|generation_config|processor_config|preprocessor_config|video_preprocessor_config|tokenizer"
+    r"|tokenizer_config|special_tokens_map|added_tokens|chat_template)\.json|chat_template\.jinja"
+    r"|tokenizer\.model|model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json"
+)
+
+
+class ExportError(ValueError):
+    """The checkpoint can't be exported against this base (printed as one `error: ...` line)."""
+
+
+def base_folder(base: str) -> Path:
+    """A local folder holding the base's top-level files (a hub id is resolved through the HF cache)."""
+    if os.path.isdir(base):
+        return Path(base)
+    from huggingface_hub import HfApi, snapshot_download
+
+    try:  # the repo's top-level files (sub-folders are not part of the model)
+        names = [f for f in HfApi().list_repo_files(base) if "/" not in f]
+        return Path(snapshot_download(base, allow_patterns=names))
+    except Exception as e:  # offline, or the hub unreachable: what training already downloaded
+        logger.warning("could not list %s on the hub (%s); using the files in the local cache", base, e)
+        try:
+            return Path(snapshot_download(base, local_files_only=True))
+        except Exception as e2:
+            raise ExportError(
+                f"base {base!r} is neither a folder nor a model in the local HF cache ({e2})"
+            ) from e2
+
+
+def weight_files(folder: Path) -> dict[str, list[str]]:
+    """{safetensors file: its tensor names in file order} from the index or the single model.safetensors."""
+    index = folder / SAFE_WEIGHTS_INDEX_NAME
+    if index.is_file():
+        files: dict[str, list[str]] = {}
+        for name, file in json.loads(index.read_text())["weight_map"].items():
+            files.setdefault(file, []).append(name)
+        # the order inside each file is the file's own (safetensors stores names sorted)
+        return {file: _keys(folder / file) for file in files}
+    if (folder / SAFE_WEIGHTS_NAME).is_file():
+        return {SAFE_WEIGHTS_NAME: _keys(folder / SAFE_WEIGHTS_NAME)}
+    raise ExportError(f"{folder} has no {SAFE_WEIGHTS_NAME} or {SAFE_WEIGHTS_INDEX_NAME}")
+
+
+def _keys(path: Path) -> list[str]:
+    with safe_open(str(path), framework="pt") as f:
+        return list(f.keys())
+
+
+def _pixel_bounds(folder: Path) -> tuple[int, int] | None:
+    try:
+        size = AutoImageProcessor.from_pretrained(folder).size
+    except (OSError, ValueError, KeyError):
+        return None  # no processor config saved with the checkpoint
+    return int(size["shortest_edge"]), int(size["longest_edge"])
+
+
+def _set_pixel_bounds(config: dict, min_pixels: int, max_pixels: int) -> None:
+    """Write new bounds where the file keeps them: top-level min/max_pixels (the release) and/or `size`."""
+    target = config.get("image_processor", config)  # processor_config.json nests the image processor
+    if "min_pixels" in target or "max_pixels" in target:
+        target.update(min_pixels=min_pixels, max_pixels=max_pixels)
+    size = target.get("size")
+    if isinstance(size, dict) and ("shortest_edge" in size or "longest_edge" in size):
+        size.update(shortest_edge=min_pixels, longest_edge=max_pixels)
+    elif not ("min_pixels" in target or "max_pixels" in target):
+        target["size"] = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
+
+
+Tensors = dict[str, tuple[tuple, torch.dtype]]  # name -> (shape, dtype)
+
+
+def check_tensors(ckpt: Tensors, base: Tensors) -> None:
+    """The checkpoint must hold every tensor of the base that transformers loads, with the same shapes."""
+    extra = sorted(set(ckpt) - set(base))
+    missing = sorted(k for k in set(base) - set(ckpt) if not any(re.search(p, k) for p in NOT_LOADED))
+    shapes = sorted(k for k in set(ckpt) & set(base) if ckpt[k][0] != base[k][0])
+    problems = []
+    if extra:
+        problems.append(f"{len(extra)} tensors the base does not have (e.g. {extra[:3]})")
+    if missing:
+        problems.append(f"no {len(missing)} tensors the base has (e.g. {missing[:3]})")
+    if shapes:
+        k = shapes[0]
+        problems.append(f"{len(shapes)} tensors of other shapes (e.g. {k}: {ckpt[k][0]} vs {base[k][0]})")
+    if problems:
+        raise ExportError("the checkpoint does not match the base: " + "; ".join(problems)
+                          + ". Was it fine-tuned from this base?")
+
+
+def _shapes(folder: Path, files: dict[str, list[str]]) -> Tensors:
+    out = {}
+    for file, names in files.items():
+        with safe_open(str(folder / file), framework="pt") as f:
+            for name in names:
+                sl = f.get_slice(name)
+                out[name] = (tuple(sl.get_shape()), _DTYPES[sl.get_dtype()])
+    return out
+
+
+_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64,
+           "I64": torch.int64, "I32": torch.int32, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def export_model(checkpoint: str | Path, base: str, out: str | Path) -> Path:
+    """Write ``out`` as the base's folder with the checkpoint's weights (see the module docstring).
+
+    ``out`` may be the checkpoint itself (the training script exports its final model in place); files are
+    staged in a temporary folder inside ``out`` and moved at the end, so a failure leaves ``out`` as it was.
+    """
+    ckpt, out = Path(checkpoint), Path(out)
+    base_dir = base_folder(base)
+    if ckpt.resolve() == base_dir.resolve():
+        raise ExportError(f"checkpoint and base are the same folder: {ckpt}")
+    base_files = weight_files(base_dir)
+    ckpt_files = weight_files(ckpt)
+    base_tensors, ckpt_tensors = _shapes(base_dir, base_files), _shapes(ckpt, ckpt_files)
+    check_tensors(ckpt_tensors, base_tensors)
+    where = {name: file for file, names in ckpt_files.items() for name in names}
+    bounds, base_bounds = _pixel_bounds(ckpt), _pixel_bounds(base_dir)
+
+    out.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".export-", dir=out))
+    try:
+        names = sorted(p.name for p in base_dir.iterdir() if p.is_file() and not p.name.startswith("."))
+        for name in names:
+            if name in base_files:
+                _write_weights(staging / name, base_dir / name, base_files[name], ckpt, where)
+            elif name.endswith(OTHER_WEIGHTS):
+                logger.warning("not exporting %s: it holds the base's weights in another format", name)
+            else:
+                shutil.copyfile(base_dir / name, staging / name)
+        carried = [n for n in names if not n.endswith(OTHER_WEIGHTS)]
+        if bounds and base_bounds and bounds != base_bounds:
+            _write_pixel_bounds(staging, bounds)
+        for name in carried:
+            os.replace(staging / name, out / name)
+        for stale in out.iterdir():  # what save_pretrained wrote and the base does not have
+            if stale.is_file() and SAVED_FILES.fullmatch(stale.name) and stale.name not in carried:
+                stale.unlink()
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out
+
+
+def _write_weights(dst: Path, base_file: Path, names: list[str], ckpt: Path, where: dict[str, str]) -> None:
+    """One safetensors file with the base file's tensors, order and metadata: the trained values where the
+    checkpoint has them (cast to the base's dtype), the base's bytes for the tensors transformers skips."""
+    tensors = {}
+    with ExitStack() as stack, safe_open(str(base_file), framework="pt") as f:
+        opened = {}
+        for name in names:
+            if name not in where:
+                tensors[name] = f.get_tensor(name)
+                continue
+            if where[name] not in opened:
+                opened[where[name]] = stack.enter_context(safe_open(str(ckpt / where[name]), framework="pt"))
+            tensors[name] = opened[where[name]].get_tensor(name).to(_DTYPES[f.get_slice(name).get_dtype()])
+        metadata = f.metadata()
+    save_file(tensors, str(dst), metadata=metadata)
+
+
+def _write_pixel_bounds(staging: Path, bounds: tuple[int, int]) -> None:
+    for name in ("preprocessor_config.json", "processor_config.json"):
+        path = staging / name
+        if path.is_file():
+            config = json.loads(path.read_text(encoding="utf-8"))
+            _set_pixel_bounds(config, *bounds)
+            path.write_text(json.dumps(config, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+            break
+    else:
+        raise ExportError("the base has no preprocessor_config.json or processor_config.json to carry the "
+                          f"trained pixel bounds {bounds}")
+    if _pixel_bounds(staging) != bounds:
+        raise ExportError(f"could not write the pixel bounds {bounds} into the base's {name}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("checkpoint", help="a checkpoint-N folder or a final model folder saved by training")
+    parser.add_argument("--base", required=True, help="hub id or folder of the model that was fine-tuned")
+    parser.add_argument("--out", required=True, help="new (or empty) folder for the exported model")
+    args = parser.parse_args(argv)
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    out, ckpt = Path(args.out), Path(args.checkpoint)
+    try:
+        if not ckpt.is_dir():
+            raise ExportError(f"checkpoint folder {ckpt} does not exist")
+        if out.exists() and any(out.iterdir()) and out.resolve() != ckpt.resolve():
+            raise ExportError(f"--out {out} exists and is not empty")
+        export_model(ckpt, args.base, out)
+    except (ExportError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
