@@ -29,6 +29,7 @@ from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from custom_collator import OCRCollator, answer_ids, configure_image_size, num_image_tokens, prompt_ids
+from export_model import ExportError, export_model
 from ocr_dataset import DatasetError, OCRDataset, load_image
 from ocr_metrics import cer_metrics
 from ocr_model import ModelLoadError, generate_texts, load_model_and_processor
@@ -421,6 +422,27 @@ def build_trainer(
     )
 
 
+def export_final_model(trainer: BF16Trainer, base: str, output_dir: str) -> bool:
+    """Turn the final model saved in output_dir into a drop-in replacement for the base (export_model.py:
+    the base's files and key layout, plus the tensors transformers does not load). Rank 0 writes while the
+    other ranks wait; False (the error printed) if it failed."""
+    error = None
+    if trainer.is_world_process_zero():
+        try:
+            export_model(output_dir, base, output_dir)
+        except (ExportError, OSError) as e:
+            error = e
+    trainer.accelerator.wait_for_everyone()
+    if error is not None:
+        print(
+            f"error: could not lay out {output_dir} like the base {base}: {error}\nthe fine-tuned weights "
+            "are saved there as transformers writes them; after fixing, run: python export_model.py "
+            f"{output_dir} --base {base} --out DIR",
+            file=sys.stderr,
+        )
+    return error is None
+
+
 def main(argv: list[str] | None = None) -> int:
     model_args, data_args, args = parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
@@ -439,6 +461,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     trainer.save_model(args.output_dir)
+    if not export_final_model(trainer, model_args.model_path, args.output_dir):
+        return 2
     trainer.save_state()
     if data_args.log_sample_ids:
         ids_path = Path(args.output_dir) / f"sample_ids_rank{args.process_index}.json"

@@ -38,6 +38,22 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def release_model(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """release_model("v1" | "v1.5" | "v1.6"): a tiny checkpoint laid out like that real release, built once
+    per session (read-only: copy it before changing anything)."""
+    from tools.make_tiny_model import build_release_like
+
+    built: dict[str, Path] = {}
+
+    def get(version: str) -> Path:
+        if version not in built:
+            built[version] = Path(build_release_like(tmp_path_factory.mktemp(f"release_{version}"), version))
+        return built[version]
+
+    return get
+
+
+@pytest.fixture(scope="session")
 def prepared(synthetic_release: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The synthetic release prepared with a book-level split (3 train, 1 val, 1 test book)."""
     import prepare_manga109_data as prep

@@ -10,8 +10,8 @@ import torch
 from transformers import TrainerCallback
 
 import sft_paddleocr_vl as sft
-from custom_collator import BoundaryError, OCRCollator, OverlongError
-from ocr_dataset import OCRDataset, build_messages, load_image
+from custom_collator import OCRCollator, OverlongError, PromptError
+from ocr_dataset import OCRDataset, load_image
 from ocr_model import generate_texts, load_model_and_processor
 
 
@@ -32,7 +32,7 @@ def subset(prepared: Path, dst: Path, n: int, split: str = "train") -> Path:
 
 def examples(prepared: Path, texts: list[str]) -> list[dict]:
     ds = OCRDataset(prepared / "train.jsonl")
-    return [{**ds[i], "text": t, "messages": build_messages(t), "id": i} for i, t in enumerate(texts)]
+    return [{**ds[i], "text": t, "id": i} for i, t in enumerate(texts)]
 
 
 def train_args(tiny_model: Path, data_dir: Path, out: Path, *extra: str):
@@ -65,18 +65,21 @@ def test_labels_cover_exactly_answer_and_eos(prepared: Path, processor) -> None:
         assert key in batch
 
 
-def test_missing_boundary_raises(prepared: Path, processor) -> None:
+def test_template_without_generation_prompt_raises(processor) -> None:
     import copy
 
     broken = copy.deepcopy(processor)
-    # The generation prompt says "Bot:" but a rendered answer follows "Assistant:": no common prefix.
+    # The template ignores add_generation_prompt: no "Assistant: " for the answer to follow.
     broken.chat_template = (
-        "{% for m in messages %}{% if m.role == 'assistant' %}Assistant: {{ m.content[0].text }}</s>"
-        "{% else %}User: <|IMAGE_START|><|IMAGE_PLACEHOLDER|><|IMAGE_END|>OCR:\n{% endif %}{% endfor %}"
-        "{% if add_generation_prompt %}Bot: {% endif %}"
+        "<|begin_of_sentence|>{% for m in messages %}{% if m.role == 'assistant' %}Assistant: "
+        "{{ m.content[0].text }}</s>{% else %}User: <|IMAGE_START|><|IMAGE_PLACEHOLDER|><|IMAGE_END|>OCR:\n"
+        "{% endif %}{% endfor %}"
     )
-    with pytest.raises(BoundaryError, match="cannot tell where the answer begins"):
-        OCRCollator(broken)(examples(prepared, ["あいう"]))
+    with pytest.raises(PromptError, match=r"renders the generation prompt as .*OCR:\\n';"):
+        OCRCollator(broken)
+    broken.chat_template = "{{ messages[0].content.text.upper() }}"  # fails to render at all
+    with pytest.raises(PromptError, match="cannot render a generation prompt"):
+        OCRCollator(broken)
 
 
 def test_overlong_sample_dropped_or_raises(prepared: Path, processor) -> None:
