@@ -7,10 +7,11 @@ Both paths OCR the same crops (cut by prepare_manga109_data.py from synthetic fu
 are realistic) with greedy decoding:
   batched   ocr_model.generate_texts: batches of --batch_size, left padding, KV cache on
   seed loop one crop per model.generate(..., use_cache=False), as the seed project evaluated
-`full` is PaddleOCRVLConfig() (0.9B, untied lm_head) with random weights in bf16 on CUDA, with the release's
-image-processor bounds (min_pixels 147384, max_pixels 2822400) and the tiny character tokenizer (its ids are
-valid ids of the 103424-token vocabulary). Random weights rarely emit </s>, so every crop generates
---max_new_tokens tokens; the default 16 is about one manga text line. A path or hub id is loaded as is.
+`full` is PaddleOCRVLConfig() (0.9B, untied lm_head) with random weights in bf16 on CUDA, driven by the
+release-like processor (tools/make_tiny_model.release_processor: the release's token ids, tokenizer, chat
+template and image bounds, min_pixels 147384, max_pixels 2822400). Random weights rarely emit </s>, so
+every crop generates --max_new_tokens tokens; the default 16 is about one manga text line. A path or hub
+id is loaded as is.
 """
 
 from __future__ import annotations
@@ -37,8 +38,8 @@ from tools.make_synthetic_manga109 import CHARSET, generate  # noqa: E402
 from tools.make_tiny_model import build_tiny_model  # noqa: E402
 
 
-def full_size_random(tiny_dir: str, device: str, dtype: torch.dtype) -> tuple[Any, Any]:
-    model, processor = build_full_size_random(tiny_dir, dtype=dtype, device=device)
+def full_size_random(device: str, dtype: torch.dtype) -> tuple[Any, Any]:
+    model, processor = build_full_size_random(dtype=dtype, device=device)
     with torch.no_grad():
         # Ids past the small tokenizer decode to nothing; zero logits for them (same compute) make greedy
         # pick decodable ids, so comparing the two paths' texts means something.
@@ -88,12 +89,11 @@ def main(argv: list[str] | None = None) -> int:
         records = random.Random(a.seed).sample(records, a.num_samples)
         images = [load_image(r, "bench") for r in records]
 
-        if a.model in ("tiny", "full"):
+        if a.model == "tiny":
             tiny_dir = build_tiny_model(Path(tmp, "tiny"), charset=CHARSET)
-            if a.model == "tiny":
-                model, processor = load_model_and_processor(tiny_dir, dtype=dtype, device=device)
-            else:
-                model, processor = full_size_random(tiny_dir, device, dtype)
+            model, processor = load_model_and_processor(tiny_dir, dtype=dtype, device=device)
+        elif a.model == "full":
+            model, processor = full_size_random(device, dtype)
         else:
             model, processor = load_model_and_processor(a.model, dtype=dtype, device=device)
 

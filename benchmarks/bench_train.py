@@ -20,9 +20,10 @@ Overrides: default:bs=4,ga=4,gc=0,group=1,workers=2. Every recipe uses SDPA (the
 the seed's).
 
 full = PaddleOCRVLConfig() defaults (0.9B: text 1024 x 18, vocab 103424; vision 1152 x 27; untied lm_head),
-random weights, the tiny character tokenizer (its ids are valid rows of the 103k embedding) and the
-release's image-size bounds. tiny = tools/make_tiny_model.py as built (CPU smoke test). Data: synthetic
-1654x1170 pages -> prepare_manga109_data.run -> OCRDataset + OCRCollator (max_length 1536).
+random weights, driven by the release-like processor (tools/make_tiny_model.release_processor: the
+release's token ids, tokenizer, chat template and image-size bounds). tiny = tools/make_tiny_model.py as
+built (CPU smoke test). Data: synthetic 1654x1170 pages -> prepare_manga109_data.run -> OCRDataset +
+OCRCollator (max_length 1536).
 
 MFU = model FLOPs / time / the device's dense bf16 peak. Model FLOPs are what the objective needs, the same
 for every recipe (PaLM convention: neither recomputation by checkpointing nor logits that the loss never
@@ -110,8 +111,12 @@ def parse_recipe(spec: str) -> Recipe:
 def build(config: str, tiny_dir: str, recipe: Recipe, device: torch.device) -> tuple[Any, Any]:
     dtype = torch.float32 if recipe.precision == "fp32_master" else torch.bfloat16
     torch.manual_seed(0)  # every recipe starts from the same weights
-    load = build_full_size_random if config == "full" else load_model_and_processor
-    model, processor = load(tiny_dir, dtype=dtype, device=device, attn_implementation="sdpa")
+    if config == "full":
+        model, processor = build_full_size_random(dtype=dtype, device=device, attn_implementation="sdpa")
+    else:
+        model, processor = load_model_and_processor(
+            tiny_dir, dtype=dtype, device=device, attn_implementation="sdpa"
+        )
     if recipe.min_pixels:  # only ever lowers the bound (the tiny processor's is lower still)
         size = processor.image_processor.size
         size["shortest_edge"] = min(recipe.min_pixels, size["shortest_edge"])

@@ -5,37 +5,41 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from transformers import AutoProcessor, PaddleOCRVLConfig, PaddleOCRVLForConditionalGeneration
+from transformers import PaddleOCRVLConfig, PaddleOCRVLForConditionalGeneration
 
-from custom_collator import configure_image_size
-from tools.make_tiny_model import IMAGE_END, IMAGE_START, VIDEO_TOKEN
-
-# The released processor's image bounds: every small crop is upscaled to >= 147,384 px (~188 image tokens).
-RELEASE_MIN_PIXELS, RELEASE_MAX_PIXELS = 147384, 2822400
+from ocr_model import ensure_release_prompt
+from tools.make_tiny_model import (
+    IMAGE_END,
+    IMAGE_START,
+    IMAGE_TOKEN,
+    RELEASE_SPECIAL_IDS,
+    VIDEO_TOKEN,
+    release_processor,
+)
 
 
 def build_full_size_random(
-    tiny_dir: str, *, dtype: torch.dtype, device: torch.device | str, attn_implementation: str = "sdpa"
+    *, dtype: torch.dtype, device: torch.device | str, attn_implementation: str = "sdpa", version: str = "v1"
 ) -> tuple[Any, Any]:
-    """`PaddleOCRVLConfig()` defaults (untied lm_head), random weights, the tiny model's tokenizer ids.
+    """`PaddleOCRVLConfig()` defaults (untied lm_head), random weights, driven by the release-like processor.
 
-    The tiny character tokenizer's ids are valid rows of the 103k-token embedding, so its processor (with the
-    release's image bounds) drives the full-size architecture with realistic sequence shapes.
+    The processor is tools/make_tiny_model.release_processor: the release's token ids and tokenizer behaviour,
+    its chat template (v1's dropped image markers corrected as the loader does) and its image bounds
+    (min_pixels 147384, so every small crop becomes ~150-190 image tokens): realistic sequence shapes.
     """
-    processor = AutoProcessor.from_pretrained(tiny_dir)
-    configure_image_size(processor, RELEASE_MIN_PIXELS, RELEASE_MAX_PIXELS)
-    tok = processor.tokenizer
-    ids = {f"{k}_token_id": getattr(tok, f"{k}_token_id") for k in ("pad", "bos", "eos")}
+    processor = release_processor(version)
+    ids = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
     config = PaddleOCRVLConfig(
         text_config={"tie_word_embeddings": False, **ids},  # else its default True is forwarded outwards
         tie_word_embeddings=False,
-        image_token_id=tok.image_token_id,
-        video_token_id=tok.convert_tokens_to_ids(VIDEO_TOKEN),
-        vision_start_token_id=tok.convert_tokens_to_ids(IMAGE_START),
-        vision_end_token_id=tok.convert_tokens_to_ids(IMAGE_END),
+        image_token_id=RELEASE_SPECIAL_IDS[IMAGE_TOKEN],
+        video_token_id=RELEASE_SPECIAL_IDS[VIDEO_TOKEN],
+        vision_start_token_id=RELEASE_SPECIAL_IDS[IMAGE_START],
+        vision_end_token_id=RELEASE_SPECIAL_IDS[IMAGE_END],
         **ids,
     )
-    assert config.text_config.vocab_size > len(tok)
+    assert config.text_config.vocab_size == 103424 > len(processor.tokenizer)
+    ensure_release_prompt(config, processor, f"the release-like {version} chat template")
     with torch.device(device):  # init on the GPU directly: a 0.9B init on CPU takes ~20 s
         model = PaddleOCRVLForConditionalGeneration._from_config(
             config, dtype=dtype, attn_implementation=attn_implementation
