@@ -587,7 +587,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--text_layers", type=int, default=2)
     parser.add_argument("--vision_layers", type=int, default=2)
-    parser.add_argument("--hidden", type=int, default=64, help="width, a multiple of 16 (default 64)")
+    parser.add_argument(
+        "--hidden", type=int, default=None, help="width, a multiple of 16 (default 64, --release_like 32)"
+    )
+    parser.add_argument(
+        "--release_like",
+        choices=list(RELEASES),
+        default=None,
+        help="lay the model out like that real release (tokenizer, token ids, 103424-row vocabulary, chat "
+        "template, processor config, flat config.json, bf16 weights in the release's key layout with the "
+        "tensors transformers skips) instead of the character-level fixture",
+    )
     parser.add_argument("--tie_word_embeddings", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
@@ -607,31 +617,37 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--min_pixels",
         type=int,
-        default=TINY_MIN_PIXELS,
+        default=None,
         help=f"image processor min_pixels (default {TINY_MIN_PIXELS}: at least 16 image tokens per crop; "
         "784 = one 28x28 token, so crops are not upscaled and a 12-30 px glyph is about one token)",
     )
     parser.add_argument(
         "--max_pixels",
         type=int,
-        default=TINY_MAX_PIXELS,
+        default=None,
         help=f"image processor max_pixels (default {TINY_MAX_PIXELS}: at most 64 image tokens per crop)",
     )
     args = parser.parse_args(argv)
 
-    out = build_tiny_model(
-        args.out,
-        charset=CHARSETS[args.charset],
-        text_layers=args.text_layers,
-        vision_layers=args.vision_layers,
-        hidden=args.hidden,
-        tie_word_embeddings=args.tie_word_embeddings,
-        seed=args.seed,
-        init_std=args.init_std,
-        vision_init_std=args.vision_init_std,
-        min_pixels=args.min_pixels,
-        max_pixels=args.max_pixels,
-    )
+    common = {
+        "charset": CHARSETS[args.charset], "text_layers": args.text_layers,
+        "vision_layers": args.vision_layers, "seed": args.seed, "init_std": args.init_std,
+        "vision_init_std": args.vision_init_std,
+    }
+    if args.release_like:
+        fixed = [f for f in ("min_pixels", "max_pixels", "tie_word_embeddings") if getattr(args, f)]
+        if fixed:
+            parser.error(f"--{fixed[0]}: a release-like model has the release's (untied, its pixel bounds)")
+        out = build_release_like(args.out, args.release_like, hidden=args.hidden or 32, **common)
+    else:
+        out = build_tiny_model(
+            args.out,
+            hidden=args.hidden or 64,
+            tie_word_embeddings=args.tie_word_embeddings,
+            min_pixels=args.min_pixels or TINY_MIN_PIXELS,
+            max_pixels=args.max_pixels or TINY_MAX_PIXELS,
+            **common,
+        )
     print(out)
     return 0
 
