@@ -58,8 +58,8 @@ class ExportError(ValueError):
 
 def base_folder(base: str) -> Path:
     """A local folder holding the base's top-level files (a hub id is resolved through the HF cache)."""
-    if os.path.isdir(base):
-        return Path(base)
+    if Path(base).expanduser().is_dir():
+        return Path(base).expanduser()
     from huggingface_hub import HfApi, snapshot_download
 
     try:  # the repo's top-level files (sub-folders are not part of the model)
@@ -178,7 +178,7 @@ def export_model(checkpoint: str | Path, base: str, out: str | Path) -> Path:
             else:
                 shutil.copyfile(base_dir / name, staging / name)
         carried = [n for n in names if not n.endswith(OTHER_WEIGHTS)]
-        if bounds and base_bounds and bounds != base_bounds:
+        if bounds and bounds != base_bounds:
             _write_pixel_bounds(staging, bounds)
         for name in carried:
             os.replace(staging / name, out / name)
