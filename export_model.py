@@ -62,8 +62,8 @@ def base_folder(base: str) -> Path:
         return Path(base).expanduser()
     from huggingface_hub import HfApi, snapshot_download
 
-    try:  # the repo's top-level files (sub-folders are not part of the model)
-        names = [f for f in HfApi().list_repo_files(base) if "/" not in f]
+    try:  # the repo's top-level files (sub-folders are not part of the model), no other weight formats
+        names = [f for f in HfApi().list_repo_files(base) if "/" not in f and not f.endswith(OTHER_WEIGHTS)]
         return Path(snapshot_download(base, allow_patterns=names))
     except Exception as e:  # offline, or the hub unreachable: what training already downloaded
         logger.warning("could not list %s on the hub (%s); using the files in the local cache", base, e)
@@ -228,7 +228,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("checkpoint", help="a checkpoint-N folder or a final model folder saved by training")
     parser.add_argument("--base", required=True, help="hub id or folder of the model that was fine-tuned")
-    parser.add_argument("--out", required=True, help="new (or empty) folder for the exported model")
+    parser.add_argument(
+        "--out", required=True, help="new or empty folder for the export (or the checkpoint: in place)"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
     out, ckpt = Path(args.out), Path(args.checkpoint)
