@@ -11,7 +11,7 @@ works. The exported folder has the base's file set instead:
 - every file of the base (config.json, tokenizer, preprocessor config, chat template, generation config, ...)
   copied unchanged, except the image processor's pixel bounds when training changed them (--min_pixels /
   --max_pixels, read from the checkpoint's own processor config);
-- the weights in the base's key layout, shards, tensor order and dtype (bf16 for the release): the
+- the weights in the base's key layout, shards and dtype (bf16 for the release): the
   checkpoint's tensors cast to the base's dtype, and the tensors transformers does not load copied from the
   base byte for byte.
 
@@ -76,13 +76,10 @@ def base_folder(base: str) -> Path:
 
 
 def weight_files(folder: Path) -> dict[str, list[str]]:
-    """{safetensors file: its tensor names in file order} from the index or the single model.safetensors."""
+    """{safetensors file: its tensor names} from the index, or the single model.safetensors."""
     index = folder / SAFE_WEIGHTS_INDEX_NAME
     if index.is_file():
-        files: dict[str, list[str]] = {}
-        for name, file in json.loads(index.read_text())["weight_map"].items():
-            files.setdefault(file, []).append(name)
-        # the order inside each file is the file's own (safetensors stores names sorted)
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         return {file: _keys(folder / file) for file in files}
     if (folder / SAFE_WEIGHTS_NAME).is_file():
         return {SAFE_WEIGHTS_NAME: _keys(folder / SAFE_WEIGHTS_NAME)}
@@ -115,6 +112,8 @@ def _set_pixel_bounds(config: dict, min_pixels: int, max_pixels: int) -> None:
 
 
 Tensors = dict[str, tuple[tuple, torch.dtype]]  # name -> (shape, dtype)
+_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64,
+           "I64": torch.int64, "I32": torch.int32, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 
 
 def check_tensors(ckpt: Tensors, base: Tensors) -> None:
@@ -124,9 +123,9 @@ def check_tensors(ckpt: Tensors, base: Tensors) -> None:
     shapes = sorted(k for k in set(ckpt) & set(base) if ckpt[k][0] != base[k][0])
     problems = []
     if extra:
-        problems.append(f"{len(extra)} tensors the base does not have (e.g. {extra[:3]})")
+        problems.append(f"it has {len(extra)} tensors the base does not (e.g. {extra[:3]})")
     if missing:
-        problems.append(f"no {len(missing)} tensors the base has (e.g. {missing[:3]})")
+        problems.append(f"it lacks {len(missing)} tensors of the base (e.g. {missing[:3]})")
     if shapes:
         k = shapes[0]
         problems.append(f"{len(shapes)} tensors of other shapes (e.g. {k}: {ckpt[k][0]} vs {base[k][0]})")
@@ -143,10 +142,6 @@ def _shapes(folder: Path, files: dict[str, list[str]]) -> Tensors:
                 sl = f.get_slice(name)
                 out[name] = (tuple(sl.get_shape()), _DTYPES[sl.get_dtype()])
     return out
-
-
-_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64,
-           "I64": torch.int64, "I32": torch.int32, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 
 
 def export_model(checkpoint: str | Path, base: str, out: str | Path) -> Path:
