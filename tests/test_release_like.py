@@ -230,3 +230,30 @@ def test_export_refuses_a_checkpoint_of_another_base(release_model, tiny_model: 
     (tmp_path / "full" / "f").write_text("x")
     rc = export_model.main([str(tiny_model), "--base", str(tiny_model), "--out", str(tmp_path / "full")])
     assert "not empty" in error_line(rc)
+
+
+def test_export_keeps_a_sharded_base_layout(release_model, tmp_path: Path) -> None:
+    """A base in two shards + index: the export has the same shards, each with the same tensors."""
+    from safetensors.torch import save_file
+
+    base = tmp_path / "base"
+    shutil.copytree(release_model("v1"), base)
+    weights = tensors(base)
+    (base / "model.safetensors").unlink()
+    names = list(weights)
+    shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    for file, keys in shards.items():
+        save_file({k: weights[k] for k in keys}, str(base / file), metadata={"format": "pt"})
+    index = {"metadata": {"total_size": 0}, "weight_map": {k: f for f, ks in shards.items() for k in ks}}
+    (base / "model.safetensors.index.json").write_text(json.dumps(index))
+    model, _ = load_model_and_processor(str(base))
+    model.save_pretrained(tmp_path / "ckpt")  # as training saves: one file, without the skipped tensors
+
+    out = export_model.export_model(tmp_path / "ckpt", str(base), tmp_path / "out")
+    assert {p.name for p in out.iterdir()} == {p.name for p in base.iterdir()}
+    for file, keys in shards.items():
+        with safe_open(str(out / file), framework="pt") as f:
+            assert sorted(f.keys()) == sorted(keys)
+            assert all(torch.equal(f.get_tensor(k), weights[k]) for k in keys)  # untrained: all equal
+    index_file = "model.safetensors.index.json"
+    assert (out / index_file).read_bytes() == (base / index_file).read_bytes()
