@@ -21,6 +21,7 @@ import os
 import shutil
 import socket
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -328,9 +329,8 @@ def check_output_dir(args: TrainingArguments) -> None:
         mark.touch()
     torch.distributed.barrier()
     seen = [None] * args.world_size
-    torch.distributed.all_gather_object(seen, (socket.gethostname(), mark.exists()))
-    torch.distributed.barrier()
-    if args.process_index == 0:
+    torch.distributed.all_gather_object(seen, (socket.gethostname(), appears(mark, SHARED_FS_LAG_S)))
+    if args.process_index == 0:  # every rank has looked: all_gather returns only when all have answered
         mark.unlink()
     blind = sorted({host for host, ok in seen if not ok})
     if blind:
@@ -338,6 +338,20 @@ def check_output_dir(args: TrainingArguments) -> None:
             f"error: output_dir {path!r} is not shared by all ranks (hosts {', '.join(blind)} don't see rank "
             "0's files): put it on a file system every node mounts at the same path"
         )
+
+
+# NFS clients may cache a directory's listing for up to 60 s (acdirmax), so a file that another node has just
+# created can take that long to appear; on a folder that is not shared it never does.
+SHARED_FS_LAG_S = 60.0
+
+
+def appears(path: Path, within_s: float) -> bool:
+    deadline = time.monotonic() + within_s
+    while not path.exists():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(1.0)
+    return True
 
 
 def check_disk_space(args: TrainingArguments, model) -> None:
