@@ -235,12 +235,21 @@ def part_status(part: Part, entry: dict, rc: int | None, killed: bool) -> str:
 
 
 def write_results(results: dict, out_dir: Path) -> None:
-    """results.json and results.md, each replaced atomically: a kill between parts leaves both whole."""
-    for name, text in (("results.json", json.dumps(results, indent=1) + "\n"),
-                       ("results.md", render_markdown(results))):
+    """results.json, then results.md, each replaced atomically: a kill between parts leaves both whole.
+
+    The JSON is what gpu_tables.py reads; a rendering bug must not cost it (nor stop the suite).
+    """
+    def write(name: str, text: str) -> None:
         tmp = out_dir / f".{name}.tmp"
         tmp.write_text(text, encoding="utf-8")
         tmp.replace(out_dir / name)
+
+    write("results.json", json.dumps(results, indent=1) + "\n")
+    try:
+        md = render_markdown(results)
+    except Exception as e:  # noqa: BLE001 (any bug in the renderer: keep measuring)
+        md = f"# GPU suite\n\nresults.md could not be rendered ({type(e).__name__}: {e}); see results.json\n"
+    write("results.md", md)
 
 
 def run_suite(parts: list[Part], mode: str, out_dir: Path, results: dict, deadline: float,
@@ -275,7 +284,7 @@ def run_suite(parts: list[Part], mode: str, out_dir: Path, results: dict, deadli
             slot = end - time.time()
             entry["slot_s"] = round(slot, 1)
             if slot < part.min_s:
-                entry["status"] = f"skipped: {slot:.0f} s left in its slot, needs at least {part.min_s:.0f} s"
+                entry["status"] = f"skipped: {slot:.1f} s left in its slot, needs at least {part.min_s:g} s"
                 print(f"\n== {part.name}: {entry['status']}", flush=True)
                 write_results(results, out_dir)
                 continue

@@ -49,7 +49,7 @@ def train_rows(results: dict) -> list[dict[str, Any]]:
     """Every recipe the suite planned, in order: its bench_train row, or a placeholder saying why none."""
     out = []
     for part in _parts(results, "train"):
-        rows = {r["recipe"]: r for r in part.get("rows", [])}
+        rows = {r["recipe"]: r for r in part.get("rows") or []}  # None: killed before its first row
         for recipe in part.get("recipes", []):
             row = rows.get(recipe) or {"recipe": recipe, "status": f"not run: part {part['status']}"}
             out.append(row | {"part": part["name"], "memory_cap_gb": part.get("memory_cap_gb")})
