@@ -63,17 +63,19 @@ class Part:
     script: str = ""  # default: bench_<kind>.py beside this file (tests point it elsewhere)
 
 
-# name, memory cap (GiB), bench_train.py recipes, share (s), minimum slot (s). The shares are estimates until
-# a GPU run: each part's seconds in results.md are what to tune them by. The seed and ours at the 12 GB cap
-# come first (the ratio's reference, and the choice for cards under 20 GB).
-TRAIN_PARTS = [
-    ("train_12gb", 12, ["seed", "default", "default_nogc:bs=2,ga=8"], 150, 60),
-    ("train_uncapped", None, ["default:bs=16,ga=1", "default_nogc", "default_nogc:bs=16,ga=1"], 130, 50),
-    ("fp32_master", None, ["fp32_master:bs=16,ga=1"], 70, 40),
-    ("lora_8gb", 8, ["lora"], 50, 40),  # issue 14; "not available" until bench_train.py has a `lora` recipe
+# The parts, in the order they run: name, kind, memory cap (GiB), bench_train.py recipes, share (s), minimum
+# slot (s). To add one, add a row. The shares are estimates until a GPU run: each part's seconds in results.md
+# are what to tune them by. The seed and ours at the 12 GB cap come first (the ratio's reference, and the
+# choice for cards under 20 GB); LoRA last, as it is "not available" until bench_train.py has a `lora` recipe.
+PARTS = [
+    ("train_12gb", "train", 12, ["seed", "default", "default_nogc:bs=2,ga=8"], 150, 60),
+    ("train_uncapped", "train", None,
+     ["default:bs=16,ga=1", "default_nogc", "default_nogc:bs=16,ga=1"], 130, 50),
+    ("fp32_master", "train", None, ["fp32_master:bs=16,ga=1"], 70, 40),
+    ("eval", "eval", None, [], 160, 90),  # 256 one-crop generate() calls of 16 tokens: the seed loop is slow
+    ("lora_8gb", "train", 8, ["lora"], 50, 40),  # issue 14
 ]
-EVAL_PART = ("eval", 160, 90)  # 256 crops: 16 one-crop generate() calls of 16 tokens each is the slow half
-ORDER = ["train_12gb", "train_uncapped", "fp32_master", "eval", "lora_8gb"]
+ORDER = [row[0] for row in PARTS]
 
 # Same parts and recipes in both modes; only sizes differ. GPU: 10 timed steps of 16 crops after 2 warm-up
 # steps; 4 synthetic books x 10 pages give the eval's 256 crops (~400 cut).
@@ -91,11 +93,9 @@ KILL_WAIT_S = 5.0  # SIGTERM -> SIGKILL
 
 
 def suite_parts(mode: str) -> list[Part]:
-    parts = {name: Part(name, "train", share, min_s if mode == "gpu" else 5, recipes, cap)
-             for name, cap, recipes, share, min_s in TRAIN_PARTS}
-    name, share, min_s = EVAL_PART
-    parts[name] = Part(name, "eval", share, min_s if mode == "gpu" else 5)
-    return [parts[n] for n in ORDER]
+    """PARTS as Part objects; --smoke keeps the shares (so slots are proportional) with 5 s minimums."""
+    return [Part(name, kind, share, min_s if mode == "gpu" else 5, recipes, cap)
+            for name, kind, cap, recipes, share, min_s in PARTS]
 
 
 def bench_train_recipes() -> set[str]:
