@@ -233,9 +233,11 @@ def compare_markdown(runs: list[dict], labels: list[str]) -> str:
              md_row("---", "---", *["---:"] * (len(runs) + two))]
     for key, name in METRICS.items():
         for mode in NORMALIZATIONS:
-            vals = [r["metrics"][mode][key] for r in runs]
-            delta = [f"{100 * (vals[1] - vals[0]):+.2f} pp"] if two else []
-            lines.append(md_row(name, mode, *map(pct, vals), *delta))
+            # A metrics.json written before a normalization was added has no value for it: shown as "–".
+            vals = [r["metrics"].get(mode, {}).get(key) for r in runs]
+            known = None not in vals
+            delta = [f"{100 * (vals[1] - vals[0]):+.2f} pp" if known else "–"] if two else []
+            lines.append(md_row(name, mode, *(pct(v) if v is not None else "–" for v in vals), *delta))
     lines.append(md_row("crops", "", *(f"{r.get('num_samples')} ({r['split']})" for r in runs), *[""] * two))
     if len({(r["split"], r.get("num_samples"), r.get("seed"), r.get("data_file")) for r in runs}) > 1:
         lines += ["", "Note: these runs did not evaluate the same crops (split, subset or data differ), "

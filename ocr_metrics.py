@@ -68,16 +68,21 @@ def align(ref: str, pred: str) -> list[tuple[str, str, str]]:
             d[i][j] = min(d[i - 1][j] + 1, d[i][j - 1] + 1, d[i - 1][j - 1] + (ref[i - 1] != pred[j - 1]))
     ops: list[tuple[str, str, str]] = []
     i, j = n, m
-    while i or j:  # walk back; prefer diagonal moves so substitutions read as such, not as del + ins
-        if i and j and d[i][j] == d[i - 1][j - 1] + (ref[i - 1] != pred[j - 1]):
-            op, a, b = ("equal" if ref[i - 1] == pred[j - 1] else "sub"), ref[i - 1], pred[j - 1]
+    # Walk back. Among equally short alignments prefer matches, then deletions/insertions, then substitutions:
+    # "ef" -> "f!" reads as "e deleted, f kept, ! inserted" rather than two substitutions.
+    while i or j:
+        if i and j and ref[i - 1] == pred[j - 1] and d[i][j] == d[i - 1][j - 1]:
+            op, a, b = "equal", ref[i - 1], pred[j - 1]
             i, j = i - 1, j - 1
         elif i and d[i][j] == d[i - 1][j] + 1:
             op, a, b = "del", ref[i - 1], ""
             i -= 1
-        else:
+        elif j and d[i][j] == d[i][j - 1] + 1:
             op, a, b = "ins", "", pred[j - 1]
             j -= 1
+        else:
+            op, a, b = "sub", ref[i - 1], pred[j - 1]
+            i, j = i - 1, j - 1
         if ops and ops[-1][0] == op:  # merge runs of the same op (built backwards, so prepend)
             ops[-1] = (op, a + ops[-1][1], b + ops[-1][2])
         else:

@@ -26,7 +26,7 @@ td.num { text-align: right; font-variant-numeric: tabular-nums; }
 .charts { display: flex; flex-wrap: wrap; gap: 24px; }
 .gallery { display: grid; grid-template-columns: repeat(auto-fill, minmax(360px, 1fr)); gap: 12px; }
 figure.crop { margin: 0; padding: 8px; border: 1px solid #ccc; border-radius: 6px; background: #fafafa; }
-figure.crop img { max-width: 100%; max-height: 240px; display: block; margin: 0 auto 6px; background: #fff; }
+figure.crop img { max-width: 100%; height: auto; display: block; margin: 0 auto 6px; background: #fff; }
 .line { font-size: 18px; white-space: pre-wrap; word-break: break-all; margin: 2px 0; }
 .tag { font-size: 12px; color: #666; display: inline-block; width: 5.5em; }
 .sub { background: #ffd666; } .del { background: #ff9c9c; text-decoration: line-through; }
@@ -38,19 +38,20 @@ def esc(text: str) -> str:
     return html.escape(text.replace("\n", "⏎")) or "∅"
 
 
-def image_uri(path: str | None) -> str | None:
-    """The crop as a PNG data URI (downscaled to THUMB), or None when it is gone."""
-    if not path:
-        return None
+def image_tag(path: str | None, alt: str) -> str:
+    """The crop as an <img> with a PNG data URI (downscaled to THUMB; small crops are shown up to 2x)."""
     try:
-        with Image.open(path) as im:
+        with Image.open(path or "") as im:
             im = im.convert("RGB")
     except (OSError, ValueError):
-        return None
+        return '<p class="meta">(image not found)</p>'
     im.thumbnail(THUMB)
+    scale = min(2.0, THUMB[0] / im.width, THUMB[1] / im.height)
     buf = io.BytesIO()
     im.save(buf, format="PNG", optimize=True)
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+    uri = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+    return (f'<img src="{uri}" alt="{esc(alt)}" width="{round(im.width * scale)}" '
+            f'height="{round(im.height * scale)}">')
 
 
 def diff_lines(ref: str, pred: str) -> tuple[str, str]:
@@ -73,8 +74,7 @@ def crop_cer(row: dict) -> float:
 
 def crop_card(row: dict, preds: list[tuple[str, str]] | None = None) -> str:
     """One gallery item: the image, the reference and each prediction (label, text) marked against it."""
-    uri = image_uri(row.get("image"))
-    img = f'<img src="{uri}" alt="{esc(row["id"])}">' if uri else '<p class="meta">(image not found)</p>'
+    img = image_tag(row.get("image"), row["id"])
     lines = []
     for i, (label, pred) in enumerate(preds or [("prediction", row["prediction"])]):
         ref_html, pred_html = diff_lines(row["reference"], pred)
@@ -88,7 +88,7 @@ def crop_card(row: dict, preds: list[tuple[str, str]] | None = None) -> str:
 
 def bar_chart(title: str, bars: list[tuple[str, float, str]]) -> str:
     """Horizontal bars as inline SVG: (label, value, text printed after the bar)."""
-    width, label_w, bar_w, row_h = 560, 150, 300, 24
+    width, label_w, bar_w, row_h = 720, 150, 260, 24
     top = max((v for _, v, _ in bars), default=0) or 1
     height = 30 + row_h * len(bars)
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img">',
@@ -108,14 +108,15 @@ def pct(v: float) -> str:
 
 
 def metrics_table(runs: list[tuple[str, dict]]) -> str:
-    """Rows: normalization × (CER, mean CER, exact match); one column per run."""
-    head = "".join(f"<th>{esc(label)}</th>" for label, _ in runs)
-    rows = [f"<tr><th>normalization</th><th>metric</th>{head}</tr>"]
-    for mode in NORMALIZATIONS:
-        for key, name in (("cer", "CER"), ("cer_mean", "mean CER"), ("exact_match", "exact match")):
-            cells = "".join(f'<td class="num">{pct(m[mode][key])}</td>' if mode in m else "<td>–</td>"
-                            for _, m in runs)
-            rows.append(f"<tr><td>{mode}</td><td>{name}</td>{cells}</tr>")
+    """One row per normalization; a column per metric, or per metric and run when there are several runs."""
+    metrics = (("cer", "CER"), ("cer_mean", "mean CER"), ("exact_match", "exact match"))
+    suffix = [f" ({label})" if len(runs) > 1 else "" for label, _ in runs]
+    head = "".join(f"<th>{name}{html.escape(sfx)}</th>" for _, name in metrics for sfx in suffix)
+    rows = [f"<tr><th>normalization</th>{head}</tr>"]
+    for mode in NORMALIZATIONS:  # a metrics.json from before a normalization existed shows a dash there
+        cells = "".join(f'<td class="num">{pct(m[mode][key])}</td>' if mode in m else "<td>–</td>"
+                        for key, _ in metrics for _, m in runs)
+        rows.append(f"<tr><td>{mode}</td>{cells}</tr>")
     return f'<table class="headline">{"".join(rows)}</table>'
 
 
