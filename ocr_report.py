@@ -19,6 +19,9 @@ from ocr_metrics import NORMALIZATIONS, align, normalize
 THUMB = (360, 240)  # largest shown crop size; tall vertical lines are scaled to fit
 CER_BINS = [(0.0, 0.0, "0 %"), (0.0, 0.1, "≤ 10 %"), (0.1, 0.25, "10–25 %"), (0.25, 0.5, "25–50 %"),
             (0.5, 1.0, "50–100 %"), (1.0, float("inf"), "> 100 %")]
+LEGEND = ('Each prediction is marked against the reference: <span class="sub">substituted</span>, '
+          '<span class="del">deleted</span> (reference characters missing from the prediction: struck out), '
+          '<span class="ins">inserted</span> (in the prediction only).')
 STYLE = """
 body { font-family: sans-serif; margin: 24px; color: #222; max-width: 1200px; }
 table { border-collapse: collapse; margin: 8px 0 16px; } td, th { border: 1px solid #ccc; padding: 4px 10px; }
@@ -55,16 +58,20 @@ def image_tag(path: str | None, alt: str) -> str:
 
 
 def diff_lines(ref: str, pred: str) -> tuple[str, str]:
-    """Reference and prediction as HTML, differences marked: .sub both sides, .del in ref, .ins in pred."""
+    """Reference and prediction as HTML with the differences marked (.sub, .del, .ins).
+
+    The reference marks what was substituted or deleted; the prediction line shows all three, a deletion as
+    the missing reference characters struck through, so one line tells the whole story.
+    """
     ref_html, pred_html = [], []
     for op, a, b in align(normalize(ref), normalize(pred)):
         if op == "equal":
             ref_html.append(esc(a))
             pred_html.append(esc(b))
-        if op in ("sub", "del"):
+            continue
+        if op != "ins":
             ref_html.append(f'<span class="{op}">{esc(a)}</span>')
-        if op in ("sub", "ins"):
-            pred_html.append(f'<span class="{op}">{esc(b)}</span>')
+        pred_html.append(f'<span class="{op}">{esc(a if op == "del" else b)}</span>')
     return "".join(ref_html) or "∅", "".join(pred_html) or "∅"
 
 
@@ -75,11 +82,12 @@ def crop_cer(row: dict) -> float:
 def crop_card(row: dict, preds: list[tuple[str, str]] | None = None) -> str:
     """One gallery item: the image, the reference and each prediction (label, text) marked against it."""
     img = image_tag(row.get("image"), row["id"])
-    lines = []
-    for i, (label, pred) in enumerate(preds or [("prediction", row["prediction"])]):
-        ref_html, pred_html = diff_lines(row["reference"], pred)
-        if i == 0:
-            lines.append(f'<div class="line"><span class="tag">reference</span>{ref_html}</div>')
+    preds = preds or [("prediction", row["prediction"])]
+    marked = [diff_lines(row["reference"], pred) for _, pred in preds]
+    # With several predictions the reference stays plain: its marks would belong to one of them only.
+    ref_html = marked[0][0] if len(preds) == 1 else esc(normalize(row["reference"]))
+    lines = [f'<div class="line"><span class="tag">reference</span>{ref_html}</div>']
+    for (label, _), (_, pred_html) in zip(preds, marked, strict=True):
         lines.append(f'<div class="line"><span class="tag">{esc(label)}</span>{pred_html}</div>')
     meta = f'{esc(row["id"])} · {esc(row.get("book", ""))} · {esc(row.get("orientation", ""))}'
     caption = f'<figcaption><div class="meta">{meta}</div>{"".join(lines)}</figcaption>'
@@ -148,9 +156,7 @@ def write_report(res: dict, rows: list[dict], path: str | Path) -> None:
             '<h2>Breakdowns</h2><div class="charts">', group_bars("CER by book", res["by_book"]),
             group_bars("CER by orientation", res["by_orientation"]), cer_histogram(rows), "</div>",
             f"<h2>Worst {len(res['worst'])} crops (most edits)</h2>",
-            '<p class="meta">Marked against the reference: <span class="sub">substituted</span>, '
-            '<span class="del">deleted</span> (in the reference, missing from the prediction), '
-            '<span class="ins">inserted</span> (in the prediction only).</p>',
+            f"<p class=\"meta\">{LEGEND}</p>",
             '<section class="gallery" id="gallery">', *map(crop_card, res["worst"]), "</section>"]
     Path(path).write_text(page(f"{res['model_path']} on {res['split']}", body), encoding="utf-8")
 
@@ -178,8 +184,7 @@ def write_comparison(first: tuple[str, dict, list[dict]], second: tuple[str, dic
             f"<p>{counts['common']} crops in both runs ({len(rows_a)} and {len(rows_b)} evaluated): "
             f"<b>{counts['fixed']} fixed</b>, <b>{counts['broken']} broken</b> by the second; "
             f"{counts['better']} with fewer edits, {counts['worse']} with more.</p>",
-            '<p class="meta">Each prediction is marked against the reference: <span class="sub">substituted'
-            '</span>, <span class="del">deleted</span>, <span class="ins">inserted</span>.</p>',
+            f"<p class=\"meta\">{LEGEND}</p>",
             f"<h2>Fixed by {esc(lb)} ({min(len(fixed), limit)} of {len(fixed)} shown)</h2>",
             '<section class="gallery" id="fixed">', *cards(fixed), "</section>",
             f"<h2>Broken by {esc(lb)} ({min(len(broken), limit)} of {len(broken)} shown)</h2>",

@@ -8,6 +8,7 @@ import json
 import re
 import shutil
 import subprocess
+from html import escape
 from pathlib import Path
 
 import pytest
@@ -40,8 +41,9 @@ def test_diff_marks_each_kind_of_edit() -> None:
     # ref "abcdef" vs pred "aXcdf!": b->X substituted, e deleted, ! inserted
     ref, pred = diff_lines("abcdef", "aXcdf!")
     assert ref == 'a<span class="sub">b</span>cd<span class="del">e</span>f'
-    assert pred == 'a<span class="sub">X</span>cdf<span class="ins">!</span>'
-    assert diff_lines("<&>", "") == ('<span class="del">&lt;&amp;&gt;</span>', "∅")  # escaped; empty shown
+    assert pred == 'a<span class="sub">X</span>cd<span class="del">e</span>f<span class="ins">!</span>'
+    deleted = '<span class="del">&lt;&amp;&gt;</span>'  # escaped; a deletion shows on both lines
+    assert diff_lines("<&>", "") == (deleted, deleted) and diff_lines("", "") == ("∅", "∅")
 
 
 def test_report_is_self_contained(report_dir: Path) -> None:
@@ -105,6 +107,7 @@ def test_comparison_page_shows_fixed_and_broken(data_dir: Path, tmp_path: Path) 
     assert "<b>2 fixed</b>, <b>2 broken</b>" in html
     assert html.count("<img src=\"data:image/png;base64,") == 4
     assert 'class="sub">qqq' in broken[0] or 'class="ins">' in broken[0]  # the second run's error is marked
+    assert f'<span class="tag">reference</span>{escape(recs[0]["text"].strip())}</div>' in broken[0]
     for mode in NORMALIZATIONS:
         assert f"<tr><td>{mode}</td>" in html
     assert evaluate_model.main(["--compare", a, b, "--output_dir", str(out), "--worst", "1"]) == 0
