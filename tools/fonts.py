@@ -140,8 +140,8 @@ def install_manga_pack() -> list[str]:
         os.makedirs(NPM_FONT_DIR, exist_ok=True)
         for name in MANGA_NPM:
             with tempfile.TemporaryDirectory() as tmp:
-                r = subprocess.run(["npm", "pack", "--silent", f"@expo-google-fonts/{name}", "--pack-destination",
-                                    tmp], capture_output=True, cwd=tmp)
+                cmd = ["npm", "pack", "--silent", f"@expo-google-fonts/{name}", "--pack-destination", tmp]
+                r = subprocess.run(cmd, capture_output=True, cwd=tmp)
                 tgz = glob.glob(os.path.join(tmp, "*.tgz"))
                 if r.returncode or not tgz:
                     problems.append(f"npm pack @expo-google-fonts/{name} failed: {r.stderr.decode()[-200:]}")
@@ -158,7 +158,9 @@ def install_manga_pack() -> list[str]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument(
         "--ensure", action="store_true", help="install a Debian font package if none is found"
     )
