@@ -641,7 +641,7 @@ def run(args: SynthArguments) -> dict:
         raise SynthError(f"{out} holds lines made with other settings or fonts ({state_path}); "
                          "pass --overwrite or choose another --out")
     _write_atomic(state_path, json.dumps(state, indent=1))
-    for stale in out.glob("crops/*/*.tmp*"):  # leftovers of a killed run
+    for stale in [*out.glob("crops/*/*.tmp*"), *out.glob("parts/*.tmp*")]:  # leftovers of a killed run
         stale.unlink(missing_ok=True)
     size = ctx["chunk"]
     n_chunks = math.ceil(args.num_lines / size)
