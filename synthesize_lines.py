@@ -1,7 +1,7 @@
 """Synthetic manga text lines for training: DIR/crops/, DIR/train.jsonl, DIR/manifest.json (prepare's format).
 
     python tools/fonts.py --pack manga      # once: ~60 faces in 6 styles (Debian + OFL npm fonts)
-    python synthesize_lines.py --out ./data/synth --num_lines 1000000 --manga109_dir ./data/manga109s
+    python synthesize_lines.py --out ./data/synth_lines --num_lines 1000000 --manga109_dir ./data/manga109s
 
 Text comes from the *train* split of a prepared Manga109 folder (re-rendered and recombined; val/test
 books are never read) plus an offline mixture (wordfreq words, interjections, particles, SFX, digits/Latin,
@@ -75,7 +75,9 @@ NO_START = set(SMALL + "ー、。」』）！？…")  # a column or line never 
 
 @dataclass
 class SynthArguments:
-    out: str = field(default="./data/synth", metadata={"help": "Output folder (a data folder for training)."})
+    out: str = field(
+        default="./data/synth_lines", metadata={"help": "Output folder (a data folder for training)."}
+    )
     num_lines: int = field(default=10000, metadata={"help": "Lines to make (all shards together)."})
     seed: int = field(default=0, metadata={"help": "Same seed, same files, at any --num_workers."})
     num_workers: int = field(default=os.cpu_count() or 1, metadata={"help": "Rendering processes."})

@@ -1,4 +1,4 @@
-"""synthesize_lines.py: prepare's record format, labels that are drawn, no val/test text, determinism, resume."""
+"""synthesize_lines.py: record format, labels that are drawn, no val/test text, determinism, resume."""
 
 from __future__ import annotations
 
