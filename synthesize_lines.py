@@ -308,10 +308,9 @@ def _units(text: str, rng: random.Random, tcy: bool) -> list[str]:
             j += 1
         if tcy and 2 <= j - i <= 3:
             units.append(text[i:j])
-            i = j
-        else:
-            units.append(text[i])
-            i += 1
+        else:  # a longer half-width run (or none): one cell per character
+            units.extend(text[i:max(j, i + 1)])
+        i = max(j, i + 1)
     return units
 
 

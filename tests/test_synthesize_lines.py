@@ -171,3 +171,12 @@ def test_other_settings_in_the_same_folder_are_refused(synth: Path, tmp_path: Pa
 def test_cli_errors_cleanly(error_line, tmp_path: Path):
     assert "--shard" in error_line(S.main(["--out", str(tmp_path), "--shard", "3/2"]))
     assert "train.jsonl" in error_line(S.main(["--out", str(tmp_path), "--manga109_dir", str(tmp_path)]))
+
+
+def test_tate_chu_yoko_only_for_short_half_width_runs():
+    import random
+
+    units = S._units("12ABこれ12は3!?", random.Random(0), tcy=True)
+    assert units == ["1", "2", "A", "B", "こ", "れ", "12", "は", "3!?"]
+    assert "".join(units) == "12ABこれ12は3!?"  # the label is what the cells hold, in order
+    assert S._units("12は", random.Random(0), tcy=False) == ["1", "2", "は"]
