@@ -451,16 +451,17 @@ def render_line(rng: random.Random, text: str, vertical: bool) -> tuple[Image.Im
     if font is None:
         return None
     size = rng.choice(SIZES)
-    r = rng.random()  # manga-ocr's mix: mostly outlined, some shadowed, a few plain
-    stroke = rng.choice([1, 2, 3, 4, max(2, size // 6)]) if r < 0.6 else 0
-    s: dict = {"size": size, "vertical": vertical, "stroke": stroke}
+    bubble = rng.random() < 0.6
+    # Text over artwork is nearly always outlined in manga; inside a bubble an outline is optional.
+    outlined = rng.random() < (0.5 if bubble else 0.9)
+    stroke = rng.choice([1, 2, 3, 4, max(2, size // 6)]) if outlined else 0
+    s: dict = {"size": size, "vertical": vertical, "stroke": stroke, "bubble": bubble}
     fill, outline, _ = _layout(rng, text, font, size, vertical, stroke, s)
     margin = size // 2 + stroke + 4  # room for rotation and the bubble's edge
     W, H = fill.width + 2 * margin, fill.height + 2 * margin
     canvas = _background(rng, W, H, s)
     draw = ImageDraw.Draw(canvas)
-    s["bubble"] = rng.random() < 0.6
-    if s["bubble"]:  # only its edge shows at the crop corners, as in Manga109 crops
+    if bubble:  # only its edge shows at the crop corners, as in Manga109 crops
         grow = rng.uniform(1.05, 1.35)
         ex, ey = W / 2 * grow, H / 2 * grow
         box = (W / 2 - ex, H / 2 - ey, W / 2 + ex, H / 2 + ey)
