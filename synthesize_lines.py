@@ -35,6 +35,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont, ImageOps
 from tqdm import tqdm
 
+from prepare_manga109_data import write_atomic
 from tools.fonts import ELSEWHERE_HINT, find_manga_fonts
 from tools.make_synthetic_manga109 import draw_screentone
 
@@ -156,9 +157,7 @@ def _cached_font_info(args: tuple[str, str, str]) -> dict:
     info = font_info(path, style, candidates)
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(info, ensure_ascii=False), encoding="utf-8")
-        os.replace(tmp, cache)
+        write_atomic(cache, json.dumps(info, ensure_ascii=False))
     except OSError:
         pass  # a read-only home only costs the check next time
     return info
@@ -566,21 +565,12 @@ def render_chunk(chunk: int) -> int:
             "orientation": "vertical" if settings["vertical"] else "horizontal", "font": font_path,
             "source": kind, "render": settings,
         }, ensure_ascii=False) + "\n")
-    _write_atomic(out / "parts" / f"{chunk:05d}.jsonl", "".join(lines))
+    (out / "parts").mkdir(exist_ok=True)
+    write_atomic(out / "parts" / f"{chunk:05d}.jsonl", "".join(lines))
     return n
 
 
 # ---------------------------------------------------------------- driver
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def parse_shard(spec: str) -> tuple[int, int]:
@@ -642,7 +632,8 @@ def run(args: SynthArguments) -> dict:
     if state_path.exists() and json.loads(state_path.read_text()) != state:
         raise SynthError(f"{out} holds lines made with other settings or fonts ({state_path}); "
                          "pass --overwrite or choose another --out")
-    _write_atomic(state_path, json.dumps(state, indent=1))
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(state_path, json.dumps(state, indent=1))
     for stale in [*out.glob("crops/*/*.tmp*"), *out.glob("parts/*.tmp*")]:  # leftovers of a killed run
         stale.unlink(missing_ok=True)
     size = ctx["chunk"]
@@ -669,7 +660,7 @@ def run(args: SynthArguments) -> dict:
         summary["chunks"] = n_chunks
         return summary
     text = "".join(p.read_text(encoding="utf-8") for p in parts)
-    _write_atomic(out / "train.jsonl", text)
+    write_atomic(out / "train.jsonl", text)
     records = [json.loads(line) for line in text.splitlines()]
     manifest = {
         "tool_version": TOOL_VERSION,
@@ -682,7 +673,7 @@ def run(args: SynthArguments) -> dict:
         "styles": dict(Counter(f["style"] for f in ctx["fonts"])),
         "stats": _stats(records),
     }
-    _write_atomic(out / "manifest.json", json.dumps(manifest, ensure_ascii=False, indent=1) + "\n")
+    write_atomic(out / "manifest.json", json.dumps(manifest, ensure_ascii=False, indent=1) + "\n")
     if args.preview:
         write_preview(records[:48], out, out / "preview.png")
     summary.update(complete=True, lines=len(records), stats=manifest["stats"], fonts=len(ctx["fonts"]),

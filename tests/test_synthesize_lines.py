@@ -180,3 +180,16 @@ def test_tate_chu_yoko_only_for_short_half_width_runs():
     assert units == ["1", "2", "A", "B", "こ", "れ", "12", "は", "3!?"]
     assert "".join(units) == "12ABこれ12は3!?"  # the label is what the cells hold, in order
     assert S._units("12は", random.Random(0), tcy=False) == ["1", "2", "は"]
+
+
+def test_font_styles_and_the_pack(monkeypatch: pytest.MonkeyPatch):
+    from tools.fonts import find_manga_fonts, font_style
+
+    assert [font_style(p) for p in ("/f/ume-tmo3.ttf", "/f/ume-tgo4.ttf", "/f/HachiMaruPop_400Regular.ttf",
+                                    "/f/kouzan-mouhitsu.ttf", "/f/KleeOne_400Regular.ttf", "/f/MTLmr3m.ttf")] \
+        == ["mincho", "gothic", "pop", "brush", "handwriting", "rounded"]
+    monkeypatch.delenv("MANGA_OCR_FONTS")
+    found = find_manga_fonts()
+    if len(found) < 20:
+        pytest.skip("font pack not installed (python tools/fonts.py --pack manga)")
+    assert len({style for _, style in found}) >= 5
