@@ -185,9 +185,10 @@ def test_tate_chu_yoko_only_for_short_half_width_runs():
 def test_font_styles_and_the_pack(monkeypatch: pytest.MonkeyPatch):
     from tools.fonts import find_manga_fonts, font_style
 
-    assert [font_style(p) for p in ("/f/ume-tmo3.ttf", "/f/ume-tgo4.ttf", "/f/HachiMaruPop_400Regular.ttf",
-                                    "/f/kouzan-mouhitsu.ttf", "/f/KleeOne_400Regular.ttf", "/f/MTLmr3m.ttf")] \
-        == ["mincho", "gothic", "pop", "brush", "handwriting", "rounded"]
+    files = ("ume-tmo3.ttf", "ume-tgo4.ttf", "HachiMaruPop_400Regular.ttf", "kouzan-mouhitsu.ttf",
+             "KleeOne_400Regular.ttf", "MTLmr3m.ttf")
+    styles = ["mincho", "gothic", "pop", "brush", "handwriting", "rounded"]
+    assert [font_style(f"/usr/share/fonts/{f}") for f in files] == styles
     monkeypatch.delenv("MANGA_OCR_FONTS")
     found = find_manga_fonts()
     if len(found) < 20:
