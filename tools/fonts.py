@@ -82,7 +82,8 @@ NPM_FONT_DIR = "/usr/local/share/fonts/manga-ocr" if os.name != "nt" and os.gete
 STYLE_RULES = [
     ("mincho", "mincho"), ("ipam", "mincho"), ("cedar", "mincho"), ("serif", "mincho"), ("ume-pm", "mincho"),
     ("ume-tm", "mincho"), ("kouzan", "brush"), ("soseki", "brush"), ("aoyagi", "brush"),
-    ("maruberi", "rounded"), ("mtlmr", "rounded"), ("mtlc", "mincho"), ("konatu", "rounded"), ("rounded", "rounded"), ("kiloji", "handwriting"),
+    ("maruberi", "rounded"), ("mtlmr", "rounded"), ("mtlc", "mincho"), ("konatu", "rounded"),
+    ("rounded", "rounded"), ("kiloji", "handwriting"),
     ("seto", "handwriting"), ("yozfont", "handwriting"), ("yusei", "handwriting"), ("yomogi", "handwriting"),
     ("kurenaido", "handwriting"), ("klee", "handwriting"), ("reggae", "pop"), ("rocknroll", "pop"),
     ("stick", "pop"), ("dotgothic", "pop"), ("hachimaru", "pop"), ("mochiy", "pop"), ("dela", "pop"),
