@@ -91,7 +91,7 @@ class OCRDataset:
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         rec = self.records[i]
-        image = load_image(rec, self.path)
+        image = load_image(rec, rec.get("_source", self.path))
         if self.augment:
             # The module RNG: DataLoader seeds it differently in each worker, a shared Random would repeat.
             image = augment(image, random)
@@ -130,6 +130,8 @@ def parse_data_dirs(spec: str) -> list[tuple[Path, float]]:
         folders.append((Path(path or item), w))
     if not folders:
         raise DatasetError("--data_dir is empty")
+    if len({p.resolve() for p, _ in folders}) < len(folders):
+        raise DatasetError(f"--data_dir {spec!r} names a folder twice: give it one weight")
     return folders
 
 
@@ -162,12 +164,13 @@ def mixed_train_dataset(
         while len(drawn) < want:
             order = list(range(len(recs)))
             rng.shuffle(order)
-            drawn += [{**recs[i], "_folder": k} for i in order[: want - len(drawn)]]
+            # _source: the file named in errors about this record
+            drawn += [{**recs[i], "_source": str(folder / "train.jsonl")} for i in order[: want - len(drawn)]]
         mixed += drawn
         counts.append({"folder": str(folder), "weight": w, "records": len(recs), "drawn": want})
     rng.shuffle(mixed)  # so that max_samples keeps the mix
     first.records = mixed[:max_samples]
-    drawn_after = Counter(r["_folder"] for r in first.records)
-    for k, c in enumerate(counts):
-        c["drawn"] = drawn_after[k]
+    drawn_after = Counter(r["_source"] for r in first.records)
+    for (folder, _), c in zip(folders, counts, strict=True):
+        c["drawn"] = drawn_after[str(folder / "train.jsonl")]
     return first, counts

@@ -324,7 +324,7 @@ def _split(units: list[str], per: int) -> list[list[str]]:
 
 
 def _layout(rng: random.Random, text: str, font: dict, size: int, vertical: bool, stroke: int, s: dict):
-    """Masks (fill, outline) of the text block, furigana included; returns them with the block size."""
+    """Masks (fill, outline or None) of the text block, furigana included."""
     per = rng.randint(3, 12) if vertical else rng.randint(5, 16)
     multi = len(text) > per and rng.random() < 0.8
     furigana = rng.random() < 0.35 and any("\u4e00" <= c <= "\u9fff" for c in text)
@@ -364,7 +364,7 @@ def _layout(rng: random.Random, text: str, font: dict, size: int, vertical: bool
                             g, _ = _glyph(path, fs, ch, 0)
                             fill.paste(255, (x + size + pad // 2, max(0, y0 + r * fs)), g)
                     i = max(k, i + 1)
-        return fill, outline, cols
+        return fill, outline
     lines = _split(list(text), per if multi else len(text))
     pil_font = _font(path, size)
     rows = ["".join(line) for line in lines]
@@ -387,7 +387,7 @@ def _layout(rng: random.Random, text: str, font: dict, size: int, vertical: bool
                     ruby = "".join(rng.choice(HIRAGANA[:82]) for _ in range(rng.randint(1, 2)))
                     x = pad + pil_font.getlength(row[:k]) + size / 2
                     ImageDraw.Draw(fill).text((x, y - 1), ruby, fill=255, font=small, anchor="mb")
-    return fill, outline, lines
+    return fill, outline
 
 
 def _background(rng: random.Random, w: int, h: int, s: dict) -> Image.Image:
@@ -444,8 +444,8 @@ def _pick_font(rng: random.Random, text: str, vertical: bool) -> tuple[dict | No
     return None, False
 
 
-def render_line(rng: random.Random, text: str, vertical: bool) -> tuple[Image.Image, str, dict, str] | None:
-    """One crop: (image, font path, render settings, drawn text), or None if no font can draw the text."""
+def render_line(rng: random.Random, text: str, vertical: bool) -> tuple[Image.Image, str, dict] | None:
+    """One crop of exactly `text`: (image, font path, render settings), or None if no font can draw it."""
     font, vertical = _pick_font(rng, text, vertical)
     if font is None:
         return None
@@ -455,7 +455,7 @@ def render_line(rng: random.Random, text: str, vertical: bool) -> tuple[Image.Im
     outlined = rng.random() < (0.5 if bubble else 0.9)
     stroke = rng.choice([1, 2, 3, 4, max(2, size // 6)]) if outlined else 0
     s: dict = {"size": size, "vertical": vertical, "stroke": stroke, "bubble": bubble}
-    fill, outline, _ = _layout(rng, text, font, size, vertical, stroke, s)
+    fill, outline = _layout(rng, text, font, size, vertical, stroke, s)
     margin = size // 2 + stroke + 4  # room for rotation and the bubble's edge
     W, H = fill.width + 2 * margin, fill.height + 2 * margin
     canvas = _background(rng, W, H, s)
@@ -483,7 +483,7 @@ def render_line(rng: random.Random, text: str, vertical: bool) -> tuple[Image.Im
     x0, y0, x1, y1 = mask.getbbox() or (0, 0, W, H)
     m = [rng.randint(0, max(1, size // 5)) for _ in range(4)]
     crop = canvas.crop((max(0, x0 - m[0]), max(0, y0 - m[1]), min(W, x1 + m[2]), min(H, y1 + m[3])))
-    return _photometric(rng, crop, s), font["path"], s, text
+    return _photometric(rng, crop, s), font["path"], s
 
 
 def _geometry(rng: random.Random, canvas: Image.Image, mask: Image.Image, s: dict):
@@ -548,12 +548,15 @@ def render_chunk(chunk: int) -> int:
             text, kind = c["text"].sample(rng)
             text = _clean(text)
             vertical = rng.random() < c["text"].vertical_share
-            got = render_line(rng, text, vertical) if text else None
+            try:
+                got = render_line(rng, text, vertical) if text else None
+            except OSError:  # FreeType fails on a few glyphs of some faces ("invalid opcode"): draw another
+                got = None
             if got:
                 break
         else:
             raise SynthError(f"chunk {chunk}: no font draws the sampled texts; install the font pack")
-        img, font_path, settings, text = got
+        img, font_path, settings = got
         rel = f"crops/{chunk:05d}/{i:03d}.png"
         tmp = out / f"{rel}.tmp{os.getpid()}"
         img.save(tmp, format="PNG", compress_level=1)

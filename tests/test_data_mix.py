@@ -26,7 +26,7 @@ def synth_folder(prepared: Path, dst: Path, copies: int = 3) -> Path:
 
 def test_parse_data_dirs():
     assert parse_data_dirs("a  b:0.5\tC:/x/y") == [(Path("a"), 1.0), (Path("b"), 0.5), (Path("C:/x/y"), 1.0)]
-    for bad in ("a b:0", "a b:-1", ""):
+    for bad in ("a b:0", "a b:-1", "", "a ./a:2"):
         with pytest.raises(DatasetError):
             parse_data_dirs(bad)
 
