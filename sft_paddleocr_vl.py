@@ -34,7 +34,14 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.training_args import ParallelMode
 
 from custom_collator import OCRCollator, configure_image_size, num_image_tokens
-from ocr_dataset import DatasetError, OCRDataset, build_messages, load_image
+from ocr_dataset import (
+    DatasetError,
+    OCRDataset,
+    build_messages,
+    load_image,
+    mixed_train_dataset,
+    parse_data_dirs,
+)
 from ocr_metrics import cer_metrics
 from ocr_model import ModelLoadError, generate_texts, load_model_and_processor
 
@@ -65,7 +72,13 @@ class ModelArguments:
 @dataclass
 class DataArguments:
     data_dir: str = field(
-        default="./data/manga109s", metadata={"help": "Output folder of prepare_manga109_data.py."}
+        default="./data/manga109s",
+        metadata={
+            "help": "Output folder of prepare_manga109_data.py, or several separated by spaces, each "
+            "optionally FOLDER:WEIGHT (e.g. './data/manga109s ./data/synth_lines:0.5'): train samples are "
+            "drawn from all by weight (a weight is a share of the samples; the first folder's crops each "
+            "appear once per epoch); val/test from the first only. Counts: log, OUTPUT_DIR/data_mix.json."
+        },
     )
     max_length: int = field(default=1536, metadata={"help": "Longest sequence (image + text tokens)."})
     on_overlong: str = field(
@@ -439,12 +452,16 @@ def build_trainer(
         args.gradient_checkpointing_kwargs = {"use_reentrant": False}
 
     # data first: a missing split should fail before minutes of downloading and loading weights
-    data = Path(data_args.data_dir)
-    train_ds = OCRDataset(
-        data / "train.jsonl", augment=data_args.augment, max_samples=data_args.max_train_samples
+    data = parse_data_dirs(data_args.data_dir)[0][0]  # val/test: the first folder only
+    train_ds, mix = mixed_train_dataset(
+        data_args.data_dir, seed=args.data_seed or args.seed, augment=data_args.augment,
+        max_samples=data_args.max_train_samples,
     )
     if not len(train_ds):
         raise DatasetError(f"{data / 'train.jsonl'} has no samples")
+    logger.info("train samples per folder: %s", ", ".join(f"{m['folder']}: {m['drawn']}" for m in mix))
+    if args.process_index == 0:
+        (Path(args.output_dir) / "data_mix.json").write_text(json.dumps(mix, indent=1) + "\n")
 
     lean = model_args.precision == "bf16_lean"
     model, processor = load_model_and_processor(

@@ -13,7 +13,7 @@ cd "$(dirname "$0")"
 
 PYTHON=${PYTHON:-python}
 MODEL_PATH=${MODEL_PATH:-PaddlePaddle/PaddleOCR-VL}
-DATA_DIR=${DATA_DIR:-./data/manga109s}
+DATA_DIR=${DATA_DIR:-./data/manga109s}     # several: "./data/manga109s ./data/synth_lines:0.5" (val: the first)
 OUTPUT_DIR=${OUTPUT_DIR:-./sft_output}
 EPOCHS=${EPOCHS:-3}
 LR=${LR:-2e-5}
