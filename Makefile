@@ -19,6 +19,7 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt | $(BIN)/python
 		$(BIN)/pip install -q $(TORCH); \
 	fi
 	$(BIN)/pip install -q -r requirements.txt -r requirements-dev.txt
+	$(BIN)/pip install -q --no-deps manga-ocr==0.1.16
 	@$(BIN)/python tools/fonts.py --ensure
 	@touch $@
 

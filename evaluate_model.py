@@ -5,8 +5,11 @@
     python evaluate_model.py --compare base/metrics.json ft/metrics.json --output_dir ./eval_output
 
 Writes predictions.jsonl (flushed after every chunk, so a crash or Ctrl-C keeps what was produced),
-metrics.json and summary.md. Bad input (unknown model, broken JSONL, unreadable image, empty split) ends
-with one `error: ...` line on stderr and exit code 2.
+metrics.json, summary.md and report.html (a self-contained page: tables, charts, the worst crops with their
+images and character differences marked). --compare of two runs also writes comparison.html (the crops the
+second model fixed and broke), which needs each run's predictions.jsonl beside its metrics.json. Bad input
+(unknown model, broken JSONL, unreadable image, empty split) ends with one `error: ...` line on stderr and
+exit code 2.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from typing import Any
 
 from ocr_dataset import DatasetError, load_image, read_jsonl
 from ocr_metrics import NORMALIZATIONS, all_metrics, edit_distance, normalize
+from ocr_report import write_comparison, write_report
 
 METRICS = {"cer": "CER", "cer_mean": "mean CER", "exact_match": "exact match"}
 
@@ -60,8 +64,9 @@ class EvalArguments:
     max_pixels: int | None = arg(None, "Override the image processor's max_pixels (default: checkpoint's).")
     trust_remote_code: bool = arg(False, "Allow the checkpoint's own code (not needed for PaddleOCR-VL).")
     compare: list[str] | None = arg(
-        None, "Instead of evaluating: print a side-by-side table of these metrics.json files (also written "
-        "to <output_dir>/comparison.md when --output_dir is given).")
+        None, "Instead of evaluating: print a side-by-side table of these metrics.json files. With "
+        "--output_dir, also write comparison.md there and, for exactly two files, comparison.html (crops the "
+        "second model fixed and broke; needs each run's predictions.jsonl beside its metrics.json).")
 
 
 def device_description(device: str) -> str:
@@ -127,7 +132,7 @@ def predict_records(model: Any, processor: Any, records: list[dict], source: str
                                        max_new_tokens=args.max_new_tokens)
                 for rec, text in zip(part, texts, strict=True):
                     ref = rec["text"]
-                    rows.append({"id": rec["id"], "book": rec.get("book", ""),
+                    rows.append({"id": rec["id"], "image": rec["image_path"], "book": rec.get("book", ""),
                                  "orientation": rec.get("orientation", ""), "reference": ref,
                                  "prediction": text, "edits": edit_distance(normalize(text), normalize(ref))})
                     f.write(json.dumps(rows[-1], ensure_ascii=False) + "\n")
@@ -188,7 +193,8 @@ def summary_markdown(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def compare_markdown(paths: list[str]) -> str:
+def load_runs(paths: list[str]) -> tuple[list[dict], list[str]]:
+    """The metrics.json files of --compare, and a label for each (the model, plus the file when ambiguous)."""
     if len(paths) < 2:
         raise EvalError("--compare needs at least two metrics.json files")
     runs = []
@@ -203,14 +209,35 @@ def compare_markdown(paths: list[str]) -> str:
     labels = [r["model_path"] for r in runs]
     if len(set(labels)) < len(labels):  # the same model twice (e.g. two splits): the file tells them apart
         labels = [f"{lab} ({p})" for lab, p in zip(labels, paths, strict=True)]
+    return runs, labels
+
+
+def read_predictions(metrics_path: str) -> list[dict]:
+    """The predictions.jsonl beside a metrics.json: the comparison page needs every crop, not the worst."""
+    path = Path(metrics_path).parent / "predictions.jsonl"
+    try:
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except OSError:
+        raise EvalError(f"--compare: {path} not found; the comparison page needs each run's "
+                        "predictions.jsonl beside its metrics.json") from None
+    except ValueError as e:
+        raise EvalError(f"--compare: {path} is not valid JSONL ({e})") from None
+    if not all(isinstance(r, dict) and {"id", "reference", "prediction", "edits"} <= r.keys() for r in rows):
+        raise EvalError(f"--compare: {path} is not a predictions.jsonl written by evaluate_model.py")
+    return rows
+
+
+def compare_markdown(runs: list[dict], labels: list[str]) -> str:
     two = len(runs) == 2
     lines = [md_row("metric", "normalization", *map(cell, labels), *(["Δ (2nd − 1st)"] if two else [])),
              md_row("---", "---", *["---:"] * (len(runs) + two))]
     for key, name in METRICS.items():
         for mode in NORMALIZATIONS:
-            vals = [r["metrics"][mode][key] for r in runs]
-            delta = [f"{100 * (vals[1] - vals[0]):+.2f} pp"] if two else []
-            lines.append(md_row(name, mode, *map(pct, vals), *delta))
+            # A metrics.json written before a normalization was added has no value for it: shown as "–".
+            vals = [r["metrics"].get(mode, {}).get(key) for r in runs]
+            known = None not in vals
+            delta = [f"{100 * (vals[1] - vals[0]):+.2f} pp" if known else "–"] if two else []
+            lines.append(md_row(name, mode, *(pct(v) if v is not None else "–" for v in vals), *delta))
     lines.append(md_row("crops", "", *(f"{r.get('num_samples')} ({r['split']})" for r in runs), *[""] * two))
     if len({(r["split"], r.get("num_samples"), r.get("seed"), r.get("data_file")) for r in runs}) > 1:
         lines += ["", "Note: these runs did not evaluate the same crops (split, subset or data differ), "
@@ -252,7 +279,26 @@ def evaluate(args: EvalArguments) -> dict:
     text = json.dumps(res, ensure_ascii=False, indent=1) + "\n"
     (out_dir / "metrics.json").write_text(text, encoding="utf-8")
     (out_dir / "summary.md").write_text(summary_markdown(res), encoding="utf-8")
+    write_report(res, rows, out_dir / "report.html")
     return {**res, "output_dir": str(out_dir)}
+
+
+def compare(paths: list[str], output_dir: str | None, limit: int) -> int:
+    runs, labels = load_runs(paths)
+    # Read before anything is written, so a missing predictions.jsonl leaves no half-written output behind.
+    preds = [read_predictions(p) for p in paths] if output_dir and len(runs) == 2 else []
+    table = compare_markdown(runs, labels)
+    print(table, end="")
+    if output_dir:
+        out = Path(output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "comparison.md").write_text(table, encoding="utf-8")
+        if preds:
+            c = write_comparison((labels[0], runs[0], preds[0]), (labels[1], runs[1], preds[1]),
+                                 out / "comparison.html", limit=max(limit, 0))
+            print(f"{c['fixed']} crops fixed, {c['broken']} broken by the second run "
+                  f"-> {out / 'comparison.html'}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -263,12 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     (args,) = HfArgumentParser(EvalArguments).parse_args_into_dataclasses(args=argv)
     try:
         if args.compare:
-            table = compare_markdown(args.compare)
-            print(table, end="")
-            if args.output_dir:
-                Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-                (Path(args.output_dir) / "comparison.md").write_text(table, encoding="utf-8")
-            return 0
+            return compare(args.compare, args.output_dir, args.worst)
         if not args.model_path:
             raise EvalError("--model_path is required (or --compare A.json B.json)")
         res = evaluate(args)

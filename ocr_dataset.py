@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -89,7 +90,7 @@ class OCRDataset:
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         rec = self.records[i]
-        image = load_image(rec, self.path)
+        image = load_image(rec, rec.get("_source", self.path))
         if self.augment:
             # The module RNG: DataLoader seeds it differently in each worker, a shared Random would repeat.
             image = augment(image, random)
@@ -111,3 +112,63 @@ class OCRDataset:
                 with Image.open(rec["image_path"]) as im:
                     sizes.append(im.size)
         return sizes
+
+
+def parse_data_dirs(spec: str) -> list[tuple[Path, float]]:
+    """'./data/manga109s ./data/synth_lines:0.5' -> [(manga109s, 1.0), (synth_lines, 0.5)]; default 1."""
+    folders = []
+    for item in spec.split():
+        path, _, weight = item.rpartition(":")
+        try:
+            w = float(weight) if path else 1.0
+        except ValueError:  # a colon that is part of the path
+            path, w = item, 1.0
+        if not w > 0:
+            raise DatasetError(f"--data_dir {item!r}: the weight must be > 0")
+        folders.append((Path(path or item), w))
+    if not folders:
+        raise DatasetError("--data_dir is empty")
+    if len({p.resolve() for p, _ in folders}) < len(folders):
+        raise DatasetError(f"--data_dir {spec!r} names a folder twice: give it one weight")
+    return folders
+
+
+def mixed_train_dataset(
+    spec: str, *, seed: int, augment: bool = False, max_samples: int | None = None
+) -> tuple[OCRDataset, list[dict[str, Any]]]:
+    """Train records of one or more data folders, mixed by weight; returns the dataset and per-folder counts.
+
+    A weight is a folder's share of the train samples. The first folder's records each appear once; the epoch
+    is as long as that makes its share, and every other folder fills its share with records drawn without
+    replacement (whole reshuffles repeat when it has too few). The list depends only on the files and the
+    seed, so every DDP rank and every resumed run builds the same one before the Trainer shards and shuffles.
+    """
+    folders = parse_data_dirs(spec)
+    first = OCRDataset(folders[0][0] / "train.jsonl", augment=augment)
+    if len(folders) == 1:
+        first.records = first.records[:max_samples]  # one folder: the file order, as always
+        n = len(first)
+        return first, [{"folder": str(folders[0][0]), "weight": 1.0, "records": n, "drawn": n}]
+    total_w = sum(w for _, w in folders)
+    epoch = round(len(first.records) * total_w / folders[0][1])
+    rng = random.Random(seed)
+    mixed, counts = [], []
+    for k, (folder, w) in enumerate(folders):
+        recs = first.records if k == 0 else read_jsonl(folder / "train.jsonl")
+        if not recs:
+            raise DatasetError(f"{folder / 'train.jsonl'} has no samples")
+        want = len(recs) if k == 0 else round(epoch * w / total_w)
+        drawn: list[dict[str, Any]] = []
+        while len(drawn) < want:
+            order = list(range(len(recs)))
+            rng.shuffle(order)
+            # _source: the file named in errors about this record
+            drawn += [{**recs[i], "_source": str(folder / "train.jsonl")} for i in order[: want - len(drawn)]]
+        mixed += drawn
+        counts.append({"folder": str(folder), "weight": w, "records": len(recs), "drawn": want})
+    rng.shuffle(mixed)  # so that max_samples keeps the mix
+    first.records = mixed[:max_samples]
+    drawn_after = Counter(r["_source"] for r in first.records)
+    for (folder, _), c in zip(folders, counts, strict=True):
+        c["drawn"] = drawn_after[str(folder / "train.jsonl")]
+    return first, counts

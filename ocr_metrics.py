@@ -5,6 +5,8 @@ under each normalization, applied to prediction and reference alike:
   none  outer whitespace stripped only (the seed project's protocol)
   nows  all whitespace removed (PaddleOCR-VL-For-Manga and manga-ocr)
   nfkc  whitespace removed + Unicode NFKC, so ！/! and full/half-width digits compare equal
+  mangaocr  manga-ocr's output convention (manga_ocr_post_process): whitespace removed, … -> ..., runs of
+        ・/. -> dots, ASCII letters, digits and symbols -> full width; results sit beside manga-ocr's protocol
 """
 
 from __future__ import annotations
@@ -14,9 +16,22 @@ import unicodedata
 from collections.abc import Iterable
 
 import editdistance
+import jaconv
 
-NORMALIZATIONS = ("none", "nows", "nfkc")
+NORMALIZATIONS = ("none", "nows", "nfkc", "mangaocr")
 _WS = re.compile(r"\s+")
+_DOTS = re.compile("[・.]{2,}")
+
+
+def manga_ocr_post_process(text: str) -> str:
+    """manga-ocr's `post_process` (manga_ocr/ocr.py, 0.1.16), step for step; tested against the package.
+
+    Shared by the `mangaocr` normalization and manga_ocr_compat.post_process, so the two cannot drift apart.
+    """
+    text = "".join(text.split())
+    text = text.replace("…", "...")
+    text = _DOTS.sub(lambda m: "." * len(m.group()), text)  # ・・・ and ... alike become ASCII dots
+    return jaconv.h2z(text, ascii=True, digit=True)  # then ASCII (dots included) and digits -> full width
 
 
 def normalize(text: str, mode: str = "none") -> str:
@@ -26,11 +41,53 @@ def normalize(text: str, mode: str = "none") -> str:
         return _WS.sub("", text)
     if mode == "nfkc":
         return _WS.sub("", unicodedata.normalize("NFKC", text))
+    if mode == "mangaocr":
+        return manga_ocr_post_process(text)
     raise ValueError(f"unknown normalization {mode!r}; choose from {NORMALIZATIONS}")
 
 
 def edit_distance(a: str, b: str) -> int:
     return editdistance.eval(a, b)
+
+
+def align(ref: str, pred: str) -> list[tuple[str, str, str]]:
+    """A minimum-edit alignment of `pred` to `ref`: (op, ref chars, pred chars) runs, op one of
+    equal, sub, del (in ref, missing from pred), ins (in pred, not in ref).
+
+    Plain Levenshtein table plus a backtrace, so the number of edits it shows equals edit_distance (tested);
+    O(len(ref) * len(pred)), meant for the handful of crops a report shows, not for whole splits.
+    """
+    n, m = len(ref), len(pred)
+    d = [[0] * (m + 1) for _ in range(n + 1)]
+    for i in range(n + 1):
+        d[i][0] = i
+    for j in range(m + 1):
+        d[0][j] = j
+    for i in range(1, n + 1):
+        for j in range(1, m + 1):
+            d[i][j] = min(d[i - 1][j] + 1, d[i][j - 1] + 1, d[i - 1][j - 1] + (ref[i - 1] != pred[j - 1]))
+    ops: list[tuple[str, str, str]] = []
+    i, j = n, m
+    # Walk back. Among equally short alignments prefer matches, then deletions/insertions, then substitutions:
+    # "ef" -> "f!" reads as "e deleted, f kept, ! inserted" rather than two substitutions.
+    while i or j:
+        if i and j and ref[i - 1] == pred[j - 1] and d[i][j] == d[i - 1][j - 1]:
+            op, a, b = "equal", ref[i - 1], pred[j - 1]
+            i, j = i - 1, j - 1
+        elif i and d[i][j] == d[i - 1][j] + 1:
+            op, a, b = "del", ref[i - 1], ""
+            i -= 1
+        elif j and d[i][j] == d[i][j - 1] + 1:
+            op, a, b = "ins", "", pred[j - 1]
+            j -= 1
+        else:
+            op, a, b = "sub", ref[i - 1], pred[j - 1]
+            i, j = i - 1, j - 1
+        if ops and ops[-1][0] == op:  # merge runs of the same op (built backwards, so prepend)
+            ops[-1] = (op, a + ops[-1][1], b + ops[-1][2])
+        else:
+            ops.append((op, a, b))
+    return ops[::-1]
 
 
 def cer_metrics(

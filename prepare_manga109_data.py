@@ -318,7 +318,7 @@ def split_random(records: list[dict], args: PrepareArguments) -> list[str]:
 
 
 def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")  # per process: shards may share a folder
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
         f.flush()

@@ -19,18 +19,23 @@ import json
 import logging
 import os
 import shutil
+import socket
 import sys
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
 from transformers.trainer_pt_utils import LengthGroupedSampler
+from transformers.training_args import ParallelMode
 
 from custom_collator import OCRCollator, answer_ids, configure_image_size, num_image_tokens, prompt_ids
 from export_model import ExportError, export_model
-from ocr_dataset import DatasetError, OCRDataset, load_image
+from ocr_dataset import DatasetError, OCRDataset, load_image, mixed_train_dataset, parse_data_dirs
 from ocr_metrics import cer_metrics
 from ocr_model import ModelLoadError, generate_texts, load_model_and_processor
 
@@ -61,7 +66,13 @@ class ModelArguments:
 @dataclass
 class DataArguments:
     data_dir: str = field(
-        default="./data/manga109s", metadata={"help": "Output folder of prepare_manga109_data.py."}
+        default="./data/manga109s",
+        metadata={
+            "help": "Output folder of prepare_manga109_data.py, or several separated by spaces, each "
+            "optionally FOLDER:WEIGHT (e.g. './data/manga109s ./data/synth_lines:0.5'): train samples are "
+            "drawn from all by weight (a weight is a share of the samples; the first folder's crops each "
+            "appear once per epoch); val/test from the first only. Counts: log, OUTPUT_DIR/data_mix.json."
+        },
     )
     max_length: int = field(default=1536, metadata={"help": "Longest sequence (image + text tokens)."})
     on_overlong: str = field(
@@ -175,8 +186,17 @@ class BF16Trainer(Trainer):
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         self._load_weights(resume_from_checkpoint, model)
 
+    def _save_rng_state(self, output_dir: str) -> None:
+        # Every rank writes its own rng_state_<rank>.pth here; rank 0 writes trainer_state.json right after.
+        # Waiting for all ranks first makes trainer_state.json the checkpoint's commit mark: if it exists,
+        # every file of every rank does (latest_complete_checkpoint relies on this after a kill -9).
+        super()._save_rng_state(output_dir)
+        self.accelerator.wait_for_everyone()
+
     def _load_best_model(self) -> None:
-        self.accelerator.wait_for_everyone()  # rank 0 may still be writing that checkpoint
+        # Every rank gets here under the same condition (the state is identical on all ranks), so this
+        # barrier pairs up; it lets no rank read the best checkpoint before rank 0 has written all of it.
+        self.accelerator.wait_for_everyone()
         logger.info(
             "loading best checkpoint %s (%s)", self.state.best_model_checkpoint, self.state.best_metric
         )
@@ -281,15 +301,58 @@ def latest_complete_checkpoint(output_dir: str) -> str | None:
     return max(found)[1] if found else None
 
 
-def check_output_dir(path: str) -> None:
-    """Fail before hours of work if checkpoints can't be written."""
+def main_process_decides(args: TrainingArguments, decide: Callable[[], Any]) -> Any:
+    """Run `decide` on global rank 0 and hand its answer to every rank, so that ranks reading the output
+    folder at slightly different moments can't reach different conclusions."""
+    answer = [decide() if args.process_index == 0 else None]
+    if args.world_size > 1:
+        torch.distributed.broadcast_object_list(answer, src=0)
+    return answer[0]
+
+
+def check_output_dir(args: TrainingArguments) -> None:
+    """Fail before hours of work if checkpoints can't be written, or if the ranks don't share the folder."""
+    path = args.output_dir
+    me = f"{socket.gethostname()}.{os.getpid()}"  # unique per process, also across nodes
     try:
         os.makedirs(path, exist_ok=True)
-        probe = Path(path) / f".write_test.{os.getpid()}"  # one per process: DDP ranks probe at once
+        probe = Path(path) / f".write_test.{me}"
         probe.write_bytes(b"x" * 1024)
         probe.unlink()
     except OSError as e:
         raise SystemExit(f"error: cannot write to output_dir {path!r}: {e}") from None
+    if args.world_size == 1:
+        return
+    # Rank 0 writes checkpoints that every rank resumes from and loads the best model from: all ranks must
+    # see the same folder (multi-node: a shared file system).
+    mark = Path(path) / f".rank0.{main_process_decides(args, lambda: me)}"
+    if args.process_index == 0:
+        mark.touch()
+    torch.distributed.barrier()
+    seen = [None] * args.world_size
+    torch.distributed.all_gather_object(seen, (socket.gethostname(), appears(mark, SHARED_FS_LAG_S)))
+    if args.process_index == 0:  # every rank has looked: all_gather returns only when all have answered
+        mark.unlink()
+    blind = sorted({host for host, ok in seen if not ok})
+    if blind:
+        raise SystemExit(
+            f"error: output_dir {path!r} is not shared by all ranks (hosts {', '.join(blind)} don't see rank "
+            "0's files): put it on a file system every node mounts at the same path"
+        )
+
+
+# NFS clients may cache a directory's listing for up to 60 s (acdirmax), so a file that another node has just
+# created can take that long to appear; on a folder that is not shared it never does.
+SHARED_FS_LAG_S = 60.0
+
+
+def appears(path: Path, within_s: float) -> bool:
+    deadline = time.monotonic() + within_s
+    while not path.exists():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(1.0)
+    return True
 
 
 def check_disk_space(args: TrainingArguments, model) -> None:
@@ -341,18 +404,34 @@ def plot_curves(log_history: list[dict], path: Path) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, TrainingArguments]:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if launched and not torch.accelerator.is_available():
+        # Without --use_cpu, accelerate starts a gloo group on a GPU-less machine but sets distributed_type
+        # NO: no DDP wrapping (ranks train apart), and every barrier and wait_for_everyone is a no-op, so a
+        # rank could read a checkpoint rank 0 was still writing. MULTI_CPU is real DDP over gloo. Flags given
+        # on the command line come later and win.
+        argv = ["--use_cpu", "true", "--ddp_backend", "gloo", *argv]
     parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
-    return parser.parse_args_into_dataclasses(args=argv)
+    model_args, data_args, args = parser.parse_args_into_dataclasses(args=argv)
+    if launched and args.parallel_mode != ParallelMode.DISTRIBUTED:
+        raise SystemExit(
+            f"error: launched as {os.environ['WORLD_SIZE']} processes but the Trainer is not in distributed "
+            f"mode ({args.parallel_mode}); ranks would train apart and race on the output folder"
+        )
+    return model_args, data_args, args
 
 
 def build_trainer(
     model_args: ModelArguments, data_args: DataArguments, args: TrainingArguments, callbacks=None
 ) -> BF16Trainer:
     """Everything up to trainer.train(); raises ModelLoadError / DatasetError on bad input."""
-    check_output_dir(args.output_dir)
+    check_output_dir(args)
     set_seed(args.seed)
     if args.resume_from_checkpoint == "auto":
-        args.resume_from_checkpoint = latest_complete_checkpoint(args.output_dir)
+        args.resume_from_checkpoint = main_process_decides(
+            args, lambda: latest_complete_checkpoint(args.output_dir)
+        )
         logger.info("resume: %s", args.resume_from_checkpoint or "no checkpoint yet, starting fresh")
     args.remove_unused_columns = False  # the collator needs image/text, which forward() doesn't take
     if not torch.accelerator.is_available():
@@ -361,12 +440,16 @@ def build_trainer(
         args.gradient_checkpointing_kwargs = {"use_reentrant": False}
 
     # data first: a missing split should fail before minutes of downloading and loading weights
-    data = Path(data_args.data_dir)
-    train_ds = OCRDataset(
-        data / "train.jsonl", augment=data_args.augment, max_samples=data_args.max_train_samples
+    data = parse_data_dirs(data_args.data_dir)[0][0]  # val/test: the first folder only
+    train_ds, mix = mixed_train_dataset(
+        data_args.data_dir, seed=args.data_seed or args.seed, augment=data_args.augment,
+        max_samples=data_args.max_train_samples,
     )
     if not len(train_ds):
         raise DatasetError(f"{data / 'train.jsonl'} has no samples")
+    logger.info("train samples per folder: %s", ", ".join(f"{m['folder']}: {m['drawn']}" for m in mix))
+    if args.process_index == 0:
+        (Path(args.output_dir) / "data_mix.json").write_text(json.dumps(mix, indent=1) + "\n")
 
     lean = model_args.precision == "bf16_lean"
     model, processor = load_model_and_processor(
@@ -425,15 +508,17 @@ def build_trainer(
 def export_final_model(trainer: BF16Trainer, base: str, output_dir: str) -> bool:
     """Turn the final model saved in output_dir into a drop-in replacement for the base (export_model.py:
     the base's files and key layout, plus the tensors transformers does not load). Rank 0 writes while the
-    other ranks wait; False (the error printed) if it failed."""
-    error = None
-    if trainer.is_world_process_zero():
+    other ranks wait for its outcome; False on every rank (the error printed once) if it failed."""
+
+    def export() -> str | None:
         try:
             export_model(output_dir, base, output_dir)
         except (ExportError, OSError) as e:
-            error = e
-    trainer.accelerator.wait_for_everyone()
-    if error is not None:
+            return str(e)
+        return None
+
+    error = main_process_decides(trainer.args, export)
+    if error is not None and trainer.is_world_process_zero():
         print(
             f"error: could not lay out {output_dir} like the base {base}: {error}\nthe fine-tuned weights "
             "are saved there as transformers writes them; after fixing, run: python export_model.py "
@@ -460,6 +545,8 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+    # Shared files are written by rank 0 only (save_model, save_state, the curves); per-rank files carry the
+    # rank in their name. The final barrier ends every rank only once the output folder is complete.
     trainer.save_model(args.output_dir)
     if not export_final_model(trainer, model_args.model_path, args.output_dir):
         return 2
@@ -472,6 +559,7 @@ def main(argv: list[str] | None = None) -> int:
         if trainer.data_collator.num_dropped:
             logger.warning("collator dropped %d over-long samples", trainer.data_collator.num_dropped)
         logger.info("saved model and training_curves.png to %s", args.output_dir)
+    trainer.accelerator.wait_for_everyone()
     return 0
 
 

@@ -5,6 +5,7 @@
 #   LR=1e-5 EPOCHS=1 bash train.sh                  # override by environment variable ...
 #   bash train.sh --max_steps 100 --eval_steps 50   # ... or by extra arguments (passed through, they win)
 #   NUM_GPUS=2 bash train.sh                        # DDP through torchrun
+#   NNODES=2 NODE_RANK=0 MASTER_ADDR=node0 NUM_GPUS=8 bash train.sh   # on node0, and NODE_RANK=1 on node1
 #
 # A killed run continues from its last checkpoint when started again (RESUME=auto); RESUME=none starts over.
 set -euo pipefail
@@ -12,7 +13,7 @@ cd "$(dirname "$0")"
 
 PYTHON=${PYTHON:-python}
 MODEL_PATH=${MODEL_PATH:-PaddlePaddle/PaddleOCR-VL}
-DATA_DIR=${DATA_DIR:-./data/manga109s}
+DATA_DIR=${DATA_DIR:-./data/manga109s}     # several: "./data/manga109s ./data/synth_lines:0.5" (val: the first)
 OUTPUT_DIR=${OUTPUT_DIR:-./sft_output}
 EPOCHS=${EPOCHS:-3}
 LR=${LR:-2e-5}
@@ -33,7 +34,12 @@ EVAL_GENERATION_SAMPLES=${EVAL_GENERATION_SAMPLES:-200}
 LOGGING_STEPS=${LOGGING_STEPS:-10}
 NUM_WORKERS=${NUM_WORKERS:-2}
 SEED=${SEED:-42}
-NUM_GPUS=${NUM_GPUS:-1}
+NUM_GPUS=${NUM_GPUS:-1}                # processes (GPUs) on this node
+NNODES=${NNODES:-1}                    # machines in the job; start train.sh on each with its NODE_RANK
+NODE_RANK=${NODE_RANK:-0}              # 0 hosts the rendezvous at MASTER_ADDR:MASTER_PORT
+MASTER_ADDR=${MASTER_ADDR:-}           # multi-node: an address of node 0 that every node can reach
+MASTER_PORT=${MASTER_PORT:-29500}
+RDZV_ID=${RDZV_ID:-manga-ocr-$MASTER_PORT}   # the same on every node of one job
 RESUME=${RESUME:-auto}                 # auto | none | path/to/checkpoint-N
 REPORT_TO=${REPORT_TO:-none}
 
@@ -56,15 +62,26 @@ fi
 resume_args=()
 [ "$RESUME" != none ] && resume_args=(--resume_from_checkpoint "$RESUME")
 
+# (Without a GPU, sft_paddleocr_vl.py itself switches a torchrun launch to DDP over gloo on the CPU.)
 launcher=("$PYTHON")
-ddp_args=()
-if [ "$NUM_GPUS" -gt 1 ]; then
+if [ "$NNODES" -gt 1 ]; then
+    if [ -z "$MASTER_ADDR" ]; then
+        echo "error: NNODES=$NNODES needs MASTER_ADDR (an address of node 0 that all nodes reach)" >&2
+        exit 2
+    fi
+    # c10d rendezvous: node 0 hosts the store; the ranks of the nodes are assigned as they join, and the
+    # output folder must be on a file system that all nodes share (checked at start).
+    is_host=false
+    [ "$NODE_RANK" -eq 0 ] && is_host=true
+    launcher=("$PYTHON" -m torch.distributed.run --nnodes "$NNODES" --nproc_per_node "$NUM_GPUS"
+              --rdzv_backend c10d --rdzv_endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv_id "$RDZV_ID"
+              --rdzv_conf "is_host=$is_host" --max_restarts 0)
+elif [ "$NUM_GPUS" -gt 1 ]; then
     launcher=("$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$NUM_GPUS")
-    # Without a GPU the Trainer would start independent single processes: ask for gloo explicitly.
-    [ "$gpu_gb" -eq 0 ] && ddp_args=(--ddp_backend gloo)
 fi
 
-echo "train.sh: model=$MODEL_PATH data=$DATA_DIR out=$OUTPUT_DIR precision=$PRECISION bf16=$BF16 gpus=$NUM_GPUS"
+echo "train.sh: model=$MODEL_PATH data=$DATA_DIR out=$OUTPUT_DIR precision=$PRECISION bf16=$BF16" \
+     "gpus=$NUM_GPUS nodes=$NNODES"
 exec "${launcher[@]}" sft_paddleocr_vl.py \
     --model_path "$MODEL_PATH" \
     --data_dir "$DATA_DIR" \
@@ -96,5 +113,4 @@ exec "${launcher[@]}" sft_paddleocr_vl.py \
     --seed "$SEED" \
     --report_to "$REPORT_TO" \
     "${resume_args[@]}" \
-    "${ddp_args[@]}" \
     "$@"

@@ -17,7 +17,9 @@ Every recipe trains on 16 crops per optimizer step (micro-batch B x accumulation
   lowres        default with min_pixels lowered to 28*28*64 (release: 147384). CHANGES WHAT THE MODEL SEES
                 (fewer image tokens per crop): a different training, not a faster way to do the same one.
 Overrides: default:bs=4,ga=4,gc=0,group=1,workers=2. Every recipe uses SDPA (the issue does not name
-the seed's).
+the seed's). --deadline (Unix time, set by benchmarks/gpu_suite.py) starts no recipe after it and ends a
+recipe's timing with the first step that finishes after it; --json is rewritten after every recipe, so a run
+killed later keeps the rows already measured.
 
 full = PaddleOCRVLConfig() defaults (0.9B: text 1024 x 18, vocab 103424; vision 1152 x 27; untied lm_head),
 random weights, driven by the release-like processor (tools/make_tiny_model.release_processor: the
@@ -223,7 +225,10 @@ def run_recipe(recipe: Recipe, a: argparse.Namespace, tiny_dir: str, data_dir: P
         opt = torch.optim.AdamW(params, lr=a.lr, weight_decay=0.0, fused=fused)
     flops, image_token = flop_counter(model), processor.image_token_id
     totals = dict.fromkeys(("samples", "tokens", "image_tokens", "flops"), 0.0)
+    timed_steps = 0
     for step in range(a.warmup + a.steps):
+        if timed_steps and a.deadline is not None and time.time() >= a.deadline:
+            break  # out of time: the steps timed so far (>= 1) still give the rates
         if step == a.warmup:  # warm-up pays kernel selection, allocator growth and worker start-up
             if device.type == "cuda":
                 torch.cuda.synchronize()
@@ -243,12 +248,13 @@ def run_recipe(recipe: Recipe, a: argparse.Namespace, tiny_dir: str, data_dir: P
             loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        timed_steps += step >= a.warmup
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
     stream.close()  # stops the loader's workers
-    return {**row, "seconds": seconds, "samples_per_s": totals["samples"] / seconds,
-            "tokens_per_s": totals["tokens"] / seconds,
+    return {**row, "seconds": seconds, "timed_steps": timed_steps,
+            "samples_per_s": totals["samples"] / seconds, "tokens_per_s": totals["tokens"] / seconds,
             "image_tokens_per_sample": totals["image_tokens"] / totals["samples"],
             "model_flops_per_s": totals["flops"] / seconds}
 
@@ -266,7 +272,9 @@ def print_table(rows: list[dict[str, Any]]) -> None:
                      "n/a" if r["peak_gib"] is None else f"{r['peak_gib']:.2f}",
                      "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%",
                      f"{r['samples_per_s'] / seed['samples_per_s']:.2f}x" if seed else "n/a"]
-        print(line.format(r["recipe"], r["bxa"], int(r["gc"]), *cells, r["status"]))
+        cut = r.get("timed_steps", r["steps"]) < r["steps"]
+        status = r["status"] + (f" ({r['timed_steps']}/{r['steps']} steps: time budget)" if cut else "")
+        print(line.format(r["recipe"], r["bxa"], int(r["gc"]), *cells, status))
     for r in (r for r in rows if "check" in r):
         c = r["check"]
         print(f"check_loss {r['recipe']}: recipe {c['recipe_loss']:.4f} vs fp32 model(**batch).loss "
@@ -285,7 +293,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lr", type=float, default=2e-5)
     ap.add_argument("--memory_cap_gb", type=float, help="cap the CUDA allocator at this many GiB")
     ap.add_argument("--check_loss", action="store_true", help="compare each recipe's loss to the fp32 one")
-    ap.add_argument("--json", help="write the rows to this file")
+    ap.add_argument("--json", help="write the rows to this file (rewritten after every recipe)")
+    ap.add_argument("--deadline", type=float, help="Unix time: start no recipe after it, cut timing at it")
     a = ap.parse_args(argv)
     recipes = [parse_recipe(s) for s in a.recipe]
     if a.steps < 1 or a.warmup < 0:
@@ -314,14 +323,18 @@ def main(argv: list[str] | None = None) -> int:
         tiny_dir = build_tiny_model(Path(tmp, "tiny"), charset=CHARSET)
         for recipe in recipes:
             row: dict[str, Any] = {"recipe": recipe.name, "bxa": f"{recipe.bs}x{recipe.ga}", "gc": recipe.gc,
-                                   "settings": asdict(recipe), "device": desc, "config": a.config}
+                                   "settings": asdict(recipe), "device": desc, "config": a.config,
+                                   "steps": a.steps}
             try:
-                row |= run_recipe(recipe, a, tiny_dir, data_dir, device) | {"status": "ok"}
+                if a.deadline is not None and time.time() >= a.deadline:
+                    row["status"] = "skipped: time budget"
+                else:
+                    row |= run_recipe(recipe, a, tiny_dir, data_dir, device) | {"status": "ok"}
             except torch.OutOfMemoryError:
                 row["status"] = "OOM at cap" if a.memory_cap_gb else "OOM"
             gc.collect()  # this recipe's model, optimizer state and loader workers go before the next one
             row["peak_gib"] = row["reserved_gib"] = row["mfu"] = None
-            if device.type == "cuda":
+            if device.type == "cuda" and not row["status"].startswith("skipped"):
                 torch.cuda.empty_cache()
                 row["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
                 row["reserved_gib"] = torch.cuda.max_memory_reserved(device) / 2**30
@@ -330,9 +343,11 @@ def main(argv: list[str] | None = None) -> int:
                 row["mfu"] = row["model_flops_per_s"] / peak
             rows.append(row)
             print(f"  {recipe.name}: {row['status']}", flush=True)
+            if a.json:  # after every recipe: a run killed later keeps these rows
+                tmp_json = Path(f"{a.json}.tmp")
+                tmp_json.write_text(json.dumps(rows, indent=1) + "\n")
+                tmp_json.replace(a.json)  # atomic: a kill mid-write never leaves half a file
     print_table(rows)
-    if a.json:
-        Path(a.json).write_text(json.dumps(rows, indent=1) + "\n")
     return 0 if all(r.get("check", {"ok": True})["ok"] for r in rows) else 1
 
 

@@ -19,7 +19,7 @@ import ocr_model
 import prepare_manga109_data as prep
 from custom_collator import num_image_tokens
 from ocr_dataset import load_image, read_jsonl
-from ocr_metrics import all_metrics
+from ocr_metrics import NORMALIZATIONS, all_metrics
 from ocr_model import generate_texts, load_model_and_processor
 
 REPO = Path(__file__).resolve().parents[1]
@@ -82,9 +82,10 @@ def test_evaluate_writes_consistent_outputs(tiny_model: Path, data_dir: Path, tm
     rows = predictions(out)
     assert sorted(r["id"] for r in rows) == sorted(refs)
     for r in rows:
-        assert set(r) == {"id", "book", "orientation", "reference", "prediction", "edits"}
-        assert (r["reference"], r["book"], r["orientation"]) == (
-            refs[r["id"]]["text"], refs[r["id"]]["book"], refs[r["id"]]["orientation"])
+        assert set(r) == {"id", "image", "book", "orientation", "reference", "prediction", "edits"}
+        assert (r["reference"], r["book"], r["orientation"], r["image"]) == (
+            refs[r["id"]]["text"], refs[r["id"]]["book"], refs[r["id"]]["orientation"],
+            refs[r["id"]]["image_path"])
 
     m = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
     assert m["metrics"] == all_metrics([r["prediction"] for r in rows], [r["reference"] for r in rows])
@@ -98,8 +99,9 @@ def test_evaluate_writes_consistent_outputs(tiny_model: Path, data_dir: Path, tm
     ranked = sorted(rows, key=lambda r: (-r["edits"], r["id"]))[:3]
     assert m["worst"] == ranked
     summary = (out / "summary.md").read_text(encoding="utf-8")
-    for heading in ("| none |", "| nfkc |", "## By book", "## By orientation", "## Worst 3"):
+    for heading in ("| none |", "| nfkc |", "| mangaocr |", "## By book", "## By orientation", "## Worst 3"):
         assert heading in summary
+    assert (out / "report.html").is_file()  # its content: tests/test_report.py
 
 
 def test_predictions_do_not_depend_on_batch_size(tiny_model: Path, data_dir: Path, tmp_path: Path) -> None:
@@ -127,35 +129,55 @@ def test_default_output_dir(tiny_model: Path) -> None:
     assert hub == Path("eval_output") / "PaddlePaddle_PaddleOCR-VL_val"
 
 
-def _metrics_file(path: Path, model: str, cer: float, exact: float, n: int = 10) -> str:
-    m = {mode: {"cer": cer, "cer_mean": cer + 0.1, "exact_match": exact} for mode in ("none", "nows", "nfkc")}
+def _metrics_file(path: Path, model: str, cer: float, exact: float, n: int = 10,
+                  modes: tuple[str, ...] = NORMALIZATIONS) -> str:
+    """A metrics.json in its own folder, with an (empty) predictions.jsonl beside it as evaluate writes."""
+    m = {mode: {"cer": cer, "cer_mean": cer + 0.1, "exact_match": exact} for mode in modes}
     res = {"model_path": model, "split": "test", "num_samples": n, "seed": 42, "data_file": "d", "metrics": m}
-    path.write_text(json.dumps(res), encoding="utf-8")
-    return str(path)
+    path.mkdir()
+    (path / "predictions.jsonl").write_text("", encoding="utf-8")
+    (path / "metrics.json").write_text(json.dumps(res), encoding="utf-8")
+    return str(path / "metrics.json")
 
 
 def test_compare_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    a = _metrics_file(tmp_path / "a.json", "base", 0.5, 0.1)
-    b = _metrics_file(tmp_path / "b.json", "./runs/ft", 0.25, 0.4)
+    a = _metrics_file(tmp_path / "a", "base", 0.5, 0.1)
+    b = _metrics_file(tmp_path / "b", "./runs/ft", 0.25, 0.4)
     assert evaluate_model.main(["--compare", a, b, "--output_dir", str(tmp_path / "cmp")]) == 0
-    table = capsys.readouterr().out
-    assert table == (tmp_path / "cmp" / "comparison.md").read_text(encoding="utf-8")
+    out = capsys.readouterr().out
+    table = (tmp_path / "cmp" / "comparison.md").read_text(encoding="utf-8")
+    assert out.startswith(table) and "comparison.html" in out[len(table):]
+    assert (tmp_path / "cmp" / "comparison.html").is_file()  # its content: tests/test_report.py
     lines = table.splitlines()
     assert lines[0] == "| metric | normalization | base | ./runs/ft | Δ (2nd − 1st) |"
     assert "| CER | none | 50.00 % | 25.00 % | -25.00 pp |" in lines
     assert "| mean CER | nfkc | 60.00 % | 35.00 % | -25.00 pp |" in lines
     assert "| exact match | nows | 10.00 % | 40.00 % | +30.00 pp |" in lines
-    assert len([line for line in lines if line.startswith("| CER |")]) == 3
+    assert len([line for line in lines if line.startswith("| CER |")]) == len(NORMALIZATIONS)
     assert "Note:" not in table
 
-    c = _metrics_file(tmp_path / "c.json", "base", 0.3, 0.2, n=500)  # same model, other sample count
+    c = _metrics_file(tmp_path / "c", "base", 0.3, 0.2, n=500)  # same model, other sample count
     assert evaluate_model.main(["--compare", a, b, c]) == 0
     table = capsys.readouterr().out
     assert "Δ" not in table and f"base ({a})" in table and f"base ({c})" in table and "Note:" in table
 
+    # A metrics.json from before the mangaocr normalization existed: a dash, not a KeyError.
+    old = _metrics_file(tmp_path / "old", "old", 0.5, 0.1, modes=("none", "nows", "nfkc"))
+    assert evaluate_model.main(["--compare", old, b]) == 0
+    assert "| CER | mangaocr | – | 25.00 % | – |" in capsys.readouterr().out.splitlines()
+
 
 def test_compare_rejects_bad_files(tmp_path: Path, error_line: Callable[[int], str]) -> None:
-    a = _metrics_file(tmp_path / "a.json", "base", 0.5, 0.1)
+    a = _metrics_file(tmp_path / "a", "base", 0.5, 0.1)
+    b = _metrics_file(tmp_path / "b", "ft", 0.5, 0.1)
+    Path(b).with_name("predictions.jsonl").unlink()
+    out = tmp_path / "cmp"
+    line = error_line(evaluate_model.main(["--compare", a, b, "--output_dir", str(out)]))
+    assert f"{Path(b).with_name('predictions.jsonl')} not found" in line and "beside its metrics.json" in line
+    assert not out.exists()  # nothing half-written
+    Path(b).with_name("predictions.jsonl").write_text('{"id": "x"}\n')
+    assert "not a predictions.jsonl" in error_line(evaluate_model.main(["--compare", a, b, "--output_dir",
+                                                                        str(out)]))
     (tmp_path / "x.json").write_text('{"foo": 1}')
     rc = evaluate_model.main(["--compare", a, str(tmp_path / "x.json")])
     assert "not a metrics.json" in error_line(rc)

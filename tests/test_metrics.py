@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
-from ocr_metrics import NORMALIZATIONS, all_metrics, cer_metrics, normalize
+from ocr_metrics import NORMALIZATIONS, align, all_metrics, cer_metrics, edit_distance, normalize
 
 
 def test_normalize_each_mode() -> None:
@@ -12,6 +14,8 @@ def test_normalize_each_mode() -> None:
     assert normalize(text, "none") == "ア イ！ １０"  # outer whitespace only (U+3000 included)
     assert normalize(text, "nows") == "アイ！１０"
     assert normalize(text, "nfkc") == "アイ!10"
+    # whitespace out; … -> ...; the run "...・・" (5) -> "....."; a lone ・ stays; ASCII, digits -> full width
+    assert normalize(" ab 12…・・x・y\n", "mangaocr") == "ａｂ１２．．．．．ｘ・ｙ"
     with pytest.raises(ValueError, match="unknown normalization"):
         normalize(text, "lower")
 
@@ -63,15 +67,16 @@ def test_empty_references() -> None:
 def test_mixed_corpus_all_normalizations() -> None:
     preds = ["アイ!", "", "x", "10年"]
     refs = ["ア イ！", "こんにちは", "", "１０年"]
-    # per pair (edits / len(ref)):   none          nows          nfkc
-    #   アイ! vs ア イ！             2/4           1/3           0/3
-    #   "" vs こんにちは             5/5           5/5           5/5
-    #   x vs ""                      1/max(0,1)    1/1           1/1
-    #   10年 vs １０年               2/3           2/3           0/3 (exact)
+    # per pair (edits / len(ref)):   none          nows          nfkc          mangaocr (! -> ！, 10 -> １０)
+    #   アイ! vs ア イ！             2/4           1/3           0/3           0/3
+    #   "" vs こんにちは             5/5           5/5           5/5           5/5
+    #   x vs ""                      1/max(0,1)    1/1           1/1           1/1 (ｘ)
+    #   10年 vs １０年               2/3           2/3           0/3 (exact)   0/3 (exact)
     expected = {
         "none": (10, 12, (0.5 + 1 + 1 + 2 / 3) / 4, 0.0),
         "nows": (9, 11, (1 / 3 + 1 + 1 + 2 / 3) / 4, 0.0),
         "nfkc": (6, 11, (0 + 1 + 1 + 0) / 4, 0.5),
+        "mangaocr": (6, 11, (0 + 1 + 1 + 0) / 4, 0.5),
     }
     got = all_metrics(preds, refs)
     assert set(got) == set(NORMALIZATIONS)
@@ -88,3 +93,22 @@ def test_no_samples_and_length_mismatch() -> None:
     assert (m["cer"], m["cer_mean"], m["exact_match"], m["n"]) == (0.0, 0.0, 0.0, 0)
     with pytest.raises(ValueError):
         cer_metrics(["a"], ["a", "b"], "none")
+
+
+def test_align_by_hand() -> None:
+    # ref "abcdef" -> pred "aXcdf!": b->X substituted, e deleted, ! inserted (3 edits)
+    assert align("abcdef", "aXcdf!") == [("equal", "a", "a"), ("sub", "b", "X"), ("equal", "cd", "cd"),
+                                         ("del", "e", ""), ("equal", "f", "f"), ("ins", "", "!")]
+    assert align("", "ab") == [("ins", "", "ab")] and align("ab", "") == [("del", "ab", "")]
+    assert align("", "") == []
+
+
+def test_align_is_a_minimum_edit_alignment() -> None:
+    rng = random.Random(0)
+    for _ in range(500):
+        ref, pred = ("".join(rng.choice("アイウ.") for _ in range(rng.randint(0, 9))) for _ in range(2))
+        ops = align(ref, pred)
+        assert "".join(a for _, a, _ in ops) == ref and "".join(b for _, _, b in ops) == pred
+        assert all((a == b) == (op == "equal") for op, a, b in ops if op in ("equal", "sub"))
+        cost = sum(max(len(a), len(b)) for op, a, b in ops if op != "equal")
+        assert cost == edit_distance(ref, pred), (ref, pred, ops)

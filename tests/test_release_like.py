@@ -257,3 +257,18 @@ def test_export_keeps_a_sharded_base_layout(release_model, tmp_path: Path) -> No
             assert all(torch.equal(f.get_tensor(k), weights[k]) for k in keys)  # untrained: all equal
     index_file = "model.safetensors.index.json"
     assert (out / index_file).read_bytes() == (base / index_file).read_bytes()
+
+
+def test_failed_export_fails_the_run_with_a_hint(tiny_model: Path, prepared: Path, tmp_path: Path,
+                                                  monkeypatch, error_line) -> None:
+    def broken(*args, **kwargs):
+        raise export_model.ExportError("disk on fire")
+
+    monkeypatch.setattr(sft, "export_model", broken)
+    rc = sft.main([
+        "--model_path", str(tiny_model), "--data_dir", str(prepared), "--output_dir", str(tmp_path / "o"),
+        "--max_steps", "1", "--max_train_samples", "2", "--eval_strategy", "no", "--save_strategy", "no",
+        "--report_to", "none", "--disable_tqdm", "true",
+    ])
+    assert "disk on fire" in error_line(rc)
+    assert (tmp_path / "o" / "model.safetensors").is_file()  # the weights stay, as transformers saved them

@@ -133,7 +133,7 @@ def _init_worker(fonts: list[str]) -> None:
     _FONTS[:] = fonts
 
 
-def _background(rng: random.Random, img: Image.Image, box: tuple[int, int, int, int]) -> None:
+def draw_screentone(rng: random.Random, img: Image.Image, box: tuple[int, int, int, int]) -> None:
     """Fill one panel with tone: a gradient plus dots or hatching, all vectorized."""
     x0, y0, x1, y1 = box
     w, h = x1 - x0, y1 - y0
@@ -222,7 +222,7 @@ def render_page(task: tuple) -> dict:
     draw = ImageDraw.Draw(img)
     ann: dict[str, list] = {"frame": [], "face": [], "body": [], "text": []}
     for panel in _panels(rng, width, height):
-        _background(rng, img, panel)
+        draw_screentone(rng, img, panel)
         draw.rectangle(panel, outline=0, width=3)
         ann["frame"].append(panel)
         px0, py0, px1, py1 = panel

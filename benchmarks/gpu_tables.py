@@ -1,0 +1,204 @@
+"""Rewrite README's GPU tables from benchmarks/gpu_suite.sh's results.json, so no figure is typed by hand.
+
+    python benchmarks/gpu_tables.py gpu/results.json                  # README.md, in place
+    python benchmarks/gpu_tables.py gpu/results.json --readme X.md    # another file
+
+Each table sits between a pair of marker comments; what is between them is replaced, the rest of the file is
+kept byte for byte, and a second run with the same JSON changes nothing:
+
+    <!-- gpu-table:train --> ... <!-- /gpu-table:train -->
+    <!-- gpu-table:eval --> ... <!-- /gpu-table:eval -->
+
+A --smoke results.json (tiny model on CPU) is refused unless --allow_smoke (the tests use it on a copy): its
+figures say the suite works, not what a GPU does. It also prints the recipes train.sh's defaults should come
+from (the fastest that ran under the 12 GB cap, and the fastest overall). gpu_suite.py renders results.md with
+the same functions; nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+MARKER = "<!-- {}gpu-table:{} -->"
+NONE = "–"
+
+
+def gpu_name(device: str | None) -> str:
+    """'cuda (NVIDIA H100 80GB HBM3)' -> 'NVIDIA H100 80GB HBM3'; 'cpu (x86_64, 1 threads)' -> 'CPU (...)'."""
+    if not device:
+        return NONE
+    m = re.fullmatch(r"cuda(?::\d+)? \((.*)\)", device)
+    return m.group(1) if m else device.replace("cpu", "CPU", 1)
+
+
+def num(x: float | None, spec: str, suffix: str = "") -> str:
+    return NONE if x is None else f"{x:{spec}}{suffix}"
+
+
+def _parts(results: dict, kind: str) -> list[dict]:
+    return [p for p in results.get("parts", []) if p.get("kind") == kind]
+
+
+def train_rows(results: dict) -> list[dict[str, Any]]:
+    """Every recipe the suite planned, in order: its bench_train row, or a placeholder saying why none."""
+    out = []
+    for part in _parts(results, "train"):
+        rows = {r["recipe"]: r for r in part.get("rows") or []}  # None: killed before its first row
+        for recipe in part.get("recipes", []):
+            row = rows.get(recipe) or {"recipe": recipe, "status": f"not run: part {part['status']}"}
+            out.append(row | {"part": part["name"], "memory_cap_gb": part.get("memory_cap_gb")})
+    return out
+
+
+def seed_row(results: dict) -> dict | None:
+    return next((r for r in train_rows(results) if r["recipe"] == "seed" and r["status"] == "ok"), None)
+
+
+def row_status(r: dict) -> str:
+    steps, timed = r.get("steps"), r.get("timed_steps")
+    if r["status"] == "ok" and steps and timed is not None and timed < steps:
+        return f"ok, {timed}/{steps} steps (time budget)"
+    return r["status"]
+
+
+def train_table(results: dict) -> str:
+    seed = seed_row(results)
+    lines = ["| GPU | recipe | memory cap | B×A | ckpt | samples/s | tokens/s | peak GiB | MFU | vs seed "
+             "| loss check | status |", "|---|---|---|---|---|---:|---:|---:|---:|---:|---|---|"]
+    for r in train_rows(results):
+        ok = r["status"] == "ok"  # a row that OOMed or was skipped has no rates
+        cap, check = r["memory_cap_gb"], r.get("check")
+        cap_cell = NONE if cap is None else f"{cap:g} GiB"
+        if cap is not None and r.get("device", "").startswith("cpu"):
+            cap_cell += " (n/a on CPU)"
+        ratio = r["samples_per_s"] / seed["samples_per_s"] if ok and seed else None
+        mfu = 100 * r["mfu"] if ok and r.get("mfu") is not None else None
+        cells = [
+            gpu_name(r.get("device")), f"`{r['recipe']}`", cap_cell,
+            r.get("bxa", NONE).replace("x", "×"), NONE if "gc" not in r else ("on" if r["gc"] else "off"),
+            num(r.get("samples_per_s") if ok else None, ".2f"),
+            num(r.get("tokens_per_s") if ok else None, ".0f"), num(r.get("peak_gib"), ".2f"),
+            num(mfu, ".1f", " %"), num(ratio, ".2f", "×"),
+            NONE if check is None else ("OK" if check["ok"] else "**MISMATCH**"), row_status(r),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def eval_table(results: dict) -> str:
+    lines = ["| GPU | path | crops | seconds | crops/s | vs seed loop | identical texts | peak GiB |",
+             "|---|---|---:|---:|---:|---:|---|---:|"]
+    for part in _parts(results, "eval"):
+        e = part.get("result")
+        if not e:
+            lines.append(f"| {NONE} | `{part['name']}` | | | | | | not run: part {part['status']} |")
+            continue
+        gpu, seed, batched = gpu_name(e["device"]), e["seed_loop"], e["batched"]
+        cut = "" if seed["crops"] == e["crops"] else f" (time budget: {seed['crops']} of {e['crops']} crops)"
+        lines += [
+            f"| {gpu} | seed loop (batch 1, no KV cache){cut} | {seed['crops']} | {seed['seconds']:.2f} "
+            f"| {seed['crops_per_s']:.2f} | 1.00× | | |",  # one peak for the whole run: on the next row
+            f"| {gpu} | `generate_texts` (batch {e['batch_size']}, KV cache) | {batched['crops']} "
+            f"| {batched['seconds']:.2f} | {batched['crops_per_s']:.2f} | {e['ratio']:.2f}× "
+            f"| {e['identical']}/{e['compared']} | {num(e.get('peak_gib'), '.2f')} |",
+        ]
+    return "\n".join(lines)
+
+
+def provenance(results: dict) -> str:
+    s = results["suite"]
+    v = s.get("versions", {})
+    return (f"{gpu_name(s.get('device'))}, {s['started_utc'][:10]}: `bash benchmarks/gpu_suite.sh"
+            f"{' --smoke' if s['mode'] == 'smoke' else ''}` ({s['config']} model, random weights; torch "
+            f"{v.get('torch')}, transformers {v.get('transformers')}; {s['elapsed_s']:.0f} s of its "
+            f"{s['budget_s']:.0f} s budget), copied by `benchmarks/gpu_tables.py` from its results.json.")
+
+
+def choice(results: dict) -> list[str]:
+    """train.sh's candidates: our full fine-tune (not seed, lowres or LoRA), loss checked; fastest wins."""
+    rows = [r for r in train_rows(results) if r["status"] == "ok" and r.get("check", {"ok": True})["ok"]
+            and r.get("settings", {}).get("precision") in ("bf16_lean", "fp32_master")
+            and not r["settings"].get("min_pixels")]
+    if not rows:
+        return ["no recipe of ours was measured: no choice for train.sh"]
+    fits = [r for r in rows if r["memory_cap_gb"] is not None and r["memory_cap_gb"] <= 12]
+    lines = []
+    if fits:
+        r = max(fits, key=lambda r: r["samples_per_s"])
+        lines.append(f"cards under 20 GB: `{r['recipe']}` ({r['samples_per_s']:.2f} samples/s under the "
+                     f"{r['memory_cap_gb']:g} GiB cap, peak {num(r.get('peak_gib'), '.2f')} GiB)")
+    else:
+        lines.append("cards under 20 GB: none of ours ran under the 12 GiB cap")
+    r = max(rows, key=lambda r: r["samples_per_s"])
+    lines.append(f"cards of 20 GB and more: `{r['recipe']}` ({r['samples_per_s']:.2f} samples/s, peak "
+                 f"{num(r.get('peak_gib'), '.2f')} GiB, reserved {num(r.get('reserved_gib'), '.2f')} GiB)")
+    return lines
+
+
+def readme_blocks(results: dict) -> dict[str, str]:
+    note = provenance(results)
+    return {"train": f"{train_table(results)}\n\n{note}", "eval": f"{eval_table(results)}\n\n{note}"}
+
+
+def render_markdown(results: dict) -> str:
+    """results.md: both tables, what each part did, warnings, and the train.sh choice."""
+    s = results["suite"]
+    out = [f"# GPU suite ({s['mode']}): {gpu_name(s.get('device'))}", "", provenance(results), ""]
+    if s.get("gpu"):
+        out += [f"nvidia-smi: {s['gpu']}", ""]
+    if s.get("status") != "ok":
+        out += [f"**Suite: {s.get('status')}**", ""]
+    out += [f"- {w}" for w in s.get("warnings", [])] + ([""] if s.get("warnings") else [])
+    out += ["## Training (`benchmarks/bench_train.py`)", "", train_table(results), "",
+            "## Evaluation (`benchmarks/bench_eval.py`)", "", eval_table(results), "",
+            "## Parts", "", "| part | status | seconds | slot s | command |", "|---|---|---:|---:|---|"]
+    for p in results.get("parts", []):
+        out.append(f"| {p['name']} | {p['status']} | {num(p.get('seconds'), '.0f')} "
+                   f"| {num(p.get('slot_s'), '.0f')} | `{p.get('command', NONE)}` |")
+    out += ["", "## train.sh defaults from these figures", ""] + [f"- {line}" for line in choice(results)]
+    return "\n".join(out) + "\n"
+
+
+def replace_blocks(text: str, blocks: dict[str, str]) -> str:
+    """Replace what lies between each pair of markers; ValueError when a pair is missing or repeated."""
+    for name, body in blocks.items():
+        start, end = MARKER.format("", name), MARKER.format("/", name)
+        if text.count(start) != 1 or text.count(end) != 1 or text.index(start) > text.index(end):
+            raise ValueError(f"README needs exactly one {start} ... {end} pair, in that order")
+        head, rest = text.split(start)
+        _, tail = rest.split(end)
+        text = f"{head}{start}\n{body}\n{end}{tail}"
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("results", help="results.json written by benchmarks/gpu_suite.sh")
+    ap.add_argument("--readme", default=str(ROOT / "README.md"))
+    ap.add_argument("--allow_smoke", action="store_true", help="accept a --smoke run (tests)")
+    a = ap.parse_args(argv)
+    try:
+        results = json.loads(Path(a.results).read_text(encoding="utf-8"))
+        if results["suite"]["mode"] == "smoke" and not a.allow_smoke:
+            raise ValueError(f"{a.results} is a --smoke run (tiny model on CPU), not GPU figures")
+        readme = Path(a.readme)
+        old = readme.read_text(encoding="utf-8")
+        new = replace_blocks(old, readme_blocks(results))
+    except (OSError, ValueError, KeyError) as e:  # JSONDecodeError is a ValueError
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if new != old:
+        readme.write_text(new, encoding="utf-8")
+    print(f"{readme}: {'tables rewritten' if new != old else 'already up to date'}")
+    print("train.sh defaults from these figures:\n" + "\n".join(f"  {line}" for line in choice(results)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

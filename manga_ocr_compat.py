@@ -1,0 +1,98 @@
+"""A drop-in for manga-ocr's `MangaOcr`, backed by a (fine-tuned) PaddleOCR-VL checkpoint.
+
+Tools written for manga-ocr (mokuro, owocr, ...) do
+
+    from manga_ocr import MangaOcr
+    mocr = MangaOcr(pretrained_model_name_or_path, force_cpu=False)
+    text = mocr(img_or_path)
+
+The same three lines work with this class; `compat/manga_ocr/` is a one-file package that re-exports it under
+manga-ocr's name, so putting that folder (and this repo) on PYTHONPATH swaps the model, the tool unchanged.
+Texts follow manga-ocr's output convention (`post_process`) unless `raw=True`; `batch()` reads many crops
+through ocr_model.generate_texts (batched, KV cache), which is much faster per crop than one call each.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from ocr_metrics import manga_ocr_post_process as post_process
+
+__all__ = ["MangaOcr", "post_process"]
+
+DEFAULT_MODEL = "PaddlePaddle/PaddleOCR-VL"
+# What tools pass when the user changed nothing. That checkpoint is manga-ocr's own VisionEncoderDecoder,
+# which this class cannot run, so it means "the default model": $MANGA_OCR_COMPAT_MODEL, else DEFAULT_MODEL.
+MANGA_OCR_DEFAULT = "kha-white/manga-ocr-base"
+ImageInput = str | Path | Image.Image
+
+
+def _open(img_or_path: ImageInput) -> Image.Image:
+    # manga-ocr also converts to grayscale ("L" then RGB); we keep colour, as our model was trained on it.
+    if isinstance(img_or_path, str | Path):
+        with Image.open(img_or_path) as im:
+            return im.convert("RGB")
+    if isinstance(img_or_path, Image.Image):
+        return img_or_path.convert("RGB")
+    raise ValueError(f"img_or_path must be a path or PIL.Image, instead got: {img_or_path!r}")
+
+
+class MangaOcr:
+    """manga-ocr's interface over PaddleOCR-VL: `MangaOcr(path)(image) -> text`."""
+
+    def __init__(
+        self,
+        pretrained_model_name_or_path: str | Path = DEFAULT_MODEL,
+        force_cpu: bool = False,
+        *,
+        raw: bool = False,
+        batch_size: int = 16,
+        max_new_tokens: int = 128,
+    ) -> None:
+        import torch
+
+        from ocr_model import load_model_and_processor
+
+        path = str(pretrained_model_name_or_path)
+        if path == MANGA_OCR_DEFAULT:
+            path = os.environ.get("MANGA_OCR_COMPAT_MODEL", DEFAULT_MODEL)
+        # manga-ocr's device choice: CUDA, then Apple MPS, then CPU; bf16 only on CUDA (as evaluate_model).
+        if not force_cpu and torch.cuda.is_available():
+            device, dtype = "cuda", torch.bfloat16
+        elif not force_cpu and torch.backends.mps.is_available():
+            device, dtype = "mps", torch.float32
+        else:
+            device, dtype = "cpu", torch.float32
+        model, processor = load_model_and_processor(path, dtype=dtype, device=device)
+        self._setup(model, processor, raw=raw, batch_size=batch_size, max_new_tokens=max_new_tokens)
+
+    @classmethod
+    def from_model(cls, model: Any, processor: Any, **kwargs: Any) -> MangaOcr:
+        """Wrap an already loaded model and processor (benchmarks, notebooks) without reloading."""
+        self = cls.__new__(cls)
+        self._setup(model, processor, **kwargs)
+        return self
+
+    def _setup(self, model: Any, processor: Any, *, raw: bool = False, batch_size: int = 16,
+               max_new_tokens: int = 128) -> None:
+        if batch_size <= 0 or max_new_tokens <= 0:
+            raise ValueError(f"batch_size and max_new_tokens must be positive, got {batch_size}, "
+                             f"{max_new_tokens}")
+        self.model, self.processor = model, processor
+        self.raw, self.batch_size, self.max_new_tokens = raw, batch_size, max_new_tokens
+
+    def __call__(self, img_or_path: ImageInput) -> str:
+        return self.batch([img_or_path], batch_size=1)[0]
+
+    def batch(self, images: Sequence[ImageInput], batch_size: int | None = None) -> list[str]:
+        """Texts of many crops, in input order; batched generation (crops sorted by size, left padding)."""
+        from ocr_model import generate_texts
+
+        texts = generate_texts(self.model, self.processor, [_open(x) for x in images],
+                               batch_size=batch_size or self.batch_size, max_new_tokens=self.max_new_tokens)
+        return texts if self.raw else [post_process(t) for t in texts]
