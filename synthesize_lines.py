@@ -28,6 +28,7 @@ import sys
 import time
 import unicodedata
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,7 +40,7 @@ from prepare_manga109_data import write_atomic
 from tools.fonts import ELSEWHERE_HINT, find_manga_fonts
 from tools.make_synthetic_manga109 import draw_screentone
 
-TOOL_VERSION = "synthesize_lines 1.0"
+TOOL_VERSION = "synthesize_lines 1.1"  # 1.1: mixture classes matched to Manga109 train
 CHUNK = 250  # lines per work unit: one RNG, one crop folder, one part file
 STATE_FILE = ".synth_state.json"
 
@@ -170,6 +171,34 @@ def _clean(text: str) -> str:
     return "".join(c for c in text if not c.isspace() and unicodedata.category(c)[0] != "C")
 
 
+# The offline mixture's kinds of text, their default weights, and the character class each mostly draws.
+KINDS = ("words", "interjection", "sfx", "kanji", "number", "latin", "punct")
+KIND_WEIGHTS = (0.55, 0.1, 0.1, 0.1, 0.06, 0.03, 0.06)
+KIND_CLASS = ("hiragana", "hiragana", "katakana", "kanji", "digit", "latin", "punct")
+CLASSES = ("hiragana", "katakana", "kanji", "digit", "latin", "punct")
+
+
+def char_class(ch: str) -> str:
+    if "\u3041" <= ch <= "\u309f":
+        return "hiragana"
+    if "\u30a0" <= ch <= "\u30ff":  # with ー
+        return "katakana"
+    if "\u4e00" <= ch <= "\u9fff" or ch == "々":
+        return "kanji"
+    if ch.isdigit():  # half- and full-width
+        return "digit"
+    if ch.isascii() and ch.isalpha() or ch.isalpha() and "\uff21" <= ch <= "\uff5a":
+        return "latin"
+    return "punct"
+
+
+def class_shares(texts: Iterable[str]) -> dict[str, float]:
+    """Share of each character class among all characters of the texts."""
+    counts = Counter(char_class(c) for t in texts for c in t)
+    total = sum(counts.values()) or 1
+    return {c: counts[c] / total for c in CLASSES}
+
+
 def load_words(limit: int = 60000) -> list[str]:
     """Japanese tokens of wordfreq's large list, most frequent first (no MeCab needed for top_n_list)."""
     from wordfreq import top_n_list
@@ -184,6 +213,18 @@ class TextSource:
     texts: list[str]  # Manga109 train texts; empty without --manga109_dir
     lengths: dict[int, float]
     vertical_share: float
+    kind_weights: list[float] = field(default_factory=lambda: list(KIND_WEIGHTS))
+
+    def __post_init__(self) -> None:
+        # With Manga109 train texts, the mixture's character classes are matched to theirs: each kind's
+        # weight moves by its class's ratio target / drawn, over a few rounds of a fixed-seed sample.
+        if not self.texts:
+            return
+        target, rng = class_shares(self.texts), random.Random(0)
+        for _ in range(6):
+            got = class_shares(self.mixture(rng, self.length(rng)) for _ in range(1500))
+            self.kind_weights = [w * ((target[c] + 1e-3) / (got[c] + 1e-3)) ** 0.8
+                                 for w, c in zip(self.kind_weights, KIND_CLASS, strict=True)]
 
     def sample(self, rng: random.Random) -> tuple[str, str]:
         """(text, kind): a train text as it is, two recombined, or the offline mixture."""
@@ -193,14 +234,15 @@ class TextSource:
         if self.texts and r < 0.7:
             a, b = rng.choice(self.texts), rng.choice(self.texts)
             return a[: rng.randint(1, len(a))] + b[rng.randrange(len(b)):], "recombined"
-        n = rng.choices(list(self.lengths), list(self.lengths.values()))[0]
-        return self.mixture(rng, n), "mixture"
+        return self.mixture(rng, self.length(rng)), "mixture"
+
+    def length(self, rng: random.Random) -> int:
+        return rng.choices(list(self.lengths), list(self.lengths.values()))[0]
 
     def mixture(self, rng: random.Random, n: int) -> str:
         parts: list[str] = []
         while sum(map(len, parts)) < n:
-            kind = rng.choices(["words", "interjection", "sfx", "kanji", "number", "latin", "punct"],
-                               [0.55, 0.1, 0.1, 0.1, 0.06, 0.03, 0.06])[0]
+            kind = rng.choices(KINDS, self.kind_weights)[0]
             if kind == "words":  # frequent words more often: a Zipf-like pick over the rank
                 k = rng.randint(1, 4)
                 parts.append("".join(self.words[int(len(self.words) ** rng.random()) - 1] for _ in range(k)))

@@ -194,3 +194,20 @@ def test_font_styles_and_the_pack(monkeypatch: pytest.MonkeyPatch):
     if len(found) < 20:
         pytest.skip("font pack not installed (python tools/fonts.py --pack manga)")
     assert len({style for _, style in found}) >= 5
+
+
+def test_mixture_matches_the_character_classes_of_the_train_texts(manga109: Path) -> None:
+    """The offline part of a --manga109_dir run draws each character class in train's shares."""
+    import random
+
+    texts, lengths, vshare, _ = S.read_manga109(manga109)
+    words = S.load_words()
+    target = S.class_shares(texts)
+
+    def distance(source: S.TextSource) -> float:
+        rng = random.Random(5)
+        drawn = S.class_shares(source.mixture(rng, source.length(rng)) for _ in range(3000))
+        return sum(abs(drawn[c] - target[c]) for c in S.CLASSES)
+
+    matched, default = S.TextSource(words, texts, lengths, vshare), S.TextSource(words, [], lengths, vshare)
+    assert distance(matched) < 0.15 and distance(matched) < distance(default) / 2
