@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -99,10 +100,11 @@ def template_file(model_path: str) -> str:
     return f"{model_path} (no chat template file)"
 
 
-def ensure_release_prompt(config: PreTrainedConfig, processor: Any, source: str) -> None:
+def ensure_release_prompt(config: PreTrainedConfig, processor: Any, source: Callable[[], str]) -> None:
     """Make sure generation and training prompt the model as released, or raise ModelLoadError.
 
-    source names the template's file. A template that renders the release's prompt only once `image_token`
+    source() names the template's file; it is called only to report (finding the file may ask the hub). A
+    template that renders the release's prompt only once `image_token`
     is the full marker triplet (the published v1 template under transformers 5) is corrected in memory.
     """
     tok = processor.tokenizer
@@ -133,10 +135,10 @@ def ensure_release_prompt(config: PreTrainedConfig, processor: Any, source: str)
                 "%s renders the image without %s/%s (%r): the template takes its image markers from the "
                 "variable `image_token`, which transformers 5 sets to the tokenizer's %s. Rendering the "
                 "release's markers explicitly.",
-                source, IMAGE_START, IMAGE_END, error.rendered, IMAGE_PLACEHOLDER,
+                source(), IMAGE_START, IMAGE_END, error.rendered, IMAGE_PLACEHOLDER,
             )
             return
-    raise ModelLoadError(f"{source}: {error}") from error
+    raise ModelLoadError(f"{source()}: {error}") from error
 
 
 def load_model_and_processor(
@@ -193,7 +195,7 @@ def load_model_and_processor(
         lm_head = model.get_output_embeddings().weight
         if lm_head.data_ptr() == model.get_input_embeddings().weight.data_ptr():
             raise ModelLoadError(f"{model_path!r}: checkpoint has its own lm_head.weight but it got tied")
-    ensure_release_prompt(model.config, processor, template_file(model_path))
+    ensure_release_prompt(model.config, processor, lambda: template_file(model_path))
     if device is not None:
         model = model.to(device)
     return model.eval(), processor

@@ -39,7 +39,7 @@ def build_full_size_random(
         **ids,
     )
     assert config.text_config.vocab_size == 103424 > len(processor.tokenizer)
-    ensure_release_prompt(config, processor, f"the release-like {version} chat template")
+    ensure_release_prompt(config, processor, lambda: f"the release-like {version} chat template")
     with torch.device(device):  # init on the GPU directly: a 0.9B init on CPU takes ~20 s
         model = PaddleOCRVLForConditionalGeneration._from_config(
             config, dtype=dtype, attn_implementation=attn_implementation
