@@ -165,10 +165,10 @@ def mixed_train_dataset(
             # _source: the file named in errors about this record
             drawn += [{**recs[i], "_source": str(folder / "train.jsonl")} for i in order[: want - len(drawn)]]
         mixed += drawn
-        counts.append({"folder": str(folder), "weight": w, "records": len(recs), "drawn": want})
+        counts.append({"folder": str(folder), "weight": w, "records": len(recs)})
     rng.shuffle(mixed)  # so that max_samples keeps the mix
     first.records = mixed[:max_samples]
-    drawn_after = Counter(r["_source"] for r in first.records)
-    for (folder, _), c in zip(folders, counts, strict=True):
-        c["drawn"] = drawn_after[str(folder / "train.jsonl")]
+    kept = Counter(r["_source"] for r in first.records)
+    for c in counts:
+        c["drawn"] = kept[str(Path(c["folder"]) / "train.jsonl")]
     return first, counts

@@ -35,7 +35,7 @@ from transformers.training_args import ParallelMode
 
 from custom_collator import OCRCollator, answer_ids, configure_image_size, num_image_tokens, prompt_ids
 from export_model import ExportError, export_model
-from ocr_dataset import DatasetError, OCRDataset, load_image, mixed_train_dataset, parse_data_dirs
+from ocr_dataset import DatasetError, OCRDataset, load_image, mixed_train_dataset
 from ocr_metrics import cer_metrics
 from ocr_model import ModelLoadError, generate_texts, load_model_and_processor
 
@@ -440,11 +440,11 @@ def build_trainer(
         args.gradient_checkpointing_kwargs = {"use_reentrant": False}
 
     # data first: a missing split should fail before minutes of downloading and loading weights
-    data = parse_data_dirs(data_args.data_dir)[0][0]  # val/test: the first folder only
     train_ds, mix = mixed_train_dataset(
         data_args.data_dir, seed=args.data_seed or args.seed, augment=data_args.augment,
         max_samples=data_args.max_train_samples,
     )
+    data = Path(mix[0]["folder"])  # val/test: the first folder only
     if not len(train_ds):
         raise DatasetError(f"{data / 'train.jsonl'} has no samples")
     logger.info("train samples per folder: %s", ", ".join(f"{m['folder']}: {m['drawn']}" for m in mix))
