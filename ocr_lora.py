@@ -92,19 +92,31 @@ def is_lora(model: Any) -> bool:
 
 def load_adapter_weights(model: Any, checkpoint: str | Path) -> None:
     """Put the adapter saved in `checkpoint` into the PeftModel `model` (resume, best-model load). Strict:
-    every adapter tensor of the model must come from the file, and the file may hold nothing else."""
-    from peft import set_peft_model_state_dict
+    the saved adapter must have this run's settings, and every adapter tensor must come from the file."""
+    from peft import PeftConfig, set_peft_model_state_dict
     from peft.utils import load_peft_weights
 
-    weights = load_peft_weights(str(checkpoint), device="cpu")
-    result = set_peft_model_state_dict(model, weights)
+    try:
+        saved = PeftConfig.from_pretrained(str(checkpoint))
+    except (OSError, ValueError) as e:
+        raise LoraError(f"{checkpoint} holds no LoRA adapter ({e}); was it saved by a full fine-tune?") from e
+    mine = model.peft_config["default"]
+    keys = ("r", "lora_alpha", "target_modules")
+    differ = [f"{k} {getattr(saved, k, None)!r} there, {getattr(mine, k)!r} now" for k in keys
+              if getattr(saved, k, None) != getattr(mine, k)]
+    if differ:
+        raise LoraError(
+            f"adapter in {checkpoint} does not fit this model: {'; '.join(differ)} (keep --lora_r, "
+            "--lora_alpha and --lora_targets of the run that saved it)"
+        )
+    result = set_peft_model_state_dict(model, load_peft_weights(str(checkpoint), device="cpu"))
     wanted = {n for n, p in model.named_parameters() if p.requires_grad}
     missing = sorted(n for n in result.missing_keys if n in wanted)
     if missing or result.unexpected_keys:
         raise LoraError(
             f"adapter in {checkpoint} does not fit this model: {len(missing)} adapter tensors missing "
             f"(e.g. {missing[:2]}), {len(result.unexpected_keys)} unexpected "
-            f"(e.g. {list(result.unexpected_keys)[:2]}); were --lora_r or --lora_targets changed since?"
+            f"(e.g. {list(result.unexpected_keys)[:2]})"
         )
 
 

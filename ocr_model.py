@@ -141,15 +141,11 @@ def ensure_release_prompt(config: PreTrainedConfig, processor: Any, source: Call
     raise ModelLoadError(f"{source()}: {error}") from error
 
 
-def load_model_and_processor(
-    model_path: str,
-    *,
-    dtype: torch.dtype | str | None = None,
-    device: str | torch.device | None = None,
-    trust_remote_code: bool = False,
-    attn_implementation: str | None = None,
-) -> tuple[Any, Any]:
-    """Return ``(model, processor)`` for a hub id or local folder; raise ``ModelLoadError`` on failure."""
+def load_config_and_processor(
+    model_path: str, *, trust_remote_code: bool = False
+) -> tuple[str, PreTrainedConfig, Any, bool | None]:
+    """``(resolved path, config, processor, has_lm_head)`` of a checkpoint, checked as for loading the model,
+    without reading any weights (sft plans memory with these before it loads the model)."""
     model_path = str(model_path)
     if _looks_like_local_path(model_path):
         folder = Path(model_path).expanduser()
@@ -177,25 +173,46 @@ def load_model_and_processor(
             f"{model_path!r}: config says the lm_head is untied but the checkpoint has no lm_head.weight; "
             "loading would leave a randomly initialised lm_head"
         )
+    try:
+        processor = AutoProcessor.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(
+            f"could not load the processor from {model_path!r} (tried as {where}): {e}"
+        ) from e
+    ensure_release_prompt(config, processor, lambda: template_file(model_path))
+    return model_path, config, processor, has_lm_head
 
+
+def load_model_and_processor(
+    model_path: str,
+    *,
+    dtype: torch.dtype | str | None = None,
+    device: str | torch.device | None = None,
+    trust_remote_code: bool = False,
+    attn_implementation: str | None = None,
+    checked: tuple[str, PreTrainedConfig, Any, bool | None] | None = None,
+) -> tuple[Any, Any]:
+    """Return ``(model, processor)`` for a hub id or local folder; raise ``ModelLoadError`` on failure.
+
+    `checked`: what load_config_and_processor returned for this path, when the caller needed it first."""
+    path, config, processor, has_lm_head = checked or load_config_and_processor(
+        model_path, trust_remote_code=trust_remote_code
+    )
     kwargs: dict[str, Any] = {"config": config, "trust_remote_code": trust_remote_code}
     if dtype is not None:
         kwargs["dtype"] = dtype
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
     try:
-        model = AutoModelForImageTextToText.from_pretrained(model_path, **kwargs)
-        processor = AutoProcessor.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+        model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as e:
-        raise ModelLoadError(
-            f"could not load model/processor from {model_path!r} (tried as {where}): {e}"
-        ) from e
+        where = "local folder" if os.path.isdir(path) else "Hugging Face hub id"
+        raise ModelLoadError(f"could not load the model from {path!r} (tried as {where}): {e}") from e
 
     if has_lm_head:
         lm_head = model.get_output_embeddings().weight
         if lm_head.data_ptr() == model.get_input_embeddings().weight.data_ptr():
-            raise ModelLoadError(f"{model_path!r}: checkpoint has its own lm_head.weight but it got tied")
-    ensure_release_prompt(model.config, processor, lambda: template_file(model_path))
+            raise ModelLoadError(f"{path!r}: checkpoint has its own lm_head.weight but it got tied")
     if device is not None:
         model = model.to(device)
     return model.eval(), processor

@@ -11,6 +11,10 @@ What differs from a plain Trainer run, and why:
   micro-batches and ranks), and logits are computed only where the next token is an answer token.
 - evaluation adds CER and exact match from greedy generation on a capped val subset; best checkpoint by CER.
 - a non-finite loss stops the run naming the step, before anything is saved.
+- --lora_r R trains low-rank adapters (PEFT) on the frozen base instead; the final model is merged into a
+  plain checkpoint, the adapter kept in OUTPUT_DIR/adapter (ocr_lora.py).
+- a memory plan (weights, gradients, optimizer state, activation estimate per mode) is logged before the
+  weights are loaded; --print_memory_plan prints it and exits (memory_plan.py).
 """
 
 from __future__ import annotations
@@ -36,8 +40,9 @@ from transformers.training_args import ParallelMode
 from custom_collator import OCRCollator, answer_ids, configure_image_size, num_image_tokens, prompt_ids
 from export_model import ExportError, export_model
 from ocr_dataset import DatasetError, OCRDataset, load_image, mixed_train_dataset
+from ocr_lora import ADAPTER_DIR, LoraError, add_lora, is_lora, load_adapter_weights, merge_lora
 from ocr_metrics import cer_metrics
-from ocr_model import ModelLoadError, generate_texts, load_model_and_processor
+from ocr_model import ModelLoadError, generate_texts, load_config_and_processor, load_model_and_processor
 
 logger = logging.getLogger("sft")
 
@@ -51,8 +56,36 @@ class ModelArguments:
         default="fp32_master",
         metadata={
             "help": "fp32_master: fp32 weights + bf16 autocast (weights, grads and AdamW state alone take "
-            "~14.5 GB for the 0.9B model). bf16_lean: bf16 weights + Kahan-summed AdamW (~9 GB).",
+            "~14.5 GB for the 0.9B model). bf16_lean: bf16 weights + Kahan-summed AdamW (~9 GB). With "
+            "--lora_r: the frozen base's dtype (the adapters are fp32 either way).",
             "choices": ["fp32_master", "bf16_lean"],
+        },
+    )
+    lora_r: int = field(
+        default=0,
+        metadata={
+            "help": "LoRA rank: train rank-R adapters on the frozen base instead of every weight (0: full "
+            "fine-tuning). The final model in output_dir is merged (a plain checkpoint); the adapter is "
+            "kept in output_dir/adapter."
+        },
+    )
+    lora_alpha: float | None = field(
+        default=None, metadata={"help": "LoRA scale numerator: updates are scaled by alpha/r (default 2*r)."}
+    )
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the adapters' input."})
+    lora_targets: str = field(
+        default="language",
+        metadata={
+            "help": "Layers that get adapters, comma-separated: language (decoder attention + MLP "
+            "projections), vision (vision encoder attention + MLP), projector (vision-to-text MLP)."
+        },
+    )
+    print_memory_plan: bool = field(
+        default=False,
+        metadata={
+            "help": "Print the memory plan for this run's batch and data (weights, gradients, optimizer "
+            "state, activation estimate; fp32_master, bf16_lean and lora) and exit without loading the "
+            "weights. Every run logs it at start."
         },
     )
     attn_implementation: str | None = field(
@@ -179,6 +212,9 @@ class BF16Trainer(Trainer):
         # the release's key layout (mlp_AR.*, visual.*, model.*): resuming would silently keep the fresh
         # weights. from_pretrained applies the key mapping; strict loading proves every tensor arrived.
         target = self.accelerator.unwrap_model(model if model is not None else self.model)
+        if is_lora(target):  # a LoRA checkpoint holds only the adapter (the base is frozen)
+            load_adapter_weights(target, path)
+            return
         dtype = next(target.parameters()).dtype
         loaded = type(target).from_pretrained(path, config=target.config, dtype=dtype)
         target.load_state_dict(loaded.state_dict(), strict=True)
@@ -357,7 +393,8 @@ def appears(path: Path, within_s: float) -> bool:
 
 def check_disk_space(args: TrainingArguments, model) -> None:
     """A checkpoint holds weights + optimizer state; a full disk mid-save would lose the run's progress."""
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    # only trained tensors are saved (a LoRA checkpoint holds the adapter)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     per_checkpoint = weights if args.save_only_model else 3 * weights  # + two Adam moments
     free = shutil.disk_usage(args.output_dir).free
     if args.save_strategy != "no" and free < per_checkpoint:
@@ -422,10 +459,54 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
     return model_args, data_args, args
 
 
+def train_data(
+    model_args: ModelArguments, data_args: DataArguments, args: TrainingArguments
+) -> tuple[OCRDataset, list[dict], tuple, list[int]]:
+    """(train set, data mix, load_config_and_processor's checked tuple, token length per train sample):
+    everything that needs no weights. Raises DatasetError / ModelLoadError."""
+    # data first: a missing split should fail before minutes of downloading and loading weights
+    train_ds, mix = mixed_train_dataset(
+        data_args.data_dir, seed=args.data_seed or args.seed, augment=data_args.augment,
+        max_samples=data_args.max_train_samples,
+    )
+    if not len(train_ds):
+        raise DatasetError(f"{Path(mix[0]['folder']) / 'train.jsonl'} has no samples")
+    logger.info("train samples per folder: %s", ", ".join(f"{m['folder']}: {m['drawn']}" for m in mix))
+    checked = load_config_and_processor(model_args.model_path, trust_remote_code=model_args.trust_remote_code)
+    configure_image_size(checked[2], data_args.min_pixels, data_args.max_pixels)
+    lengths = drop_overlong(train_ds, sequence_lengths(train_ds, checked[2]), data_args)
+    if not lengths:
+        raise DatasetError(f"every train sample is longer than --max_length {data_args.max_length}")
+    return train_ds, mix, checked, lengths
+
+
+def run_memory_plan(
+    model_args: ModelArguments, args: TrainingArguments, checked: tuple, ds: OCRDataset, lengths: list[int]
+) -> str:
+    """The memory plan for a micro-batch of the longest train sample (peak memory follows the longest)."""
+    from memory_plan import format_plan, gpu_memory_bytes, memory_plan
+
+    _, config, processor, _ = checked
+    longest = max(range(len(lengths)), key=lengths.__getitem__)
+    rows = memory_plan(
+        config,
+        batch_size=args.per_device_train_batch_size,
+        seq_len=lengths[longest],
+        image_tokens=num_image_tokens(processor, *ds.image_sizes()[longest]),
+        gradient_checkpointing=args.gradient_checkpointing,
+        bf16_autocast=args.bf16,
+        lora_r=model_args.lora_r,
+        lora_targets=model_args.lora_targets,
+        lora_precision=model_args.precision,
+    )
+    chosen = "lora" if model_args.lora_r else model_args.precision
+    return format_plan(rows, chosen, gpu_memory_bytes())
+
+
 def build_trainer(
     model_args: ModelArguments, data_args: DataArguments, args: TrainingArguments, callbacks=None
 ) -> BF16Trainer:
-    """Everything up to trainer.train(); raises ModelLoadError / DatasetError on bad input."""
+    """Everything up to trainer.train(); raises ModelLoadError / DatasetError / LoraError on bad input."""
     check_output_dir(args)
     set_seed(args.seed)
     if args.resume_from_checkpoint == "auto":
@@ -439,17 +520,11 @@ def build_trainer(
     if args.gradient_checkpointing and args.gradient_checkpointing_kwargs is None:
         args.gradient_checkpointing_kwargs = {"use_reentrant": False}
 
-    # data first: a missing split should fail before minutes of downloading and loading weights
-    train_ds, mix = mixed_train_dataset(
-        data_args.data_dir, seed=args.data_seed or args.seed, augment=data_args.augment,
-        max_samples=data_args.max_train_samples,
-    )
+    train_ds, mix, checked, lengths = train_data(model_args, data_args, args)
     data = Path(mix[0]["folder"])  # val/test: the first folder only
-    if not len(train_ds):
-        raise DatasetError(f"{data / 'train.jsonl'} has no samples")
-    logger.info("train samples per folder: %s", ", ".join(f"{m['folder']}: {m['drawn']}" for m in mix))
     if args.process_index == 0:
         (Path(args.output_dir) / "data_mix.json").write_text(json.dumps(mix, indent=1) + "\n")
+        logger.info("memory plan\n%s", run_memory_plan(model_args, args, checked, train_ds, lengths))
 
     lean = model_args.precision == "bf16_lean"
     model, processor = load_model_and_processor(
@@ -457,11 +532,21 @@ def build_trainer(
         dtype=torch.bfloat16 if lean else torch.float32,
         trust_remote_code=model_args.trust_remote_code,
         attn_implementation=model_args.attn_implementation,
+        checked=checked,
     )
     model.config.use_cache = False  # the cache is useless in training and conflicts with checkpointing
+    n_params = sum(p.numel() for p in model.parameters())
+    if model_args.lora_r:
+        alpha = model_args.lora_alpha or 2 * model_args.lora_r
+        model = add_lora(model, model_args.lora_r, alpha, model_args.lora_dropout, model_args.lora_targets)
+        n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        logger.info(
+            "LoRA r=%d alpha=%g on %s: %.2fM trainable of %.1fM (%.2f%%)", model_args.lora_r, alpha,
+            model_args.lora_targets, n_train / 1e6, n_params / 1e6, 100 * n_train / n_params,
+        )
+        if args.ddp_find_unused_parameters is None:  # every adapter takes part in every step
+            args.ddp_find_unused_parameters = False
     check_disk_space(args, model)
-    configure_image_size(processor, data_args.min_pixels, data_args.max_pixels)
-    lengths = drop_overlong(train_ds, sequence_lengths(train_ds, processor), data_args)
     val_path = data / "val.jsonl"
     has_val = val_path.is_file() and val_path.stat().st_size > 0
     eval_ds = OCRDataset(val_path, max_samples=data_args.max_eval_samples) if has_val else None
@@ -475,8 +560,10 @@ def build_trainer(
     elif args.metric_for_best_model == "cer":  # CER needs generation; fall back to the val loss
         args.metric_for_best_model, args.greater_is_better = "loss", False
 
+    # LoRA's adapters are fp32 in both precisions: Trainer's AdamW steps them exactly
     betas = (args.adam_beta1, args.adam_beta2)
-    optimizer = lean_optimizer(args.learning_rate, betas, args.adam_epsilon) if lean else None
+    lean_opt = lean and not model_args.lora_r
+    optimizer = lean_optimizer(args.learning_rate, betas, args.adam_epsilon) if lean_opt else None
     collator = OCRCollator(
         processor,
         max_length=data_args.max_length,
@@ -487,7 +574,7 @@ def build_trainer(
         "train %d crops, val %d; %.1fM parameters, precision %s",
         len(train_ds),
         len(eval_ds) if eval_ds else 0,
-        sum(p.numel() for p in model.parameters()) / 1e6,
+        n_params / 1e6,
         model_args.precision,
     )
     return BF16Trainer(
@@ -505,13 +592,21 @@ def build_trainer(
     )
 
 
-def export_final_model(trainer: BF16Trainer, base: str, output_dir: str) -> bool:
-    """Turn the final model saved in output_dir into a drop-in replacement for the base (export_model.py:
-    the base's files and key layout, plus the tensors transformers does not load). Rank 0 writes while the
-    other ranks wait for its outcome; False on every rank (the error printed once) if it failed."""
+def save_final_model(trainer: BF16Trainer, base: str, output_dir: str) -> bool:
+    """Save the final model in output_dir as a drop-in replacement for the base (export_model.py: the base's
+    files and key layout, plus the tensors transformers does not load). A LoRA run saves its adapter in
+    output_dir/adapter and the merged model in output_dir. Rank 0 writes while the other ranks wait for its
+    outcome; False on every rank (the error printed once) if it failed."""
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    lora = is_lora(model)
+    trainer.save_model(os.path.join(output_dir, ADAPTER_DIR) if lora else output_dir)
 
     def export() -> str | None:
         try:
+            if lora:  # merged on the CPU in fp32: the GPU may not hold an fp32 copy of the base
+                merged = merge_lora(model.to("cpu"))
+                merged.save_pretrained(output_dir)
+                trainer.processing_class.save_pretrained(output_dir)
             export_model(output_dir, base, output_dir)
         except (ExportError, OSError) as e:
             return str(e)
@@ -532,9 +627,13 @@ def main(argv: list[str] | None = None) -> int:
     model_args, data_args, args = parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     try:
+        if model_args.print_memory_plan:
+            train_ds, _, checked, lengths = train_data(model_args, data_args, args)
+            print(run_memory_plan(model_args, args, checked, train_ds, lengths))
+            return 0
         trainer = build_trainer(model_args, data_args, args)
         trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
-    except (ModelLoadError, DatasetError, NonFiniteLossError) as e:
+    except (ModelLoadError, DatasetError, NonFiniteLossError, LoraError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # typically a full disk while saving a checkpoint
@@ -547,8 +646,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     # Shared files are written by rank 0 only (save_model, save_state, the curves); per-rank files carry the
     # rank in their name. The final barrier ends every rank only once the output folder is complete.
-    trainer.save_model(args.output_dir)
-    if not export_final_model(trainer, model_args.model_path, args.output_dir):
+    if not save_final_model(trainer, model_args.model_path, args.output_dir):
         return 2
     trainer.save_state()
     if data_args.log_sample_ids:

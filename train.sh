@@ -5,6 +5,7 @@
 #   LR=1e-5 EPOCHS=1 bash train.sh                  # override by environment variable ...
 #   bash train.sh --max_steps 100 --eval_steps 50   # ... or by extra arguments (passed through, they win)
 #   NUM_GPUS=2 bash train.sh                        # DDP through torchrun
+#   LORA_R=16 bash train.sh                         # LoRA adapters on a frozen base (8 GB cards)
 #   NNODES=2 NODE_RANK=0 MASTER_ADDR=node0 NUM_GPUS=8 bash train.sh   # on node0, and NODE_RANK=1 on node1
 #
 # A killed run continues from its last checkpoint when started again (RESUME=auto); RESUME=none starts over.
@@ -16,7 +17,12 @@ MODEL_PATH=${MODEL_PATH:-PaddlePaddle/PaddleOCR-VL}
 DATA_DIR=${DATA_DIR:-./data/manga109s}     # several: "./data/manga109s ./data/synth_lines:0.5" (val: the first)
 OUTPUT_DIR=${OUTPUT_DIR:-./sft_output}
 EPOCHS=${EPOCHS:-3}
-LR=${LR:-2e-5}
+LORA_R=${LORA_R:-0}                    # > 0: train rank-R LoRA adapters instead of every weight
+LORA_ALPHA=${LORA_ALPHA:-$((2 * LORA_R))}
+LORA_DROPOUT=${LORA_DROPOUT:-0.05}
+LORA_TARGETS=${LORA_TARGETS:-language} # comma-separated: language, vision, projector
+if [ "$LORA_R" -gt 0 ]; then DEFAULT_LR=2e-4; else DEFAULT_LR=2e-5; fi
+LR=${LR:-$DEFAULT_LR}                     # LoRA: adapters start at zero and need a larger step
 SCHEDULER=${SCHEDULER:-cosine}
 WARMUP=${WARMUP:-0.03}                 # < 1: fraction of all steps
 WEIGHT_DECAY=${WEIGHT_DECAY:-0.01}
@@ -80,8 +86,12 @@ elif [ "$NUM_GPUS" -gt 1 ]; then
     launcher=("$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$NUM_GPUS")
 fi
 
+lora_args=()
+[ "$LORA_R" -gt 0 ] && lora_args=(--lora_r "$LORA_R" --lora_alpha "$LORA_ALPHA" --lora_dropout "$LORA_DROPOUT"
+                                 --lora_targets "$LORA_TARGETS")
+
 echo "train.sh: model=$MODEL_PATH data=$DATA_DIR out=$OUTPUT_DIR precision=$PRECISION bf16=$BF16" \
-     "gpus=$NUM_GPUS nodes=$NNODES"
+     "gpus=$NUM_GPUS nodes=$NNODES lora_r=$LORA_R"
 exec "${launcher[@]}" sft_paddleocr_vl.py \
     --model_path "$MODEL_PATH" \
     --data_dir "$DATA_DIR" \
@@ -113,4 +123,5 @@ exec "${launcher[@]}" sft_paddleocr_vl.py \
     --seed "$SEED" \
     --report_to "$REPORT_TO" \
     "${resume_args[@]}" \
+    "${lora_args[@]}" \
     "$@"
