@@ -221,6 +221,34 @@ def test_pipeline_and_export(release_model, prepared: Path, tmp_path: Path, vers
     assert [line.split("\t", 1)[1] for line in lines] == [t.replace("\n", "\\n") for t in want_texts]
 
 
+def test_lora_output_has_the_base_layout(release_model, prepared: Path, tmp_path: Path) -> None:
+    """--lora_r: the merged final model has the base's files, names, shapes and dtypes; only the decoder's
+    projections differ from the base; evaluate and predict take it; the adapter sits in adapter/."""
+    base, out = release_model("v1"), tmp_path / "sft"
+    data = training_data(prepared, tmp_path / "data")
+    rc = sft.main([
+        "--model_path", str(base), "--data_dir", str(data), "--output_dir", str(out), "--report_to", "none",
+        "--disable_tqdm", "true", "--max_steps", "2", "--per_device_train_batch_size", "4",
+        "--learning_rate", "1e-2", "--save_strategy", "no", "--eval_strategy", "no", "--lora_r", "4",
+    ])
+    assert rc == 0
+    written = {p.name for p in out.iterdir() if p.is_file()}
+    assert written & (MODEL_FILES | {"processor_config.json"}) == MODEL_FILES
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    got, want = tensors(out), tensors(base)
+    assert list(got) == list(want)
+    assert all(got[k].shape == want[k].shape and got[k].dtype == want[k].dtype for k in want)
+    decoder = re.compile(r"model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.weight")
+    changed = {k for k in want if not torch.equal(got[k].view(torch.int16), want[k].view(torch.int16))}
+    assert changed == {k for k in want if decoder.fullmatch(k)} and len(changed) == 14  # 2 layers x 7
+    assert evaluate_model.main([
+        "--model_path", str(out), "--data_dir", str(prepared), "--split", "test", "--num_samples", "4",
+        "--max_new_tokens", "4", "--output_dir", str(tmp_path / "eval"),
+    ]) == 0
+    paths = [r["image_path"] for r in read_jsonl(data / "val.jsonl")[:2]]
+    assert predict.main(["--model_path", str(out), *paths, "--max_new_tokens", "4"]) == 0
+
+
 def test_export_refuses_a_checkpoint_of_another_base(release_model, tiny_model: Path, tmp_path: Path,
                                                       error_line) -> None:
     base = release_model("v1")
