@@ -128,6 +128,50 @@ def test_two_nodes_match_one_node_and_one_process(tiny_model: Path, prepared: Pa
     assert max((want[k] - base[k]).abs().max().item() for k in want if k in base) > 1e-3
 
 
+def test_lora_ddp_killed_and_resumed_matches_one_process(tiny_model: Path, prepared: Path,
+                                                          tmp_path: Path) -> None:
+    """LORA_R over DDP with CER at each eval: rank 1 killed after checkpoint-2, the rerun resumes, and the
+    adapter and merged model equal one process's with the doubled batch (adapter dropout off: its random
+    masks differ between one and two processes)."""
+    lora = {"LORA_R": "4", "LORA_DROPOUT": "0", "LR": "1e-2", "GRAD_ACCUM": "1", "SAVE_STEPS": "2",
+            "EVAL_GENERATION_SAMPLES": "4"}
+    cmd = [*TRAIN_SH, "--max_steps", "8", "--max_eval_samples", "4", "--load_best_model_at_end", "false",
+           "--disable_tqdm", "true", "--generation_max_new_tokens", "8"]
+    run(cmd, train_env(tiny_model, prepared, tmp_path / "one", BATCH_SIZE="4", **lora))
+
+    out = tmp_path / "two"
+    env = train_env(tiny_model, prepared, out, BATCH_SIZE="2", NUM_GPUS="2", **lora)
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        victim, deadline = None, time.time() + 300
+        while time.time() < deadline and not (out / "checkpoint-2" / "trainer_state.json").exists():
+            if victim is None:
+                victim = next((p for p in child_pids(proc.pid) if rank_of(p) == 1), None)
+            time.sleep(0.02)
+        assert victim is not None and (out / "checkpoint-2" / "trainer_state.json").exists()
+        os.kill(victim, signal.SIGKILL)
+        rc = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert rc != 0 and not (out / "model.safetensors").exists()
+    done = run(cmd, env)
+    assert "resume: " in done.stderr and "checkpoint-" in done.stderr
+
+    adapters = ("checkpoint-8/adapter_model.safetensors", "adapter/adapter_model.safetensors")
+    for weights in ("model.safetensors", *adapters):
+        want, want_step = final_state(tmp_path / "one", weights)
+        got, got_step = final_state(out, weights)
+        assert got_step == want_step == 8
+        assert_same_weights(got, want)
+    adapter = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    assert max(t.abs().max().item() for k, t in adapter.items() if "lora_B" in k) > 1e-3  # B starts at 0
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert [h["step"] for h in state["log_history"] if "eval_cer" in h] == [2, 4, 6, 8]
+
+
 def test_output_dir_not_shared_by_a_node_fails_clearly(tmp_path: Path, monkeypatch) -> None:
     """Rank 1 on another host can't see the marker rank 0 wrote: every rank stops with one clear line."""
     import torch.distributed as dist
