@@ -14,6 +14,9 @@ Every recipe trains on 16 crops per optimizer step (micro-batch B x accumulation
                 --num_workers workers, pinned memory.
   default_nogc  default without gradient checkpointing: no recomputation, more activation memory.
   fp32_master   default with fp32 weights + bf16 autocast + torch AdamW (--precision fp32_master, >12 GB).
+  lora          default's bf16 base frozen, rank-16 LoRA adapters (alpha 32, dropout 0.05; fp32, stepped by
+                torch AdamW, fused on CUDA) on the decoder's attention and MLP projections (--lora_r 16).
+  lora_vision   lora with adapters on the vision encoder too (--lora_targets language,vision).
   lowres        default with min_pixels lowered to 28*28*64 (release: 147384). CHANGES WHAT THE MODEL SEES
                 (fewer image tokens per crop): a different training, not a faster way to do the same one.
 Overrides: default:bs=4,ga=4,gc=0,group=1,workers=2. Every recipe uses SDPA (the issue does not name
@@ -32,6 +35,9 @@ for every recipe (PaLM convention: neither recomputation by checkpointing nor lo
 reads count). With P = parameters, n_i = patches of image i, T_r = real tokens of row r:
   6 * (P_vision * sum n_i + P_projector * sum n_i / 4 + P_decoder * sum T_r + P_lm_head * answer tokens)
   + 12 * (L_v * d_v * sum n_i^2 + L_t * heads * head_dim * sum T_r^2)       (attention; causal not halved)
+LoRA recipes need no weight gradients: a frozen part costs 4x its parameters per token (forward and the
+gradient of its input) where it or an earlier part holds adapters, else 2x (forward only: nothing before it
+is trained), and its attention 12 or 4; the adapters' own FLOPs (< 1 %) are not counted.
 """
 
 from __future__ import annotations
@@ -61,6 +67,7 @@ from benchmarks.full_size import build_full_size_random  # noqa: E402
 from custom_collator import OCRCollator  # noqa: E402
 from evaluate_model import device_description  # noqa: E402
 from ocr_dataset import OCRDataset  # noqa: E402
+from ocr_lora import add_lora  # noqa: E402
 from ocr_model import load_model_and_processor  # noqa: E402
 from tools.make_synthetic_manga109 import CHARSET, generate  # noqa: E402
 from tools.make_tiny_model import build_tiny_model  # noqa: E402
@@ -83,6 +90,8 @@ class Recipe:
     group: bool = False  # length-grouped batches, as --group_by_length (off by default in training too)
     workers: int | None = None  # None: --num_workers
     min_pixels: int | None = None
+    lora_r: int = 0
+    lora_targets: str = "language"
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -91,6 +100,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "default_nogc": {"gc": False},
     "fp32_master": {"precision": "fp32_master"},
     "lowres": {"min_pixels": 28 * 28 * 64},
+    "lora": {"lora_r": 16},
+    "lora_vision": {"lora_r": 16, "lora_targets": "language,vision"},
 }
 
 
@@ -126,6 +137,8 @@ def build(config: str, tiny_dir: str, recipe: Recipe, device: torch.device) -> t
     if recipe.gc:  # activation_checkpointing_enable is the newer name; the old one warns
         on = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
         on({"use_reentrant": False})
+    if recipe.lora_r:  # as sft_paddleocr_vl.py --lora_r with its default alpha (2 r) and dropout
+        model = add_lora(model, recipe.lora_r, 2 * recipe.lora_r, 0.05, recipe.lora_targets)
     return model.train(), processor
 
 
@@ -185,23 +198,31 @@ def check_loss(model: Any, batch: dict, recipe: Recipe, rtol: float = 1e-2) -> d
     return {"recipe_loss": ours, "fp32_loss": plain, "ok": abs(ours - plain) <= rtol * abs(plain) + 1e-3}
 
 
-def flop_counter(model: Any) -> Callable[[dict], float]:
+def flop_counter(model: Any, recipe: Recipe | None = None) -> Callable[[dict], float]:
     """Model FLOPs of one micro-batch (formula in the module docstring)."""
     def n(module: torch.nn.Module) -> int:
         return sum(p.numel() for p in module.parameters())
 
+    # per-parameter factors of vision, projector, decoder, lm_head: 6 trained, 4 or 2 frozen (docstring)
+    f_vis, f_proj, f_dec, f_head = 6, 6, 6, 6
+    if recipe is not None and recipe.lora_r:
+        model = model.get_base_model()
+        parts = ("vision", "projector", "language")
+        first = next(i for i, g in enumerate(parts) if g in recipe.lora_targets)  # first part with adapters
+        f_vis, f_proj, f_dec, f_head = (4 if i >= first else 2 for i in range(4))
     inner, vc, tc = model.model, model.config.vision_config, model.config.text_config
     p_vis, p_proj, p_head = n(inner.visual), n(inner.projector), model.lm_head.weight.numel()
     p_dec = n(inner.language_model) - inner.language_model.embed_tokens.weight.numel()  # a lookup, no matmul
-    att_v = 12 * vc.num_hidden_layers * vc.hidden_size
+    att_v = (12 if f_vis != 2 else 4) * vc.num_hidden_layers * vc.hidden_size
     att_t = 12 * tc.num_hidden_layers * tc.num_attention_heads * tc.head_dim
 
     def flops(batch: dict) -> float:
         patches = batch["image_grid_thw"].prod(-1).double()
         rows = batch["attention_mask"].sum(1).double()
         answers = float((batch["labels"][:, 1:] != -100).sum())
-        linear = p_vis * patches.sum() + p_proj * patches.sum() / 4 + p_dec * rows.sum() + p_head * answers
-        return float(6 * linear + att_v * (patches**2).sum() + att_t * (rows**2).sum())
+        linear = (f_vis * p_vis * patches.sum() + f_proj * p_proj * patches.sum() / 4
+                  + f_dec * p_dec * rows.sum() + f_head * p_head * answers)
+        return float(linear + att_v * (patches**2).sum() + att_t * (rows**2).sum())
 
     return flops
 
@@ -217,13 +238,13 @@ def run_recipe(recipe: Recipe, a: argparse.Namespace, tiny_dir: str, data_dir: P
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)  # the check's fp32 weights are not the recipe's memory
     params = [p for p in model.parameters() if p.requires_grad]
-    if recipe.precision == "bf16_lean":
+    if recipe.precision == "bf16_lean" and not recipe.lora_r:
         cls, kwargs = sft.lean_optimizer(a.lr)
         opt = cls(params, weight_decay=0.0, **kwargs)
-    else:  # fp32_master: Trainer's default on torch >= 2.8 is fused; the seed's older Trainer used foreach
-        fused = recipe.precision == "fp32_master" and device.type == "cuda"
+    else:  # fp32_master, LoRA: Trainer's default on torch >= 2.8 is fused; the seed's older Trainer: foreach
+        fused = (recipe.precision == "fp32_master" or recipe.lora_r > 0) and device.type == "cuda"
         opt = torch.optim.AdamW(params, lr=a.lr, weight_decay=0.0, fused=fused)
-    flops, image_token = flop_counter(model), processor.image_token_id
+    flops, image_token = flop_counter(model, recipe), processor.image_token_id
     totals = dict.fromkeys(("samples", "tokens", "image_tokens", "flops"), 0.0)
     timed_steps = 0
     for step in range(a.warmup + a.steps):

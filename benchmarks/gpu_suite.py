@@ -73,7 +73,7 @@ PARTS = [
      ["default:bs=16,ga=1", "default_nogc", "default_nogc:bs=16,ga=1"], 130, 50),
     ("fp32_master", "train", None, ["fp32_master:bs=16,ga=1"], 70, 40),
     ("eval", "eval", None, [], 160, 90),  # 256 one-crop generate() calls of 16 tokens: the seed loop is slow
-    ("lora_8gb", "train", 8, ["lora"], 50, 40),  # issue 14
+    ("lora_8gb", "train", 8, ["lora", "lora_vision"], 70, 40),
 ]
 ORDER = [row[0] for row in PARTS]
 
