@@ -16,7 +16,9 @@ works. The exported folder has the base's file set instead:
   base byte for byte.
 
 sft_paddleocr_vl.py exports its final model this way (in place, in --output_dir); use this command for any
-intermediate ``checkpoint-N``. The result still loads with AutoModelForImageTextToText / AutoProcessor.
+intermediate ``checkpoint-N``. A checkpoint of a LoRA run (--lora_r) holds only the adapter: it is merged into
+the base first (ocr_lora.merge_lora), then exported the same way. The result still loads with
+AutoModelForImageTextToText / AutoProcessor.
 """
 
 from __future__ import annotations
@@ -151,6 +153,10 @@ def export_model(checkpoint: str | Path, base: str, out: str | Path) -> Path:
     staged in a temporary folder inside ``out`` and moved at the end, so a failure leaves ``out`` as it was.
     """
     ckpt, out = Path(checkpoint), Path(out)
+    if (ckpt / "adapter_config.json").is_file() and not (ckpt / "config.json").is_file():
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=".merge-", dir=out) as merged:
+            return export_model(merge_adapter(ckpt, base, Path(merged)), base, out)
     base_dir = base_folder(base)
     if ckpt.resolve() == base_dir.resolve():
         raise ExportError(f"checkpoint and base are the same folder: {ckpt}")
@@ -183,6 +189,27 @@ def export_model(checkpoint: str | Path, base: str, out: str | Path) -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out
+
+
+def merge_adapter(ckpt: Path, base: str, dst: Path) -> Path:
+    """Save base + the LoRA adapter in `ckpt`, merged, to `dst` (with the checkpoint's processor files)."""
+    from peft import PeftModel
+    from transformers import AutoProcessor
+
+    from ocr_lora import merge_lora
+    from ocr_model import ModelLoadError, load_model_and_processor
+
+    try:
+        model, _ = load_model_and_processor(base, dtype=torch.float32)
+    except ModelLoadError as e:
+        raise ExportError(str(e)) from e
+    try:
+        merged = merge_lora(PeftModel.from_pretrained(model, str(ckpt)))
+    except (ValueError, RuntimeError, KeyError) as e:
+        raise ExportError(f"the LoRA adapter in {ckpt} does not fit the base {base}: {e}") from e
+    merged.save_pretrained(dst)
+    AutoProcessor.from_pretrained(ckpt).save_pretrained(dst)
+    return dst
 
 
 def _write_weights(dst: Path, base_file: Path, names: list[str], ckpt: Path, where: dict[str, str]) -> None:

@@ -153,6 +153,12 @@ def load_config_and_processor(
             raise ModelLoadError(
                 f"model folder {model_path!r} does not exist (resolved to {folder.resolve()})"
             )
+        if not (folder / "config.json").is_file() and (folder / "adapter_config.json").is_file():
+            raise ModelLoadError(
+                f"{model_path!r} holds a LoRA adapter only (a checkpoint of a --lora_r run): use the run's "
+                f"merged final model, or merge this one: python export_model.py {model_path} --base BASE "
+                "--out DIR"
+            )
         if not (folder / "config.json").is_file():
             raise ModelLoadError(f"{model_path!r} is a folder but has no config.json: not a saved model")
         model_path = str(folder)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from test_training import StopAt, subset, train_args
 from transformers import AutoModelForImageTextToText
 
@@ -142,3 +143,21 @@ def test_bad_targets_fail_clearly(tiny_model: Path) -> None:
         add_lora(model, 4, 8, 0.0, "language,decoder")
     with pytest.raises(LoraError, match="matches no linear layer"):
         add_lora(torch.nn.Sequential(torch.nn.Linear(2, 2)), 4, 8, 0.0, "vision")
+
+
+def test_adapter_checkpoint_exports_like_the_final_model(lora_run: Path, tiny_model: Path, prepared: Path,
+                                                         tmp_path: Path, error_line) -> None:
+    """A LoRA checkpoint-N holds the adapter only: export_model merges it into the base; the evaluation
+    scripts name the way instead of failing on a missing config.json."""
+    import evaluate_model
+    import export_model
+
+    best = json.loads((lora_run / "trainer_state.json").read_text())["best_model_checkpoint"]
+    out = tmp_path / "exported"
+    assert export_model.main([best, "--base", str(tiny_model), "--out", str(out)]) == 0
+    final, got = load_file(str(lora_run / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert final.keys() == got.keys() and all(torch.equal(final[k], got[k]) for k in final)
+    assert not list(out.glob(".merge-*"))
+    rc = evaluate_model.main(["--model_path", best, "--data_dir", str(prepared), "--num_samples", "1",
+                              "--output_dir", str(tmp_path / "eval")])
+    assert "holds a LoRA adapter only" in error_line(rc)
