@@ -19,8 +19,8 @@ that ends early hands what it did not use to the next one, and no part can eat i
   - at the slot's end the part's whole process group is killed (SIGTERM, then SIGKILL): rows it finished are
     kept (bench_train rewrites its JSON after every recipe), the rest are reported as cut;
   - a part that fails or is killed never stops the next one.
-A part whose recipe bench_train.py doesn't have (LoRA until issue 14 adds a `lora` recipe) is skipped as "not
-available" before the slots are cut, so its share goes to the others.
+A part whose recipe bench_train.py doesn't have is skipped as "not available" before the slots are cut, so
+its share goes to the others.
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ class Part:
 # The parts, in the order they run: name, kind, memory cap (GiB), bench_train.py recipes, share (s), minimum
 # slot (s). To add one, add a row. The shares are estimates until a GPU run: each part's seconds in results.md
 # are what to tune them by. The seed and ours at the 12 GB cap come first (the ratio's reference, and the
-# choice for cards under 20 GB); LoRA last, as it is "not available" until bench_train.py has a `lora` recipe.
+# choice for cards under 20 GB); LoRA at the 8 GiB cap last.
 PARTS = [
     ("train_12gb", "train", 12, ["seed", "default", "default_nogc:bs=2,ga=8"], 150, 60),
     ("train_uncapped", "train", None,

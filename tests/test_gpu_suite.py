@@ -43,12 +43,7 @@ def test_smoke_suite_writes_results_and_readme_tables(tmp_path: Path) -> None:
     suite, parts = results["suite"], {p["name"]: p for p in results["parts"]}
     assert suite["mode"] == "smoke" and suite["status"] == "ok" and suite["device"].startswith("cpu")
     assert list(parts) == gpu_suite.ORDER and suite["elapsed_s"] <= took + 1
-    lora = "lora" in bench_train.PRESETS  # issue 14 adds it; until then the part says it is skipped
-    assert parts["lora_8gb"]["status"] == ("ok" if lora else
-                                           "skipped: not available (no lora recipe in bench_train.py)")
     for name, part in parts.items():
-        if name == "lora_8gb" and not lora:
-            continue
         assert part["status"] == "ok", (name, part["status"], part.get("log_tail"))
         assert part["seconds"] <= part["slot_s"]
         if part["kind"] == "train":  # every planned recipe measured, loss checked against fp32
@@ -65,8 +60,6 @@ def test_smoke_suite_writes_results_and_readme_tables(tmp_path: Path) -> None:
     seed_line = next(line for line in md.splitlines() if line.startswith("| CPU") and "`seed`" in line)
     assert f"| {seed['samples_per_s']:.2f} |" in seed_line and "| 1.00× |" in seed_line
     assert "## train.sh defaults from these figures" in md
-    if not lora:
-        assert "not run: part skipped: not available" in md
     assert "== train_12gb: slot" in (out / "suite.log").read_text()
 
     # gpu_tables.py on a README copy: refuses smoke figures unless told, then rewrites only the tables, once.
