@@ -1,0 +1,180 @@
+"""memory_plan.py: the exact parts against a real training step of each mode, the activation estimate against
+what autograd saves (tiny model, CPU), and format_plan's verdict."""
+
+from __future__ import annotations
+
+import random
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+import sft_paddleocr_vl as sft
+from custom_collator import OCRCollator
+from memory_plan import GIB, format_plan, gpu_memory_bytes, memory_plan
+from ocr_lora import add_lora
+from ocr_model import load_config_and_processor, load_model_and_processor
+from tools.make_synthetic_manga109 import CHARSET
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+from bench_memory_plan import saved_tensor_bytes, set_checkpointing  # noqa: E402
+
+R = 4
+# (mode of the plan row, dtype of the loaded weights, LoRA targets): LoRA on both bases, its gradient starting
+# in each part
+MODES = [("fp32_master", torch.float32, ""), ("bf16_lean", torch.bfloat16, ""),
+         ("lora", torch.bfloat16, "language"), ("lora", torch.float32, "language,projector"),
+         ("lora", torch.bfloat16, "vision")]
+
+
+def batch_of(processor, crops: list[tuple[int, int]]) -> dict:
+    rng = random.Random(0)
+    examples = [{"image": Image.new("RGB", crop, "white"), "text": "".join(rng.choices(CHARSET, k=5 + 3 * i))}
+                for i, crop in enumerate(crops)]
+    return OCRCollator(processor)(examples)
+
+
+def plan_for(tiny_model: Path, batch: dict, mode: str, dtype: torch.dtype, targets: str, gc: bool = False,
+             autocast: bool = True, **kw):
+    config = load_config_and_processor(str(tiny_model))[1]  # as sft has it before loading weights
+    rows = memory_plan(
+        config, batch_size=len(batch["input_ids"]), seq_len=batch["input_ids"].shape[1],
+        image_tokens=int(batch["image_grid_thw"].prod(-1).max()) // 4, gradient_checkpointing=gc,
+        bf16_autocast=autocast, lora_r=R, lora_targets=targets or "language",
+        lora_precision="fp32_master" if dtype == torch.float32 else "bf16_lean", **kw,
+    )
+    assert [r.mode for r in rows] == ["fp32_master", "bf16_lean", "lora"]
+    return next(r for r in rows if r.mode == mode)
+
+
+def model_for(tiny_model: Path, mode: str, dtype: torch.dtype, targets: str, gc: bool = False):
+    model, processor = load_model_and_processor(str(tiny_model), dtype=dtype)
+    model.config.use_cache = False
+    set_checkpointing(model, gc)
+    if mode == "lora":
+        model = add_lora(model, R, 2 * R, 0.05, targets)
+    return model.train(), processor
+
+
+def nbytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+@pytest.mark.parametrize(("mode", "dtype", "targets"), MODES)
+def test_weights_gradients_optimizer_are_exact(tiny_model: Path, mode: str, dtype: torch.dtype,
+                                               targets: str) -> None:
+    model, processor = model_for(tiny_model, mode, dtype, targets)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    if mode == "bf16_lean":
+        cls, kwargs = sft.lean_optimizer(1e-4)
+        optimizer = cls(trained, **kwargs)
+    else:  # Trainer's default: torch AdamW (fp32_master, and the fp32 adapters of LoRA)
+        optimizer = torch.optim.AdamW(trained, lr=1e-4)
+    batch = batch_of(processor, [(40, 120), (120, 60)])
+    sft.answer_loss(model, batch)[0].backward()
+    optimizer.step()
+
+    plan = plan_for(tiny_model, batch, mode, dtype, targets)
+    assert plan.weights == nbytes(model.parameters())
+    assert plan.gradients == nbytes(p.grad for p in model.parameters() if p.grad is not None)
+    # the moments (and optimi's Kahan compensation); the 0-d `step` counters are left out by design
+    state = [t for st in optimizer.state.values() for t in st.values() if torch.is_tensor(t) and t.dim()]
+    assert plan.optimizer == nbytes(state)
+    parts = (plan.weights, plan.gradients, plan.optimizer, plan.autocast_copies, plan.activations)
+    assert plan.total == sum(parts)
+
+
+@pytest.mark.parametrize("autocast", [True, False])
+@pytest.mark.parametrize("gc", [False, True])
+@pytest.mark.parametrize(("mode", "dtype", "targets"), MODES)
+def test_activation_estimate_matches_saved_tensors(tiny_model: Path, mode: str, dtype: torch.dtype,
+                                                   targets: str, gc: bool, autocast: bool) -> None:
+    """What autograd keeps for backward after one forward (under bf16 autocast with CUDA's layer_norm/dropout
+    dtypes, or without autocast; benchmarks/bench_memory_plan.py) against the plan's saved parts, and the
+    bf16 weight copies it keeps."""
+    model, processor = model_for(tiny_model, mode, dtype, targets, gc)
+    batch = batch_of(processor, [(40, 160), (40, 160)])
+    keep = int((batch["labels"][:, 1:] != -100).any(0).sum())
+    plan = plan_for(tiny_model, batch, mode, dtype, targets, gc, autocast, logit_positions=keep)
+    got = saved_tensor_bytes(model, batch, autocast)
+    for part in ("vision", "projector", "decoder", "logits"):
+        assert got[part] == pytest.approx(plan.activation_parts[part], rel=0.02, abs=1024), part
+    saved = sum(plan.activation_parts[p] for p in got if p != "weight_copies")
+    assert plan.activations == saved + plan.activation_parts["transient"] > saved
+    if not autocast:
+        assert got["weight_copies"] == plan.autocast_copies == 0
+    elif dtype == torch.float32:  # the casts autograd keeps are in the plan (autocast's cache also holds the
+        # biases' and, under checkpointing, every weight's; the plan adds a recomputed layer's)
+        assert got["weight_copies"] <= plan.autocast_copies <= 2 * got["weight_copies"] + 200_000
+    else:  # only fp32 tensors get a bf16 copy: LoRA's adapters, cached by autocast for the whole step
+        fp32 = sum(p.numel() for p in model.parameters() if p.dtype == torch.float32)
+        assert plan.autocast_copies == 2 * fp32
+
+
+def test_logits_default_plans_for_scattered_answers(tiny_model: Path) -> None:
+    """Without logit_positions: the longest sample's text tokens per row, times B (no two rows' answers at
+    the same positions), at most the sequence."""
+    config = load_config_and_processor(str(tiny_model))[1]
+
+    def logits(batch_size: int, seq_len: int, image_tokens: int, positions: int | None = None) -> int:
+        rows = memory_plan(config, batch_size=batch_size, seq_len=seq_len, image_tokens=image_tokens,
+                           gradient_checkpointing=True, bf16_autocast=True, lora_r=0, lora_targets="language",
+                           lora_precision="bf16_lean", logit_positions=positions)
+        return rows[1].activation_parts["logits"]
+
+    assert logits(1, 60, 40) == logits(1, 60, 40, 20) < logits(2, 60, 40) == logits(2, 60, 40, 40)
+    assert logits(2, 60, 20) == logits(2, 60, 20, 60) < logits(2, 60, 20, 61)
+
+
+def test_format_plan_warns_only_when_the_chosen_mode_does_not_fit(tiny_model: Path) -> None:
+    config = load_config_and_processor(str(tiny_model))[1]
+    rows = memory_plan(config, batch_size=4, seq_len=80, image_tokens=40, gradient_checkpointing=False,
+                       bf16_autocast=True, lora_r=0, lora_targets="language", lora_precision="bf16_lean")
+    lean, lora = rows[1], rows[2]
+    assert lora.label == "LoRA r16 on language, bf16 base" and lora.total < lean.total < rows[0].total
+
+    text = format_plan(rows, "bf16_lean", lean.total - 1)
+    lines = text.splitlines()
+    assert lines[0].startswith("memory plan") and "batch 4 x 80 tokens" in text
+    chosen = [line for line in lines if line.startswith(">")]
+    assert len(chosen) == 1 and "bf16_lean" in chosen[0]
+    assert chosen[0].split()[-1] == f"{lean.total / GIB:.2f}"
+    warning = lines[-1]
+    assert warning.startswith("warning: bf16_lean") and "exceeds the visible GPU's" in warning
+    assert "lora" in warning and "fp32_master" not in warning  # what fits is suggested, what doesn't is not
+    assert "smaller --per_device_train_batch_size" in warning and "--gradient_checkpointing true" in warning
+
+    for fits in (format_plan(rows, "bf16_lean", lean.total), format_plan(rows, "lora", lora.total + 1)):
+        assert "warning" not in fits and "fits" in fits.splitlines()[-1]
+    assert "no CUDA device" in format_plan(rows, "bf16_lean", None).splitlines()[-1]
+
+
+def test_full_size_plan_needs_no_weights() -> None:
+    """The 0.9B config is planned on the meta device; its exact parts give the README's figures."""
+    from transformers import PaddleOCRVLConfig
+
+    config = PaddleOCRVLConfig(text_config={"tie_word_embeddings": False}, tie_word_embeddings=False)
+    rows = memory_plan(config, batch_size=1, seq_len=230, image_tokens=188, gradient_checkpointing=True,
+                       bf16_autocast=True, lora_r=16, lora_targets="language", lora_precision="bf16_lean")
+    fp32, lean, lora = ((r.weights + r.gradients + r.optimizer) / 1e9 for r in rows)
+    assert fp32 == pytest.approx(14.5, abs=0.05) and lean == pytest.approx(9.05, abs=0.05)  # README
+    assert lora < 2.0  # a frozen bf16 base (1.8 GB) and a few M adapter numbers
+
+
+def test_gpu_memory_bytes_is_the_visible_device_or_none() -> None:
+    size = gpu_memory_bytes()
+    assert (size is None) == (not torch.cuda.is_available()) and (size is None or size > 2**30)
+
+
+def test_benchmark_cli_prints_measured_against_plan(capsys: pytest.CaptureFixture[str]) -> None:
+    import bench_memory_plan
+
+    assert bench_memory_plan.main(["--config", "tiny", "--mode", "bf16_lean", "lora", "--batch_size", "2",
+                                   "--crop", "40x120", "--gc", "0", "1"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    rows = [line for line in out if line.startswith(("bf16_lean ", "lora "))]
+    assert len(rows) == 4 and all("(1.00)" in row for row in rows)
+    assert float(out[-1].split()[-1].rstrip("%")) < 1
