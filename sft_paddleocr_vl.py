@@ -481,23 +481,30 @@ def train_data(
 
 
 def run_memory_plan(
-    model_args: ModelArguments, args: TrainingArguments, checked: tuple, ds: OCRDataset, lengths: list[int]
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    args: TrainingArguments,
+    checked: tuple,
+    ds: OCRDataset,
+    lengths: list[int],
 ) -> str:
     """The memory plan for a micro-batch of the longest train sample (peak memory follows the longest)."""
     from memory_plan import format_plan, gpu_memory_bytes, memory_plan
 
     _, config, processor, _ = checked
     longest = max(range(len(lengths)), key=lengths.__getitem__)
+    multiple = data_args.pad_to_multiple_of or 1
     rows = memory_plan(
         config,
         batch_size=args.per_device_train_batch_size,
-        seq_len=lengths[longest],
+        seq_len=-(-lengths[longest] // multiple) * multiple,
         image_tokens=num_image_tokens(processor, *ds.image_sizes()[longest]),
         gradient_checkpointing=args.gradient_checkpointing,
         bf16_autocast=args.bf16,
         lora_r=model_args.lora_r,
         lora_targets=model_args.lora_targets,
         lora_precision=model_args.precision,
+        lora_dropout=model_args.lora_dropout,
     )
     chosen = "lora" if model_args.lora_r else model_args.precision
     return format_plan(rows, chosen, gpu_memory_bytes())
@@ -524,7 +531,10 @@ def build_trainer(
     data = Path(mix[0]["folder"])  # val/test: the first folder only
     if args.process_index == 0:
         (Path(args.output_dir) / "data_mix.json").write_text(json.dumps(mix, indent=1) + "\n")
-        logger.info("memory plan\n%s", run_memory_plan(model_args, args, checked, train_ds, lengths))
+        plan = run_memory_plan(model_args, data_args, args, checked, train_ds, lengths)
+        logger.info("%s", plan)
+        if plan.splitlines()[-1].startswith("warning:"):
+            logger.warning("%s", plan.splitlines()[-1].removeprefix("warning: "))
 
     lean = model_args.precision == "bf16_lean"
     model, processor = load_model_and_processor(
@@ -629,7 +639,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if model_args.print_memory_plan:
             train_ds, _, checked, lengths = train_data(model_args, data_args, args)
-            print(run_memory_plan(model_args, args, checked, train_ds, lengths))
+            print(run_memory_plan(model_args, data_args, args, checked, train_ds, lengths))
             return 0
         trainer = build_trainer(model_args, data_args, args)
         trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)

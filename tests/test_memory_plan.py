@@ -178,3 +178,29 @@ def test_benchmark_cli_prints_measured_against_plan(capsys: pytest.CaptureFixtur
     rows = [line for line in out if line.startswith(("bf16_lean ", "lora "))]
     assert len(rows) == 4 and all("(1.00)" in row for row in rows)
     assert float(out[-1].split()[-1].rstrip("%")) < 1
+
+
+def test_sft_prints_the_plan_without_loading_weights(tiny_model: Path, prepared: Path, tmp_path: Path,
+                                                     monkeypatch, capsys, caplog) -> None:
+    """--print_memory_plan: the plan for the longest train crop, and no weights read; a run logs it at start
+    and warns when the chosen mode does not fit the visible GPU."""
+    import memory_plan as mp
+
+    argv = ["--model_path", str(tiny_model), "--data_dir", str(prepared), "--output_dir", str(tmp_path / "o"),
+            "--report_to", "none", "--per_device_train_batch_size", "4", "--lora_r", "8"]
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("the weights were loaded")
+
+    with monkeypatch.context() as m:
+        m.setattr(sft, "load_model_and_processor", no_weights)
+        assert sft.main([*argv, "--print_memory_plan", "true"]) == 0
+    out = capsys.readouterr().out
+    assert "> lora (LoRA r8 on language" in out and "for batch 4 x " in out
+    assert not (tmp_path / "o").exists()
+
+    monkeypatch.setattr(mp, "gpu_memory_bytes", lambda: 1024)  # a 1 KiB "GPU": nothing fits
+    with caplog.at_level("WARNING", logger="sft"):
+        sft.build_trainer(*sft.parse_args([*argv, "--max_steps", "1"]))
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("exceeds the visible GPU" in w for w in warnings), warnings
