@@ -300,3 +300,42 @@ def format_plan(rows: list[PlanRow], chosen: str, gpu_bytes: int | None) -> str:
         lines.append(f"{need}: fits the visible GPU's {gpu_bytes / GIB:.1f} GiB (plus ~0.5 GiB of CUDA "
                      "context and the allocator's slack)")
     return "\n".join(lines)
+
+
+# README's memory table: the 0.9B architecture (PaddleOCRVLConfig defaults, the release's untied lm_head) on
+# a typical crop (a 120x380 vertical line: 200 image tokens, 230 tokens in all), bf16 autocast, checkpointing.
+README_MARKERS = ("<!-- memory-plan -->", "<!-- /memory-plan -->")
+
+
+def readme_table(seq_len: int = 230, image_tokens: int = 200) -> str:
+    from transformers import PaddleOCRVLConfig
+
+    config = PaddleOCRVLConfig(text_config={"tie_word_embeddings": False}, tie_word_embeddings=False)
+    lines = ["| mode | batch | weights | gradients | optimizer | autocast copies | activations (est.) "
+             "| total |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for batch in (1, 8):
+        for targets in ("language", "language,vision"):
+            rows = memory_plan(config, batch_size=batch, seq_len=seq_len, image_tokens=image_tokens,
+                               gradient_checkpointing=True, bf16_autocast=True, lora_r=16,
+                               lora_targets=targets, lora_precision="bf16_lean")
+            for r in rows if targets == "language" else rows[2:]:
+                cells = (r.weights, r.gradients, r.optimizer, r.autocast_copies, r.activations, r.total)
+                lines.append(f"| `{r.mode}`: {r.label} | {batch} | "
+                             + " | ".join(f"{b / GIB:.2f}" for b in cells) + " |")
+    note = (f"Plan (GiB), not a measurement: `python memory_plan.py README.md` for the 0.9B architecture, a "
+            f"crop of {image_tokens} image tokens ({seq_len} tokens in all), bf16 autocast, gradient "
+            "checkpointing; the CUDA context (~0.3-0.5 GiB) and allocator fragmentation come on top.")
+    return f"{README_MARKERS[0]}\n{note}\n\n" + "\n".join(lines) + f"\n{README_MARKERS[1]}"
+
+
+if __name__ == "__main__":  # python memory_plan.py README.md: rewrite the table between the markers
+    import re
+    import sys
+    from pathlib import Path
+
+    path = Path(sys.argv[1] if len(sys.argv) > 1 else "README.md")
+    text = path.read_text(encoding="utf-8")
+    pattern = re.escape(README_MARKERS[0]) + ".*?" + re.escape(README_MARKERS[1])
+    if not re.search(pattern, text, flags=re.S):
+        sys.exit(f"error: {path} has no {README_MARKERS[0]} ... {README_MARKERS[1]} markers")
+    path.write_text(re.sub(pattern, lambda _: readme_table(), text, count=1, flags=re.S), encoding="utf-8")

@@ -204,3 +204,14 @@ def test_sft_prints_the_plan_without_loading_weights(tiny_model: Path, prepared:
         sft.build_trainer(*sft.parse_args([*argv, "--max_steps", "1"]))
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert any("exceeds the visible GPU" in w for w in warnings), warnings
+
+
+def test_readme_memory_table_is_what_the_plan_says() -> None:
+    """README's table is written by `python memory_plan.py README.md`; a changed formula must rewrite it."""
+    import re
+
+    from memory_plan import README_MARKERS, readme_table
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    found = re.search(re.escape(README_MARKERS[0]) + ".*?" + re.escape(README_MARKERS[1]), text, flags=re.S)
+    assert found and found.group(0) == readme_table()
