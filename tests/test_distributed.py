@@ -33,6 +33,28 @@ def run(cmd: list[str], env: dict, timeout: int = 600) -> subprocess.CompletedPr
     return proc
 
 
+def kill_rank1_after_checkpoint_2(cmd: list[str], env: dict, out: Path) -> int:
+    """Start a 2-process run, kill -9 rank 1 as soon as checkpoint-2 is complete, and return the job's exit
+    code once torchrun has ended rank 0 too (a bounded time, no hang); no final model may be written."""
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        victim, deadline = None, time.time() + 300
+        while time.time() < deadline and not (out / "checkpoint-2" / "trainer_state.json").exists():
+            if victim is None:  # find rank 1 early, so the kill follows the checkpoint without delay
+                victim = next((p for p in child_pids(proc.pid) if rank_of(p) == 1), None)
+            time.sleep(0.02)
+        assert victim is not None and (out / "checkpoint-2" / "trainer_state.json").exists()
+        os.kill(victim, signal.SIGKILL)
+        rc = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert not (out / "model.safetensors").exists()
+    return rc
+
+
 @pytest.fixture(scope="module")
 def ddp_reference(tiny_model: Path, prepared: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An uninterrupted 2-process run as train.sh sets it up (best-model loading, CER at each eval)."""
@@ -63,22 +85,7 @@ def test_kill9_of_one_rank_ends_the_job_and_rerun_resumes(
 ) -> None:
     out = tmp_path / "killed"
     env = train_env(tiny_model, prepared, out, **DDP_ENV)
-    proc = subprocess.Popen(DDP_RUN, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    try:
-        victim, deadline = None, time.time() + 300
-        while time.time() < deadline and not (out / "checkpoint-2" / "trainer_state.json").exists():
-            if victim is None:  # find rank 1 early, so the kill follows the checkpoint without delay
-                victim = next((p for p in child_pids(proc.pid) if rank_of(p) == 1), None)
-            time.sleep(0.02)
-        assert victim is not None and (out / "checkpoint-2" / "trainer_state.json").exists()
-        os.kill(victim, signal.SIGKILL)
-        rc = proc.wait(timeout=120)  # torchrun ends rank 0 too: a bounded time, no hang
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    assert rc != 0 and not (out / "model.safetensors").exists()
+    assert kill_rank1_after_checkpoint_2(DDP_RUN, env, out) != 0
 
     # Rerunning the same command resumes from the last complete checkpoint ...
     done = run(DDP_RUN, env)
@@ -141,22 +148,7 @@ def test_lora_ddp_killed_and_resumed_matches_one_process(tiny_model: Path, prepa
 
     out = tmp_path / "two"
     env = train_env(tiny_model, prepared, out, BATCH_SIZE="2", NUM_GPUS="2", **lora)
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    try:
-        victim, deadline = None, time.time() + 300
-        while time.time() < deadline and not (out / "checkpoint-2" / "trainer_state.json").exists():
-            if victim is None:
-                victim = next((p for p in child_pids(proc.pid) if rank_of(p) == 1), None)
-            time.sleep(0.02)
-        assert victim is not None and (out / "checkpoint-2" / "trainer_state.json").exists()
-        os.kill(victim, signal.SIGKILL)
-        rc = proc.wait(timeout=120)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    assert rc != 0 and not (out / "model.safetensors").exists()
+    assert kill_rank1_after_checkpoint_2(cmd, env, out) != 0
     done = run(cmd, env)
     assert "resume: " in done.stderr and "checkpoint-" in done.stderr
 
