@@ -66,7 +66,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ocr_lora import lora_parameter_count, parse_targets, target_linears
+from ocr_lora import DEFAULT_DROPOUT, lora_parameter_count, parse_targets, target_linears
 
 GIB = 2**30
 # Where each part of PaddleOCR-VL lives (transformers 5 module names) and in which order the gradient meets
@@ -130,7 +130,7 @@ def activation_bytes(
     bf16_autocast: bool,
     weight_bytes: int,
     lora: dict[str, tuple[int, int]] | None = None,
-    lora_dropout: float = 0.05,
+    lora_dropout: float = DEFAULT_DROPOUT,
     logit_positions: int | None = None,
 ) -> dict[str, int]:
     """Activation estimate per part (vision, projector, decoder, logits: saved for backward; transient: the
@@ -207,7 +207,7 @@ def memory_plan(
     lora_r: int,
     lora_targets: str,
     lora_precision: str,
-    lora_dropout: float = 0.05,
+    lora_dropout: float = DEFAULT_DROPOUT,
     logit_positions: int | None = None,
 ) -> list[PlanRow]:
     """One PlanRow per mode (fp32_master, bf16_lean, lora) for micro-batches of `batch_size` samples of

@@ -26,6 +26,7 @@ TARGET_GROUPS: dict[str, str] = {
     "projector": r"model\.projector\.linear_[12]",
 }
 ADAPTER_DIR = "adapter"
+DEFAULT_DROPOUT = 0.05  # on the adapters' input; alpha defaults to 2 r (add_lora)
 
 
 class LoraError(ValueError):
@@ -70,16 +71,19 @@ def lora_parameter_count(model: torch.nn.Module, r: int, targets: str) -> int:
     return sum(r * (m.in_features + m.out_features) for m in target_linears(model, targets).values())
 
 
-def add_lora(model: Any, r: int, alpha: float, dropout: float, targets: str) -> Any:
+def add_lora(
+    model: Any, r: int, targets: str, *, alpha: float | None = None, dropout: float = DEFAULT_DROPOUT
+) -> Any:
     """Wrap `model` in a PeftModel whose only trainable tensors are the adapters (kept in fp32 even on a bf16
-    base, so that their small updates are not rounded away)."""
+    base, so that their small updates are not rounded away). alpha: default 2 r."""
     from peft import LoraConfig, get_peft_model
 
     if r < 1:
         raise LoraError(f"--lora_r must be >= 1 to train adapters (got {r}; 0 means full fine-tuning)")
     target_linears(model, targets)  # fail with our message before PEFT's
     config = LoraConfig(
-        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_pattern(targets), bias="none"
+        r=r, lora_alpha=alpha or 2 * r, lora_dropout=dropout, target_modules=target_pattern(targets),
+        bias="none",
     )
     return get_peft_model(model, config, autocast_adapter_dtype=True)
 

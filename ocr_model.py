@@ -28,7 +28,7 @@ import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from safetensors import safe_open
@@ -141,11 +141,22 @@ def ensure_release_prompt(config: PreTrainedConfig, processor: Any, source: Call
     raise ModelLoadError(f"{source()}: {error}") from error
 
 
-def load_config_and_processor(
-    model_path: str, *, trust_remote_code: bool = False
-) -> tuple[str, PreTrainedConfig, Any, bool | None]:
-    """``(resolved path, config, processor, has_lm_head)`` of a checkpoint, checked as for loading the model,
-    without reading any weights (sft plans memory with these before it loads the model)."""
+class CheckedModel(NamedTuple):
+    """What load_config_and_processor found: everything about a checkpoint but its weights."""
+
+    path: str  # resolved: a local folder's absolute path, or the hub id
+    config: PreTrainedConfig
+    processor: Any
+    has_lm_head: bool | None  # None: the checkpoint has no safetensors to look into
+
+
+def _where(model_path: str) -> str:
+    return "local folder" if os.path.isdir(model_path) else "Hugging Face hub id"
+
+
+def load_config_and_processor(model_path: str, *, trust_remote_code: bool = False) -> CheckedModel:
+    """Config and processor of a checkpoint, checked as for loading the model, without reading any weights
+    (sft plans memory with these before it loads the model)."""
     model_path = str(model_path)
     if _looks_like_local_path(model_path):
         folder = Path(model_path).expanduser()
@@ -162,7 +173,7 @@ def load_config_and_processor(
         if not (folder / "config.json").is_file():
             raise ModelLoadError(f"{model_path!r} is a folder but has no config.json: not a saved model")
         model_path = str(folder)
-    where = "local folder" if os.path.isdir(model_path) else "Hugging Face hub id"
+    where = _where(model_path)
     try:
         config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
         keys = _checkpoint_keys(model_path)
@@ -186,7 +197,7 @@ def load_config_and_processor(
             f"could not load the processor from {model_path!r} (tried as {where}): {e}"
         ) from e
     ensure_release_prompt(config, processor, lambda: template_file(model_path))
-    return model_path, config, processor, has_lm_head
+    return CheckedModel(model_path, config, processor, has_lm_head)
 
 
 def load_model_and_processor(
@@ -196,7 +207,7 @@ def load_model_and_processor(
     device: str | torch.device | None = None,
     trust_remote_code: bool = False,
     attn_implementation: str | None = None,
-    checked: tuple[str, PreTrainedConfig, Any, bool | None] | None = None,
+    checked: CheckedModel | None = None,
 ) -> tuple[Any, Any]:
     """Return ``(model, processor)`` for a hub id or local folder; raise ``ModelLoadError`` on failure.
 
@@ -212,8 +223,7 @@ def load_model_and_processor(
     try:
         model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as e:
-        where = "local folder" if os.path.isdir(path) else "Hugging Face hub id"
-        raise ModelLoadError(f"could not load the model from {path!r} (tried as {where}): {e}") from e
+        raise ModelLoadError(f"could not load the model from {path!r} (tried as {_where(path)}): {e}") from e
 
     if has_lm_head:
         lm_head = model.get_output_embeddings().weight

@@ -40,9 +40,23 @@ from transformers.training_args import ParallelMode
 from custom_collator import OCRCollator, answer_ids, configure_image_size, num_image_tokens, prompt_ids
 from export_model import ExportError, export_model
 from ocr_dataset import DatasetError, OCRDataset, load_image, mixed_train_dataset
-from ocr_lora import ADAPTER_DIR, LoraError, add_lora, is_lora, load_adapter_weights, merge_lora
+from ocr_lora import (
+    ADAPTER_DIR,
+    DEFAULT_DROPOUT,
+    LoraError,
+    add_lora,
+    is_lora,
+    load_adapter_weights,
+    merge_lora,
+)
 from ocr_metrics import cer_metrics
-from ocr_model import ModelLoadError, generate_texts, load_config_and_processor, load_model_and_processor
+from ocr_model import (
+    CheckedModel,
+    ModelLoadError,
+    generate_texts,
+    load_config_and_processor,
+    load_model_and_processor,
+)
 
 logger = logging.getLogger("sft")
 
@@ -72,7 +86,7 @@ class ModelArguments:
     lora_alpha: float | None = field(
         default=None, metadata={"help": "LoRA scale numerator: updates are scaled by alpha/r (default 2*r)."}
     )
-    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the adapters' input."})
+    lora_dropout: float = field(default=DEFAULT_DROPOUT, metadata={"help": "Dropout on the adapters' input."})
     lora_targets: str = field(
         default="language",
         metadata={
@@ -461,9 +475,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
 
 def train_data(
     model_args: ModelArguments, data_args: DataArguments, args: TrainingArguments
-) -> tuple[OCRDataset, list[dict], tuple, list[int]]:
-    """(train set, data mix, load_config_and_processor's checked tuple, token length per train sample):
-    everything that needs no weights. Raises DatasetError / ModelLoadError."""
+) -> tuple[OCRDataset, list[dict], CheckedModel, list[int]]:
+    """(train set, data mix, the checked config and processor, token length per train sample): everything
+    that needs no weights. Raises DatasetError / ModelLoadError."""
     # data first: a missing split should fail before minutes of downloading and loading weights
     train_ds, mix = mixed_train_dataset(
         data_args.data_dir, seed=args.data_seed or args.seed, augment=data_args.augment,
@@ -473,8 +487,8 @@ def train_data(
         raise DatasetError(f"{Path(mix[0]['folder']) / 'train.jsonl'} has no samples")
     logger.info("train samples per folder: %s", ", ".join(f"{m['folder']}: {m['drawn']}" for m in mix))
     checked = load_config_and_processor(model_args.model_path, trust_remote_code=model_args.trust_remote_code)
-    configure_image_size(checked[2], data_args.min_pixels, data_args.max_pixels)
-    lengths = drop_overlong(train_ds, sequence_lengths(train_ds, checked[2]), data_args)
+    configure_image_size(checked.processor, data_args.min_pixels, data_args.max_pixels)
+    lengths = drop_overlong(train_ds, sequence_lengths(train_ds, checked.processor), data_args)
     if not lengths:
         raise DatasetError(f"every train sample is longer than --max_length {data_args.max_length}")
     return train_ds, mix, checked, lengths
@@ -484,21 +498,20 @@ def run_memory_plan(
     model_args: ModelArguments,
     data_args: DataArguments,
     args: TrainingArguments,
-    checked: tuple,
+    checked: CheckedModel,
     ds: OCRDataset,
     lengths: list[int],
 ) -> str:
     """The memory plan for a micro-batch of the longest train sample (peak memory follows the longest)."""
     from memory_plan import format_plan, gpu_memory_bytes, memory_plan
 
-    _, config, processor, _ = checked
     longest = max(range(len(lengths)), key=lengths.__getitem__)
     multiple = data_args.pad_to_multiple_of or 1
     rows = memory_plan(
-        config,
+        checked.config,
         batch_size=args.per_device_train_batch_size,
         seq_len=-(-lengths[longest] // multiple) * multiple,
-        image_tokens=num_image_tokens(processor, *ds.image_sizes()[longest]),
+        image_tokens=num_image_tokens(checked.processor, *ds.image_sizes()[longest]),
         gradient_checkpointing=args.gradient_checkpointing,
         bf16_autocast=args.bf16,
         lora_r=model_args.lora_r,
@@ -533,8 +546,9 @@ def build_trainer(
         (Path(args.output_dir) / "data_mix.json").write_text(json.dumps(mix, indent=1) + "\n")
         plan = run_memory_plan(model_args, data_args, args, checked, train_ds, lengths)
         logger.info("%s", plan)
-        if plan.splitlines()[-1].startswith("warning:"):
-            logger.warning("%s", plan.splitlines()[-1].removeprefix("warning: "))
+        verdict = plan.splitlines()[-1]  # format_plan ends with "warning: ..." when the mode does not fit
+        if verdict.startswith("warning:"):
+            logger.warning("%s", verdict.removeprefix("warning: "))
 
     lean = model_args.precision == "bf16_lean"
     model, processor = load_model_and_processor(
@@ -547,11 +561,12 @@ def build_trainer(
     model.config.use_cache = False  # the cache is useless in training and conflicts with checkpointing
     n_params = sum(p.numel() for p in model.parameters())
     if model_args.lora_r:
-        alpha = model_args.lora_alpha or 2 * model_args.lora_r
-        model = add_lora(model, model_args.lora_r, alpha, model_args.lora_dropout, model_args.lora_targets)
+        model = add_lora(model, model_args.lora_r, model_args.lora_targets, alpha=model_args.lora_alpha,
+                         dropout=model_args.lora_dropout)
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
         logger.info(
-            "LoRA r=%d alpha=%g on %s: %.2fM trainable of %.1fM (%.2f%%)", model_args.lora_r, alpha,
+            "LoRA r=%d alpha=%g on %s: %.2fM trainable of %.1fM (%.2f%%)", model_args.lora_r,
+            model.peft_config["default"].lora_alpha,
             model_args.lora_targets, n_train / 1e6, n_params / 1e6, 100 * n_train / n_params,
         )
         if args.ddp_find_unused_parameters is None:  # every adapter takes part in every step

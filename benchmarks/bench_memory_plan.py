@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
             for gc_on in a.gc:
                 set_checkpointing(model, bool(gc_on))
                 lora = mode == "lora"  # as sft with --lora_r R: alpha 2 R, dropout 0.05
-                net = add_lora(model, a.lora_r, 2 * a.lora_r, 0.05, a.lora_targets) if lora else model
+                net = add_lora(model, a.lora_r, a.lora_targets) if lora else model
                 net.train()
                 for bs in a.batch_size:
                     for crop in crops:

@@ -138,7 +138,7 @@ def build(config: str, tiny_dir: str, recipe: Recipe, device: torch.device) -> t
         on = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
         on({"use_reentrant": False})
     if recipe.lora_r:  # as sft_paddleocr_vl.py --lora_r with its default alpha (2 r) and dropout
-        model = add_lora(model, recipe.lora_r, 2 * recipe.lora_r, 0.05, recipe.lora_targets)
+        model = add_lora(model, recipe.lora_r, recipe.lora_targets)
     return model.train(), processor
 
 

@@ -140,9 +140,9 @@ def test_resuming_with_another_rank_fails_clearly(tiny_model: Path, prepared: Pa
 def test_bad_targets_fail_clearly(tiny_model: Path) -> None:
     model = load_model_and_processor(str(tiny_model))[0]
     with pytest.raises(LoraError, match="choose one or more of language, vision, projector"):
-        add_lora(model, 4, 8, 0.0, "language,decoder")
+        add_lora(model, 4, "language,decoder")
     with pytest.raises(LoraError, match="matches no linear layer"):
-        add_lora(torch.nn.Sequential(torch.nn.Linear(2, 2)), 4, 8, 0.0, "vision")
+        add_lora(torch.nn.Sequential(torch.nn.Linear(2, 2)), 4, "vision")
 
 
 def test_adapter_checkpoint_exports_like_the_final_model(lora_run: Path, tiny_model: Path, prepared: Path,

@@ -39,7 +39,7 @@ def batch_of(processor, crops: list[tuple[int, int]]) -> dict:
 
 def plan_for(tiny_model: Path, batch: dict, mode: str, dtype: torch.dtype, targets: str, gc: bool = False,
              autocast: bool = True, **kw):
-    config = load_config_and_processor(str(tiny_model))[1]  # as sft has it before loading weights
+    config = load_config_and_processor(str(tiny_model)).config  # as sft has it before loading weights
     rows = memory_plan(
         config, batch_size=len(batch["input_ids"]), seq_len=batch["input_ids"].shape[1],
         image_tokens=int(batch["image_grid_thw"].prod(-1).max()) // 4, gradient_checkpointing=gc,
@@ -55,7 +55,7 @@ def model_for(tiny_model: Path, mode: str, dtype: torch.dtype, targets: str, gc:
     model.config.use_cache = False
     set_checkpointing(model, gc)
     if mode == "lora":
-        model = add_lora(model, R, 2 * R, 0.05, targets)
+        model = add_lora(model, R, targets)
     return model.train(), processor
 
 
@@ -117,7 +117,7 @@ def test_activation_estimate_matches_saved_tensors(tiny_model: Path, mode: str, 
 def test_logits_default_plans_for_scattered_answers(tiny_model: Path) -> None:
     """Without logit_positions: the longest sample's text tokens per row, times B (no two rows' answers at
     the same positions), at most the sequence."""
-    config = load_config_and_processor(str(tiny_model))[1]
+    config = load_config_and_processor(str(tiny_model)).config
 
     def logits(batch_size: int, seq_len: int, image_tokens: int, positions: int | None = None) -> int:
         rows = memory_plan(config, batch_size=batch_size, seq_len=seq_len, image_tokens=image_tokens,
@@ -130,7 +130,7 @@ def test_logits_default_plans_for_scattered_answers(tiny_model: Path) -> None:
 
 
 def test_format_plan_warns_only_when_the_chosen_mode_does_not_fit(tiny_model: Path) -> None:
-    config = load_config_and_processor(str(tiny_model))[1]
+    config = load_config_and_processor(str(tiny_model)).config
     rows = memory_plan(config, batch_size=4, seq_len=80, image_tokens=40, gradient_checkpointing=False,
                        bf16_autocast=True, lora_r=0, lora_targets="language", lora_precision="bf16_lean")
     lean, lora = rows[1], rows[2]
