@@ -149,15 +149,14 @@ def mixed_train_dataset(
         first.records = first.records[:max_samples]  # one folder: the file order, as always
         n = len(first)
         return first, [{"folder": str(folders[0][0]), "weight": 1.0, "records": n, "drawn": n}]
-    total_w = sum(w for _, w in folders)
-    epoch = round(len(first.records) * total_w / folders[0][1])
     rng = random.Random(seed)
     mixed, counts = [], []
     for k, (folder, w) in enumerate(folders):
         recs = first.records if k == 0 else read_jsonl(folder / "train.jsonl")
         if not recs:
             raise DatasetError(f"{folder / 'train.jsonl'} has no samples")
-        want = len(recs) if k == 0 else round(epoch * w / total_w)
+        # relative to the first folder's count, rounded once (rounding an epoch total first can lose one)
+        want = len(recs) if k == 0 else round(len(first.records) * w / folders[0][1])
         drawn: list[dict[str, Any]] = []
         while len(drawn) < want:
             order = list(range(len(recs)))
