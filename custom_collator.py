@@ -23,7 +23,7 @@ try:  # the PIL image-processor module needs no torchvision; fall back for relea
 except ImportError:
     from transformers.models.paddleocr_vl.image_processing_paddleocr_vl import smart_resize
 
-from ocr_dataset import PROMPT, build_messages
+from ocr_dataset import PROMPT, build_messages, fit_image, fitted_size
 
 IGNORE_INDEX = -100
 BOS_TEXT = "<|begin_of_sentence|>"
@@ -96,9 +96,11 @@ def configure_image_size(processor: Any, min_pixels: int | None = None, max_pixe
 
 
 def num_image_tokens(processor: Any, width: int, height: int) -> int:
-    """Image tokens the processor will produce for an image of this size (without decoding it)."""
+    """Image tokens the processor will produce for a crop of this size once fit_image has padded it into a
+    shape the processor takes (without decoding it)."""
     ip = processor.image_processor
     factor = ip.patch_size * ip.merge_size
+    width, height = fitted_size(width, height)
     h, w = smart_resize(
         height, width, factor=factor, min_pixels=ip.size["shortest_edge"], max_pixels=ip.size["longest_edge"]
     )
@@ -112,7 +114,7 @@ def _select(batch: dict[str, torch.Tensor], keep: list[int], pad_to_multiple_of:
     starts = [0, *accumulate(patches)]
     batch["pixel_values"] = torch.cat([batch["pixel_values"][starts[i] : starts[i + 1]] for i in keep])
     batch["image_grid_thw"] = grid[keep]
-    for key in ("input_ids", "attention_mask", "labels", "mm_token_type_ids"):
+    for key in ("input_ids", "attention_mask", "labels", "mm_token_type_ids", "sample_index"):
         if key in batch:
             batch[key] = batch[key][keep]
     length = int(batch["attention_mask"].sum(1).max())
@@ -146,11 +148,9 @@ class OCRCollator:
         self.on_overlong = on_overlong
         self.pad_to_multiple_of = pad_to_multiple_of
         self.prompt = generation_prompt(processor)  # a template that can't render it fails here, loudly
-        self.num_dropped = 0
-        self.seen_ids: list = []  # sample ids collated, in order (written out by --log_sample_ids)
+        self.num_dropped = 0  # only in this process: sample_lengths filters the data before it gets here
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        self.seen_ids.extend(ex.get("id") for ex in examples)
         # The prompts go through the processor exactly as in generation_batch (image tokens expanded there).
         prompts = self.processor(
             text=[self.prompt] * len(examples),
@@ -184,6 +184,8 @@ class OCRCollator:
             "image_grid_thw": prompts["image_grid_thw"],
             "labels": labels,
         }
+        if all("index" in ex for ex in examples):  # the trainer logs them (--log_sample_ids), not the model
+            batch["sample_index"] = torch.tensor([ex["index"] for ex in examples])
 
         if self.max_length is not None:
             keep = [i for i, n in enumerate(lengths) if n <= self.max_length]
@@ -206,7 +208,7 @@ def generation_batch(processor: Any, images: list, *, pad_to_multiple_of: int | 
     return dict(
         processor(
             text=[generation_prompt(processor)] * len(images),
-            images=images,
+            images=[fit_image(im) for im in images],
             padding=True,
             padding_side="left",
             pad_to_multiple_of=pad_to_multiple_of,

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ocr_dataset import DatasetError, load_image, read_jsonl
+from ocr_dataset import DatasetError, OCRDataset, load_image, spread_sample
 from ocr_metrics import NORMALIZATIONS, all_metrics, edit_distance, normalize
 from ocr_report import write_comparison, write_report
 
@@ -51,8 +51,16 @@ class EvalArguments:
     data_dir: str = arg("./data/manga109s", "Folder with <split>.jsonl (prepare_manga109_data.py).")
     split: str = arg("test", "Which JSONL to evaluate: train, val or test.")
     num_samples: int | None = arg(
-        None, "Evaluate a random subset of this size (random.Random(seed).sample over the file's records, "
-        "as the seed project did with 500). Default: the whole split.")
+        None, "Evaluate a subset of this size, spread over every book of the split as evenly as the count "
+        "allows, at random within a book (--seed); training's CER sample is drawn the same way. Default: the "
+        "whole split.")
+    sampling: str = field(default="books", metadata={
+        "help": "How --num_samples draws: books (spread over every book, as training's CER sample) or "
+        "random (random.Random(seed).sample over the file's records: the seed project's procedure).",
+        "choices": ["books", "random"]})
+    max_length: int | None = arg(
+        None, "Leave out crops longer than this many tokens (prompt + image tokens + reference answer), "
+        "counted as training counts them (e.g. the run's --max_length). Default: evaluate every crop.")
     batch_size: int = arg(16, "Crops per generate() call.")
     output_dir: str | None = arg(
         None, "Where predictions.jsonl, metrics.json and summary.md go. Default: <model_path>/eval_<split> "
@@ -83,22 +91,25 @@ def default_output_dir(model_path: str, split: str) -> Path:
     return Path("eval_output") / f"{re.sub(r'[^A-Za-z0-9._-]+', '_', model_path).strip('_')}_{split}"
 
 
-def select_records(args: EvalArguments) -> tuple[list[dict], int, str]:
+def select_records(args: EvalArguments) -> tuple[OCRDataset, int, str]:
     path = Path(args.data_dir).resolve() / f"{args.split}.jsonl"
-    records = read_jsonl(path)
-    if not records:
+    ds = OCRDataset(path)
+    if not ds.records:
         raise EvalError(f"{path} has no records (empty split)")
-    total = len(records)
+    total = len(ds)
     if args.num_samples is not None:
         if args.num_samples <= 0:
             raise EvalError(f"--num_samples must be positive, got {args.num_samples}")
-        if args.num_samples < total:
-            records = random.Random(args.seed).sample(records, args.num_samples)
-    missing = [r for r in records if not os.path.isfile(r["image_path"])]
+        if args.sampling == "random":
+            if args.num_samples < total:
+                ds.records = random.Random(args.seed).sample(ds.records, args.num_samples)
+        else:
+            ds.records = spread_sample(ds.records, args.num_samples, args.seed)
+    missing = [r for r in ds.records if not os.path.isfile(r["image_path"])]
     if missing:  # a stat per crop is cheap; finding a missing crop an hour into generation is not
         r = missing[0]
         raise EvalError(f"{path}:{r['_line']}: image {r['image_path']} not found ({len(missing)} missing)")
-    return records, total, str(path)
+    return ds, total, str(path)
 
 
 def predict_records(model: Any, processor: Any, records: list[dict], source: str, out_path: Path,
@@ -109,14 +120,8 @@ def predict_records(model: Any, processor: Any, records: list[dict], source: str
     from custom_collator import num_image_tokens
     from ocr_model import generate_texts
 
-    def tokens(r: dict) -> int:
-        if "width" not in r or "height" not in r:
-            return 0
-        try:
-            return num_image_tokens(processor, r["width"], r["height"])
-        except ValueError as e:  # e.g. aspect ratio over 200: the processor would refuse it mid-run
-            size = f"{r['width']}x{r['height']}"
-            raise EvalError(f"{source}:{r['_line']}: unusable crop size {size} ({e})") from None
+    def tokens(r: dict) -> int:  # a crop the processor would refuse is padded into shape (fit_image)
+        return num_image_tokens(processor, r["width"], r["height"]) if "width" in r and "height" in r else 0
 
     # Sorting the whole split by image-token count (JSONL width/height, no decode) keeps batch padding
     # small; a prediction does not depend on which batch it is in (tested).
@@ -250,15 +255,22 @@ def evaluate(args: EvalArguments) -> dict:
 
     from custom_collator import configure_image_size
     from ocr_model import load_model_and_processor
+    from sample_lengths import filter_split
 
     if args.batch_size <= 0:
         raise EvalError(f"--batch_size must be positive, got {args.batch_size}")
-    records, total, source = select_records(args)
+    ds, total, source = select_records(args)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     model, processor = load_model_and_processor(args.model_path, dtype=dtype, device=device,
                                                 trust_remote_code=args.trust_remote_code)
     configure_image_size(processor, args.min_pixels, args.max_pixels)
+    lengths = filter_split(args.split, ds, processor, args.max_length)  # the rule training uses
+    if lengths.dropped or lengths.padded:
+        print(lengths.line(), file=sys.stderr)
+    if not ds.records:
+        raise EvalError(f"every crop of {source} is longer than --max_length {args.max_length}")
+    records = ds.records
     out_dir = Path(args.output_dir) if args.output_dir else default_output_dir(args.model_path, args.split)
     out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -269,7 +281,8 @@ def evaluate(args: EvalArguments) -> dict:
     res = {
         "model_path": args.model_path, "data_file": source, "split": args.split, "num_samples": len(rows),
         "split_size": total, "seed": args.seed, "batch_size": args.batch_size,
-        "max_new_tokens": args.max_new_tokens, "min_pixels": size["shortest_edge"],
+        "max_new_tokens": args.max_new_tokens, "sample_lengths": lengths.summary(),
+        "min_pixels": size["shortest_edge"],
         "max_pixels": size["longest_edge"], "device": device_description(device), "dtype": str(dtype),
         "seconds": round(seconds, 3), "crops_per_second": round(len(rows) / max(seconds, 1e-9), 3),
         "metrics": all_metrics([r["prediction"] for r in rows], [r["reference"] for r in rows]),

@@ -6,6 +6,7 @@ line fails at start-up with its file and line number, not hours into a run.
 
 from __future__ import annotations
 
+import copy
 import json
 import random
 from collections import Counter
@@ -16,6 +17,10 @@ from PIL import Image, ImageEnhance, ImageOps
 
 PROMPT = "OCR:"
 REQUIRED_FIELDS = ("image", "text")
+# The image processor raises ValueError for an aspect ratio over 200 (transformers' smart_resize); a crop
+# is padded to at most this ratio, which leaves room for the processor's rounding of the short side.
+MAX_ASPECT = 190
+AUG_PAD = 4  # augment() pads each side by 0..AUG_PAD px: sample lengths take the worst case
 
 
 class DatasetError(ValueError):
@@ -65,11 +70,32 @@ def load_image(rec: dict[str, Any], source: str) -> Image.Image:
         raise DatasetError(f"{source}:{rec['_line']}: cannot open image {rec['image_path']} ({e})") from None
 
 
+def fitted_size(width: int, height: int) -> tuple[int, int]:
+    """The size fit_image gives a crop of this size: an empty side becomes 1 px, and the short side grows
+    (white padding) until the aspect ratio is at most MAX_ASPECT, which the image processor accepts."""
+    width, height = max(width, 1), max(height, 1)
+    short = -(-max(width, height) // MAX_ASPECT)
+    return (max(width, short), height) if width < height else (width, max(height, short))
+
+
+def fit_image(image: Image.Image) -> Image.Image:
+    """The crop padded (white, centred) into a shape the processor takes; most crops come back unchanged.
+
+    Manga109 boxes never need it, but a user's own JSONL or synthetic folder can hold a 10 x 2,100 line
+    that the processor would refuse mid-run. Sample lengths count the padded size (fitted_size)."""
+    w, h = fitted_size(*image.size)
+    if (w, h) == image.size:
+        return image
+    canvas = Image.new("RGB", (w, h), (255, 255, 255))
+    canvas.paste(image.convert("RGB"), ((w - image.width) // 2, (h - image.height) // 2))
+    return canvas
+
+
 def augment(image: Image.Image, rng: Any = random) -> Image.Image:
     """Light, label-preserving changes: contrast/brightness jitter and a few pixels of padding."""
     image = ImageEnhance.Contrast(image).enhance(rng.uniform(0.8, 1.2))
     image = ImageEnhance.Brightness(image).enhance(rng.uniform(0.9, 1.1))
-    pad = tuple(rng.randint(0, 4) for _ in range(4))
+    pad = tuple(rng.randint(0, AUG_PAD) for _ in range(4))
     return ImageOps.expand(image, border=pad, fill=(255, 255, 255)) if any(pad) else image
 
 
@@ -95,12 +121,19 @@ class OCRDataset:
             # The module RNG: DataLoader seeds it differently in each worker, a shared Random would repeat.
             image = augment(image, random)
         return {
-            "image": image,
+            "index": i,  # the trainer maps it back to the id (collator counters die with loader workers)
+            "image": fit_image(image),
             "text": rec["text"],
             "id": rec["id"],
             "book": rec.get("book", ""),
             "orientation": rec.get("orientation", ""),
         }
+
+    def with_records(self, records: list[dict[str, Any]]) -> OCRDataset:
+        """The same split holding only `records` (e.g. a sample of it)."""
+        other = copy.copy(self)
+        other.records = records
+        return other
 
     def image_sizes(self) -> list[tuple[int, int]]:
         """(width, height) per record, from the JSONL when present (no image decode needed)."""
@@ -112,6 +145,36 @@ class OCRDataset:
                 with Image.open(rec["image_path"]) as im:
                     sizes.append(im.size)
         return sizes
+
+
+def spread_sample(records: list[dict[str, Any]], n: int, seed: int) -> list[dict[str, Any]]:
+    """n records spread over the books as evenly as the count allows, at random within each book (seeded).
+
+    The JSONL is in title/page order, so "the first n" is one book. Each book gets n // books crops (all of
+    a smaller book, its share going to the others); the rest go to randomly chosen books with crops left.
+    Returned in file order. Training's CER sample and evaluate_model.py --num_samples both use it."""
+    if n >= len(records):
+        return list(records)
+    rng = random.Random(seed)
+    books: dict[str, list[int]] = {}
+    for i, r in enumerate(records):
+        books.setdefault(r.get("book", ""), []).append(i)
+    for idx in books.values():
+        rng.shuffle(idx)
+    quota = dict.fromkeys(books, 0)
+    left = n
+    while left:
+        open_books = [b for b in books if quota[b] < len(books[b])]
+        share = left // len(open_books)
+        if share == 0:  # fewer crops left than books: random books get one more
+            for b in rng.sample(open_books, left):
+                quota[b] += 1
+            break
+        for b in open_books:
+            take = min(share, len(books[b]) - quota[b])
+            quota[b] += take
+            left -= take
+    return [records[i] for i in sorted(i for b, idx in books.items() for i in idx[: quota[b]])]
 
 
 def parse_data_dirs(spec: str) -> list[tuple[Path, float]]:

@@ -129,7 +129,7 @@ def run(a: argparse.Namespace) -> int:
 
 def write_predictions(a: argparse.Namespace, model: Any, processor: Any, jobs: list[dict],
                       page: Image.Image | None, out: Any) -> None:
-    from custom_collator import num_image_tokens
+    from ocr_dataset import fitted_size
     from ocr_model import generate_texts
 
     chunk = 8 * a.batch_size
@@ -137,11 +137,10 @@ def write_predictions(a: argparse.Namespace, model: Any, processor: Any, jobs: l
         part = range(start, min(start + chunk, len(jobs)))
         images = [page.crop(jobs[i]["bbox"]) if page else open_image(a.images[i]) for i in part]
         for i, im in zip(part, images, strict=True):
-            try:
-                num_image_tokens(processor, *im.size)
-            except ValueError as e:  # e.g. aspect ratio over 200, which the image processor refuses
+            if fitted_size(*im.size) != im.size:  # generation pads it into a shape the processor takes
                 where = f"box {jobs[i]['bbox']}" if page else a.images[i]
-                raise PredictError(f"{where}: unusable {im.width}x{im.height} image: {e}") from None
+                print(f"warning: {where}: {im.width}x{im.height} padded to {fitted_size(*im.size)} "
+                      "(aspect ratio over what the image processor takes)", file=sys.stderr)
         texts = generate_texts(model, processor, images, batch_size=a.batch_size,
                                max_new_tokens=a.max_new_tokens)
         for i, text in zip(part, texts, strict=True):

@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -37,9 +37,9 @@ from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
 from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.training_args import ParallelMode
 
-from custom_collator import OCRCollator, answer_ids, configure_image_size, num_image_tokens, prompt_ids
+from custom_collator import OCRCollator, configure_image_size
 from export_model import ExportError, export_model
-from ocr_dataset import DatasetError, OCRDataset, load_image, mixed_train_dataset
+from ocr_dataset import DatasetError, OCRDataset, load_image, mixed_train_dataset, spread_sample
 from ocr_lora import (
     ADAPTER_DIR,
     DEFAULT_DROPOUT,
@@ -57,6 +57,7 @@ from ocr_model import (
     load_config_and_processor,
     load_model_and_processor,
 )
+from sample_lengths import SUMMARY_FILE, SplitLengths, check_fits, filter_split, image_tokens, write_summary
 
 logger = logging.getLogger("sft")
 
@@ -121,11 +122,19 @@ class DataArguments:
             "appear once per epoch); val/test from the first only. Counts: log, OUTPUT_DIR/data_mix.json."
         },
     )
-    max_length: int = field(default=1536, metadata={"help": "Longest sequence (image + text tokens)."})
+    max_length: int = field(
+        default=1536,
+        metadata={
+            "help": "Longest sample in tokens (prompt + image tokens + answer). Train and val crops over it "
+            "are left out before training (counted per split in the log and in OUTPUT_DIR/"
+            + SUMMARY_FILE + "); test crops are counted."
+        },
+    )
     on_overlong: str = field(
         default="drop",
         metadata={
-            "help": "Over-long samples: drop (counted, logged) or error.",
+            "help": "Crops over --max_length in train or val: drop (counted, logged) or error (stop at "
+            "start, before any step).",
             "choices": ["drop", "error"],
         },
     )
@@ -138,9 +147,25 @@ class DataArguments:
     )
     augment: bool = field(default=False, metadata={"help": "Light contrast/brightness/padding jitter."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Use the first N train crops."})
-    max_eval_samples: int | None = field(default=None, metadata={"help": "Val crops for the eval loss."})
+    max_eval_samples: int | None = field(
+        default=None,
+        metadata={"help": "Val crops for the eval loss (default all), spread over the val books like the CER "
+                  "sample."},
+    )
     eval_generation_samples: int = field(
-        default=200, metadata={"help": "Val crops decoded for CER / exact match at each eval (0: off)."}
+        default=200,
+        metadata={
+            "help": "Val crops decoded for CER / exact match at each eval (0: off): drawn once with the "
+            "seed, spread over every val book as evenly as the count allows (as evaluate_model.py "
+            "--num_samples); ids in OUTPUT_DIR/eval_sample_ids.json."
+        },
+    )
+    eval_base: bool = field(
+        default=True,
+        metadata={
+            "help": "Evaluate the base model at step 0 (val loss and CER before any update), so the curves "
+            "start at the base; a warning at the end if the best checkpoint is not better. Skipped on resume."
+        },
     )
     generation_batch_size: int = field(default=16, metadata={"help": "Batch size of eval generation."})
     generation_max_new_tokens: int = field(default=128, metadata={"help": "Token cap of eval generation."})
@@ -153,7 +178,11 @@ class DataArguments:
         },
     )
     log_sample_ids: bool = field(
-        default=False, metadata={"help": "Write the ids of the crops each rank trained on (checks sharding)."}
+        default=False,
+        metadata={
+            "help": "Write the ids of the crops each rank trained on to OUTPUT_DIR/sample_ids_rank<r>.json "
+            "(checks sharding; right with any --dataloader_num_workers)."
+        },
     )
 
 
@@ -220,6 +249,19 @@ class BF16Trainer(Trainer):
         self.lengths = lengths
         self.gen_dataset = gen_dataset
         self.data_args = data_args
+        self.trained_index: list[torch.Tensor] = []  # --log_sample_ids: dataset indices, read out at the end
+
+    def _prepare_inputs(self, inputs: dict) -> dict:
+        # The collator runs in loader workers, whose state never comes back: the indices ride in the batch.
+        index = inputs.pop("sample_index", None)
+        if index is not None and self.model.training and self.data_args and self.data_args.log_sample_ids:
+            self.trained_index.append(index)  # kept as a tensor: reading it now would wait for the GPU
+        return super()._prepare_inputs(inputs)
+
+    def trained_ids(self) -> list:
+        records = self.train_dataset.records
+        index = torch.cat(self.trained_index).tolist() if self.trained_index else []
+        return [records[i]["id"] for i in index]
 
     def _load_weights(self, path: str, model=None) -> None:
         # Trainer reads checkpoint files with their raw key names, but transformers 5 saves PaddleOCR-VL in
@@ -307,33 +349,6 @@ class BF16Trainer(Trainer):
             "exact_match": m["exact_match"],
             "cer_nows": nows["cer"],
         }
-
-
-def sequence_lengths(ds: OCRDataset, processor) -> list[int]:
-    """Exact token count of each sample (prompt + image tokens + answer + eos), counted as the collator
-    builds it, without decoding images."""
-    n_prompt = len(prompt_ids(processor)) - 1  # minus the placeholder, which becomes the image tokens
-    answers = answer_ids(processor.tokenizer, [r["text"] for r in ds.records])
-    return [
-        n_prompt + num_image_tokens(processor, w, h) + len(a)
-        for (w, h), a in zip(ds.image_sizes(), answers, strict=True)
-    ]
-
-
-def drop_overlong(ds: OCRDataset, lengths: list[int], data_args: DataArguments) -> list[int]:
-    over = [i for i, n in enumerate(lengths) if n > data_args.max_length]
-    if over and data_args.on_overlong == "error":
-        ids = [ds.records[i]["id"] for i in over[:5]]
-        raise DatasetError(
-            f"{len(over)} samples in {ds.path} exceed max_length={data_args.max_length}: {ids}"
-        )
-    if over:
-        logger.warning(
-            "dropping %d of %d samples longer than max_length=%d", len(over), len(ds), data_args.max_length
-        )
-    keep = [i for i in range(len(ds)) if lengths[i] <= data_args.max_length]
-    ds.records = [ds.records[i] for i in keep]
-    return [lengths[i] for i in keep]
 
 
 def latest_complete_checkpoint(output_dir: str) -> str | None:
@@ -427,6 +442,23 @@ def check_disk_space(args: TrainingArguments, model) -> None:
         )
 
 
+def base_verdict(state: Any, args: TrainingArguments) -> str | None:
+    """A warning when the best checkpoint is not better than the base model measured at step 0."""
+    key = f"eval_{args.metric_for_best_model}"
+    base = next((h[key] for h in state.log_history if h.get("step") == 0 and key in h), None)
+    best = state.best_metric
+    if base is None or best is None:
+        return None
+    worse = best <= base if args.greater_is_better else best >= base
+    if not worse:
+        return None
+    return (
+        f"the best checkpoint's val {args.metric_for_best_model} ({best:.4f}) is not better than the base "
+        f"model's at step 0 ({base:.4f}): fine-tuning did not help on val. Check the learning rate, the data "
+        "and the prompt before a longer run; the base model itself may be the better choice."
+    )
+
+
 def plot_curves(log_history: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -473,11 +505,19 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
     return model_args, data_args, args
 
 
-def train_data(
-    model_args: ModelArguments, data_args: DataArguments, args: TrainingArguments
-) -> tuple[OCRDataset, list[dict], CheckedModel, list[int]]:
-    """(train set, data mix, the checked config and processor, token length per train sample): everything
-    that needs no weights. Raises DatasetError / ModelLoadError."""
+class TrainData(NamedTuple):
+    """Everything about the data and the checkpoint that needs no weights."""
+
+    train: OCRDataset
+    val: OCRDataset | None
+    mix: list[dict]
+    checked: CheckedModel
+    splits: list[SplitLengths]  # train, then val and test where present
+
+
+def train_data(model_args: ModelArguments, data_args: DataArguments, args: TrainingArguments) -> TrainData:
+    """Read the splits and the checked config/processor, and filter every split by one length rule (the
+    owner: sample_lengths). Raises DatasetError / ModelLoadError."""
     # data first: a missing split should fail before minutes of downloading and loading weights
     train_ds, mix = mixed_train_dataset(
         data_args.data_dir, seed=args.data_seed or args.seed, augment=data_args.augment,
@@ -486,32 +526,42 @@ def train_data(
     if not len(train_ds):
         raise DatasetError(f"{Path(mix[0]['folder']) / 'train.jsonl'} has no samples")
     logger.info("train samples per folder: %s", ", ".join(f"{m['folder']}: {m['drawn']}" for m in mix))
+    data = Path(mix[0]["folder"])  # val/test: the first folder only
+    splits = {name: data / f"{name}.jsonl" for name in ("val", "test")}
+    present = {name: OCRDataset(p) for name, p in splits.items() if p.is_file() and p.stat().st_size > 0}
     checked = load_config_and_processor(model_args.model_path, trust_remote_code=model_args.trust_remote_code)
     configure_image_size(checked.processor, data_args.min_pixels, data_args.max_pixels)
-    lengths = drop_overlong(train_ds, sequence_lengths(train_ds, checked.processor), data_args)
-    if not lengths:
-        raise DatasetError(f"every train sample is longer than --max_length {data_args.max_length}")
-    return train_ds, mix, checked, lengths
+    limit, processor = data_args.max_length, checked.processor
+    results = [filter_split("train", train_ds, processor, limit, augment=data_args.augment)]
+    if "val" in present:
+        results.append(filter_split("val", present["val"], processor, limit))
+    check_fits(results, data_args.on_overlong)
+    if "test" in present:  # not used in training: counted so the user knows what evaluation will meet
+        results.append(filter_split("test", present["test"], processor, limit, drop=False))
+    for r in results:
+        (logger.warning if r.dropped or r.padded else logger.info)("%s", r.line(used=r.split != "test"))
+    if not results[0].lengths:
+        raise DatasetError(f"every train sample is longer than --max_length {limit}")
+    if "val" in present and not len(present["val"]):
+        logger.warning("every val crop is over --max_length %d: no evaluation", limit)
+        del present["val"]
+    return TrainData(train_ds, present.get("val"), mix, checked, results)
 
 
 def run_memory_plan(
-    model_args: ModelArguments,
-    data_args: DataArguments,
-    args: TrainingArguments,
-    checked: CheckedModel,
-    ds: OCRDataset,
-    lengths: list[int],
+    model_args: ModelArguments, data_args: DataArguments, args: TrainingArguments, data: TrainData
 ) -> str:
     """The memory plan for a micro-batch of the longest train sample (peak memory follows the longest)."""
     from memory_plan import format_plan, gpu_memory_bytes, memory_plan
 
+    checked, ds, lengths = data.checked, data.train, data.splits[0].lengths
     longest = max(range(len(lengths)), key=lengths.__getitem__)
     multiple = data_args.pad_to_multiple_of or 1
     rows = memory_plan(
         checked.config,
         batch_size=args.per_device_train_batch_size,
         seq_len=-(-lengths[longest] // multiple) * multiple,
-        image_tokens=num_image_tokens(checked.processor, *ds.image_sizes()[longest]),
+        image_tokens=image_tokens(checked.processor, *ds.image_sizes()[longest], augment=data_args.augment),
         gradient_checkpointing=args.gradient_checkpointing,
         bf16_autocast=args.bf16,
         lora_r=model_args.lora_r,
@@ -521,6 +571,26 @@ def run_memory_plan(
     )
     chosen = "lora" if model_args.lora_r else model_args.precision
     return format_plan(rows, chosen, gpu_memory_bytes())
+
+
+def eval_datasets(
+    val: OCRDataset | None, data_args: DataArguments, args: TrainingArguments
+) -> tuple[OCRDataset | None, OCRDataset | None]:
+    """(val set for the loss, val sample for CER): drawn once from the filtered val with the seed, spread over
+    every val book (the JSONL is in title/page order: its first N crops are one book). Rank 0 writes the ids
+    to eval_sample_ids.json."""
+    if val is None:
+        return None, None
+    seed = args.data_seed or args.seed
+    n_loss, n_gen = data_args.max_eval_samples, data_args.eval_generation_samples
+    loss = val.with_records(spread_sample(val.records, n_loss, seed)) if n_loss is not None else val
+    gen = val.with_records(spread_sample(val.records, n_gen, seed)) if n_gen > 0 else None
+    if args.process_index == 0:
+        ids = {"generation": [r["id"] for r in gen.records] if gen else [],
+               "loss": [r["id"] for r in loss.records]}
+        path = Path(args.output_dir) / "eval_sample_ids.json"
+        path.write_text(json.dumps(ids, ensure_ascii=False, indent=0) + "\n")
+    return loss, gen
 
 
 def build_trainer(
@@ -540,11 +610,13 @@ def build_trainer(
     if args.gradient_checkpointing and args.gradient_checkpointing_kwargs is None:
         args.gradient_checkpointing_kwargs = {"use_reentrant": False}
 
-    train_ds, mix, checked, lengths = train_data(model_args, data_args, args)
-    data = Path(mix[0]["folder"])  # val/test: the first folder only
+    data = train_data(model_args, data_args, args)
+    train_ds, checked = data.train, data.checked
+    out = Path(args.output_dir)
     if args.process_index == 0:
-        (Path(args.output_dir) / "data_mix.json").write_text(json.dumps(mix, indent=1) + "\n")
-        plan = run_memory_plan(model_args, data_args, args, checked, train_ds, lengths)
+        (out / "data_mix.json").write_text(json.dumps(data.mix, indent=1) + "\n")
+        write_summary(out / SUMMARY_FILE, data.splits)
+        plan = run_memory_plan(model_args, data_args, args, data)
         logger.info("%s", plan)
         verdict = plan.splitlines()[-1]  # format_plan ends with "warning: ..." when the mode does not fit
         if verdict.startswith("warning:"):
@@ -572,18 +644,16 @@ def build_trainer(
         if args.ddp_find_unused_parameters is None:  # every adapter takes part in every step
             args.ddp_find_unused_parameters = False
     check_disk_space(args, model)
-    val_path = data / "val.jsonl"
-    has_val = val_path.is_file() and val_path.stat().st_size > 0
-    eval_ds = OCRDataset(val_path, max_samples=data_args.max_eval_samples) if has_val else None
-    gen_n = data_args.eval_generation_samples
-    gen_ds = OCRDataset(val_path, max_samples=gen_n) if has_val and gen_n else None
+    eval_ds, gen_ds = eval_datasets(data.val, data_args, args)
     if eval_ds is None:
-        logger.warning("no val split in %s: training without evaluation", data)
+        logger.warning("no val split in %s: training without evaluation", data.mix[0]["folder"])
         args.eval_strategy, args.load_best_model_at_end = "no", False
     elif args.metric_for_best_model in (None, "cer") and gen_ds is not None:
         args.metric_for_best_model, args.greater_is_better = "cer", False
     elif args.metric_for_best_model == "cer":  # CER needs generation; fall back to the val loss
         args.metric_for_best_model, args.greater_is_better = "loss", False
+    # The base on the curve: a resumed run's log history already starts with it.
+    args.eval_on_start = eval_ds is not None and data_args.eval_base and not args.resume_from_checkpoint
 
     # LoRA's adapters are fp32 in both precisions: Trainer's AdamW steps them exactly
     betas = (args.adam_beta1, args.adam_beta2)
@@ -611,7 +681,7 @@ def build_trainer(
         processing_class=processor,
         optimizer_cls_and_kwargs=optimizer,
         callbacks=callbacks,
-        lengths=lengths,
+        lengths=data.splits[0].lengths,
         gen_dataset=gen_ds,
         data_args=data_args,
     )
@@ -653,8 +723,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     try:
         if model_args.print_memory_plan:
-            train_ds, _, checked, lengths = train_data(model_args, data_args, args)
-            print(run_memory_plan(model_args, data_args, args, checked, train_ds, lengths))
+            print(run_memory_plan(model_args, data_args, args, train_data(model_args, data_args, args)))
             return 0
         trainer = build_trainer(model_args, data_args, args)
         trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
@@ -676,12 +745,13 @@ def main(argv: list[str] | None = None) -> int:
     trainer.save_state()
     if data_args.log_sample_ids:
         ids_path = Path(args.output_dir) / f"sample_ids_rank{args.process_index}.json"
-        ids_path.write_text(json.dumps(trainer.data_collator.seen_ids, ensure_ascii=False))
+        ids_path.write_text(json.dumps(trainer.trained_ids(), ensure_ascii=False))
     if trainer.is_world_process_zero():
         plot_curves(trainer.state.log_history, Path(args.output_dir) / "training_curves.png")
-        if trainer.data_collator.num_dropped:
-            logger.warning("collator dropped %d over-long samples", trainer.data_collator.num_dropped)
         logger.info("saved model and training_curves.png to %s", args.output_dir)
+        verdict = base_verdict(trainer.state, args)
+        if verdict:
+            logger.warning("%s", verdict)
     trainer.accelerator.wait_for_everyone()
     return 0
 

@@ -69,6 +69,7 @@ from evaluate_model import device_description  # noqa: E402
 from ocr_dataset import OCRDataset  # noqa: E402
 from ocr_lora import add_lora  # noqa: E402
 from ocr_model import load_model_and_processor  # noqa: E402
+from sample_lengths import filter_split  # noqa: E402
 from tools.make_synthetic_manga109 import CHARSET, generate  # noqa: E402
 from tools.make_tiny_model import build_tiny_model  # noqa: E402
 
@@ -145,8 +146,7 @@ def build(config: str, tiny_dir: str, recipe: Recipe, device: torch.device) -> t
 def batches(data_dir: Path, processor: Any, recipe: Recipe, workers: int, pin: bool) -> Iterator[dict]:
     """Endless CPU micro-batches (pinned on CUDA), drawn the way the recipe's trainer would draw them."""
     ds = OCRDataset(data_dir / "train.jsonl")
-    args = sft.DataArguments(max_length=MAX_LENGTH)
-    lengths = sft.drop_overlong(ds, sft.sequence_lengths(ds, processor), args)
+    lengths = filter_split("train", ds, processor, MAX_LENGTH).lengths
     if len(ds) < recipe.bs:
         raise SystemExit(f"error: {len(ds)} crops < batch size {recipe.bs}; raise --books/--pages")
     if recipe.group and recipe.bs > 1:  # as BF16Trainer with --group_by_length

@@ -23,6 +23,7 @@ import sft_paddleocr_vl as sft
 from custom_collator import OCRCollator, generation_batch, generation_prompt
 from ocr_dataset import OCRDataset, load_image, read_jsonl
 from ocr_model import ModelLoadError, generate_texts, load_model_and_processor
+from sample_lengths import sequence_lengths
 from tools.make_synthetic_manga109 import CHARSET
 
 # transformers' integration test on PaddlePaddle/PaddleOCR-VL: the prompt starts
@@ -128,7 +129,7 @@ def test_training_ids_are_generation_ids(release_model, prepared: Path, version:
     if version == "v1":
         assert tok.convert_ids_to_tokens(one_pass[-2:]) == ["▁O", "K"]
     lengths = OCRCollator(processor, max_length=None)([ds[i] for i in range(5)])["attention_mask"].sum(1)
-    assert sft.sequence_lengths(ds, processor) == lengths.tolist()
+    assert sequence_lengths(ds, processor) == lengths.tolist()
 
 
 def test_unexpected_template_or_ids_fail_naming_the_file(release_model, tmp_path: Path) -> None:

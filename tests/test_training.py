@@ -13,6 +13,7 @@ import sft_paddleocr_vl as sft
 from custom_collator import OCRCollator, OverlongError, PromptError
 from ocr_dataset import OCRDataset, load_image
 from ocr_model import generate_texts, load_model_and_processor
+from sample_lengths import sequence_lengths
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +104,7 @@ def test_overlong_sample_dropped_or_raises(prepared: Path, processor) -> None:
 
 def test_sequence_lengths_match_collator(prepared: Path, processor) -> None:
     ds = OCRDataset(prepared / "train.jsonl", max_samples=12)
-    est = sft.sequence_lengths(ds, processor)
+    est = sequence_lengths(ds, processor)
     batch = OCRCollator(processor, max_length=None)([ds[i] for i in range(len(ds))])
     assert est == batch["attention_mask"].sum(1).tolist()
 
