@@ -74,6 +74,30 @@ def data_dir(synthetic_release: Path, tmp_path_factory: pytest.TempPathFactory) 
     prep.run(prep.PrepareArguments(manga109_root=str(synthetic_release), output_dir=str(out), num_workers=1))
     return out
 
+@pytest.fixture(scope="session")
+def extreme_release(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Read-only release of 30 books x 1 full-size (1654 x 1170) page made with extremes=True: every book's
+    page holds the real data's extremes (a large box, thin 10 x 400 and 400 x 10 boxes, a 12 x 12 box, two
+    100+ character texts with Latin letters and digits, an empty box) among ordinary bubbles."""
+    root = tmp_path_factory.mktemp("m109x") / "Manga109s"
+    generate(root, books=30, pages=1, seed=19, num_workers=1, progress=False, extremes=True)
+    return root
+
+
+@pytest.fixture(scope="session")
+def extreme_data(extreme_release: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`extreme_release` prepared with prepare's default settings (read-only): 30 books are the fewest whose
+    default fractions (test 0.1, val 0.05) give 2 val and 3 test books (25 train), so "the first N of val"
+    is one book. Every split has a crop of 600+ tokens with the release's v1 processor (about 1100 at most;
+    the tiny model's processor caps images at 64 tokens, so about 220 there), a 10 x 400, a 400 x 10 and a
+    12 x 12 crop and 100+ character texts; prepare skips the empty boxes. About 7 s to build on 2 cores."""
+    import prepare_manga109_data as prep
+
+    out = tmp_path_factory.mktemp("extreme_data")
+    prep.run(prep.PrepareArguments(manga109_root=str(extreme_release), output_dir=str(out), num_workers=1))
+    return out
+
+
 @pytest.fixture
 def error_line(capsys: pytest.CaptureFixture[str]) -> Callable[[int], str]:
     """Checks a CLI failed cleanly (exit 2, no traceback) and returns its single `error: ` line."""

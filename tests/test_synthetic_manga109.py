@@ -187,3 +187,46 @@ def test_cli(tmp_path):
     assert res.returncode == 0, res.stderr
     assert len((tmp_path / "books.txt").read_text(encoding="utf-8").split()) == 2
     assert len(list(tmp_path.glob("images/*/*.jpg"))) == 4
+
+
+def test_extremes_need_room_and_leave_defaults_alone(tmp_path):
+    with pytest.raises(ValueError, match="no room"):
+        _generate(tmp_path / "small", pages=1, extremes=True)
+    a, b = tmp_path / "a", tmp_path / "b"
+    _generate(a, books=1, pages=2, seed=3)
+    _generate(b, books=1, pages=2, seed=3, extremes=False)
+    assert _files(a) == _files(b)
+
+
+def test_extreme_data_has_the_real_data_extremes_in_every_split(extreme_release, extreme_data, tiny_model,
+                                                                release_model):
+    """What the real Manga109s has in every split (shared/field-failures.md), so code that handles only the
+    default fixture cannot pass tests on this one."""
+    import json
+
+    from ocr_model import load_config_and_processor
+    from tools.split_stats import SPLITS, split_stats
+
+    v1 = load_config_and_processor(str(release_model("v1"))).processor
+    tiny = load_config_and_processor(str(tiny_model)).processor
+    stats = split_stats(extreme_data, {"v1": v1, "tiny": tiny}, threshold=600)
+    assert set(stats) == set(SPLITS)
+    assert stats["val"]["books"] >= 2 and stats["test"]["books"] >= 2, stats
+    for split, s in stats.items():
+        assert s["over"]["v1"] >= 1, (split, s)  # over a reduced max_length with the release's processor
+        assert s["thin"] >= 2 and s["tiny"] >= 1 and s["long_latin_digits"] >= 1, (split, s)
+        # The tiny processor caps an image at 64 tokens: only the answer can make its sequences long.
+        assert 64 + 100 < s["max_tokens"]["tiny"] < 600, (split, s)
+
+    manifest = json.loads((extreme_data / "manifest.json").read_text())
+    assert manifest["skipped"]["texts"]["empty_text"] >= 30  # one empty box per book at least, skipped
+    for split in SPLITS:
+        recs = [json.loads(line) for line in (extreme_data / f"{split}.jsonl").read_text().splitlines()]
+        sizes = {(r["width"], r["height"]) for r in recs}
+        assert {(10, 400), (400, 10), (12, 12)} <= sizes, split  # prepare's --min_size 10 keeps them
+        for r in recs:
+            # Both tokenizers have a piece for every character: no <unk> (tiny), no byte fallback (release).
+            assert tiny.tokenizer.unk_token_id not in tiny.tokenizer(r["text"], add_special_tokens=False)[
+                "input_ids"], r["text"]
+            ids = v1.tokenizer(r["text"], add_special_tokens=False)["input_ids"]
+            assert not [i for i in ids if 13 <= i < 13 + 256], r["text"]

@@ -5,6 +5,10 @@ drawn with real CJK fonts, mostly vertical, inside light speech bubbles over bus
 plus the odd cases the real annotations have (empty text, tiny boxes, boxes touching or crossing the page
 edge). Output is byte-identical for a given seed whatever --num_workers is: every page has its own RNG.
 
+--extremes also puts on the first page of every book the extremes that every split of the real Manga109s
+holds (a large box, thin 10 x 400 and 400 x 10 boxes, a 12 x 12 box, 100+ character texts mixing Japanese,
+Latin letters and digits, an empty text), so a book-level split gives each split some of each.
+
     python tools/make_synthetic_manga109.py --out data/synth --books 3 --pages 20 --seed 0
 """
 
@@ -72,6 +76,16 @@ SMALL_PUNCT = set("、。")  # sit in the upper right of their cell in vertical 
 TITLE_A = "Sakura Kaze Hoshi Yume Tsuki Umi Sora Hana Kumo Yoru Kage Honoo Midori Akai Shiroi Kuroi".split()
 TITLE_B = "Monogatari Nikki Gakuen Bouken Tantei Kingdom Diary Quest Senki Densetsu Days Rhapsody".split()
 CHAR_NAMES = "ヒロシ ユキ ケンジ サクラ 先生 王様 魔王 タロウ ハナコ Other".split()
+# Latin/digit runs of the long --extremes texts: full- and half-width, and half-width spaces, which the
+# release's tokenizer merges with the next letter or digit. " " and "." are outside CHARSET (kept unchanged
+# so the tiny tokenizer and the default fixture stay as they are) but inside both tokenizers' ASCII pieces.
+LATIN_RUNS = ["ＯＫ", "ABC123", "ＴＶ", "No.1", "Dr. X", "3時", "１０年", "100円", "ＳＯＳ", "OK GO", "R2"]
+# --extremes sizes (px). BIG_* makes a box of about 700 x 800: 600+ image tokens with the release's v1
+# processor (28 px per token side after merging) even before the answer is counted.
+BIG_FONT, BIG_PER_COLUMN = 64, 12
+THIN = (10, 400)  # 10 px survives prepare's --min_size 10 (it skips < 10); aspect 40 is under its 150
+TINY = 12
+LONG_CHARS = (100, 120)  # the text grows by whole pieces until it reaches a length in this range
 
 
 class NoFontError(RuntimeError):
@@ -179,9 +193,24 @@ def _panels(rng: random.Random, width: int, height: int) -> list[tuple[int, int,
     return panels
 
 
-def _layout(rng: random.Random, text: str, font: ImageFont.FreeTypeFont, size: int, vertical: bool):
-    """Split text into columns (vertical) or lines (horizontal); return (chunks, block width, height)."""
-    per = rng.randint(3, 8) if vertical else rng.randint(4, 10)
+def long_text(rng: random.Random) -> str:
+    """A 100+ character utterance (narration-like): phrases with Latin/digit runs, always with a full-width
+    run (ＯＫ) and a half-width letters+digits run (ABC123) somewhere in it."""
+    target = rng.randint(*LONG_CHARS)
+    parts = ["ＯＫ", "ABC123"]
+    while sum(map(len, parts)) < target:
+        parts.append(rng.choice(LATIN_RUNS) if rng.random() < 0.25 else rng.choice(PHRASES))
+    rng.shuffle(parts)
+    return "".join(p + ("" if p[-1] in "！？…" or rng.random() < 0.6 else rng.choice("、。")) for p in parts)
+
+
+def _layout(rng: random.Random, text: str, font: ImageFont.FreeTypeFont, size: int, vertical: bool,
+            per: int | None = None):
+    """Split text into columns (vertical) or lines (horizontal); return (chunks, block width, height).
+
+    per: characters per column/line; None draws it (the default pages' RNG stream depends on that draw).
+    """
+    per = per or (rng.randint(3, 8) if vertical else rng.randint(4, 10))
     chunks = [text[i:i + per] for i in range(0, len(text), per)] if len(text) > per else [text]
     if vertical:
         step = round(size * rng.uniform(1.15, 1.4))
@@ -214,9 +243,69 @@ def _overlaps(box: tuple[int, int, int, int], placed: list[tuple[int, int, int, 
     return any(box[0] < b[2] and b[0] < box[2] and box[1] < b[3] and b[1] < box[3] for b in placed)
 
 
+def _find_spot(rng: random.Random, w: int, h: int, width: int, height: int,
+               placed: list[tuple[int, int, int, int]]) -> tuple[int, int]:
+    """Top-left of a free w x h rectangle (with a 4 px margin) fully on the page; random tries, then a scan,
+    so a crowded page still finds room when there is any."""
+    lo_x, lo_y, hi_x, hi_y = 4, 4, width - w - 4, height - h - 4
+    if hi_x >= lo_x and hi_y >= lo_y:
+        spots = [(rng.randint(lo_x, hi_x), rng.randint(lo_y, hi_y)) for _ in range(50)]
+        spots += [(x, y) for y in range(lo_y, hi_y + 1, 8) for x in range(lo_x, hi_x + 1, 8)]
+        for x, y in spots:
+            if not _overlaps((x - 4, y - 4, x + w + 4, y + h + 4), placed):
+                placed.append((x - 4, y - 4, x + w + 4, y + h + 4))
+                return x, y
+    raise ValueError(f"a {width}x{height} page has no room for a {w}x{h} --extremes box; use larger pages "
+                     "(the default 1654x1170 fits them all)")
+
+
+def _spaced(img: Image.Image, text: str, font_path: str, box: tuple[int, int, int, int], ink: int) -> None:
+    """Draw text spread evenly along a thin box's long side (a stretched sound, a dotted line)."""
+    x0, y0, x1, y1 = box
+    draw, vertical = ImageDraw.Draw(img), y1 - y0 > x1 - x0
+    size = min(x1 - x0, y1 - y0) - 1
+    n = len(text)
+    for i, ch in enumerate(text):
+        t = (i + 0.5) / n
+        xy = ((x0 + x1) / 2, y0 + t * (y1 - y0)) if vertical else (x0 + t * (x1 - x0), (y0 + y1) / 2)
+        draw.text(xy, ch, fill=ink, font=_font(font_path, size), anchor="mm")
+
+
+def place_extremes(rng: random.Random, img: Image.Image, ann: dict[str, list], placed: list, width: int,
+                   height: int) -> None:
+    """The real data's extremes, each boxed on a white ground: a large vertical box with a 100+ character
+    text in a big font, a 100+ character multi-line text in a normal font, thin boxes 10 x 400 and 400 x 10,
+    a 12 x 12 box and an empty box. Raises ValueError when the page is too small for them."""
+    draw, font_path = ImageDraw.Draw(img), rng.choice(_FONTS)
+
+    def block(text: str, size: int, per: int, vertical: bool, pad: int) -> None:
+        chunks, tw, th = _layout(rng, text, _font(font_path, size), size, vertical, per)
+        x, y = _find_spot(rng, tw + 2 * pad, th + 2 * pad, width, height, placed)
+        box = (x, y, x + tw + 2 * pad, y + th + 2 * pad)
+        draw.rectangle(box, fill=rng.randint(245, 255), outline=rng.randint(0, 40), width=2)
+        _draw_text(img, chunks, font_path, size, vertical, x + pad, y + pad, tw, rng.randint(0, 40))
+        ann["text"].append((box, "".join(chunks)))
+
+    block(long_text(rng), BIG_FONT, BIG_PER_COLUMN, True, 12)
+    size = max(12, round(0.02 * height))
+    vertical = rng.random() < 0.7
+    block(long_text(rng), size, rng.randint(10, 14) if vertical else rng.randint(12, 18), vertical, 4)
+    for w, h in (THIN, THIN[::-1], (TINY, TINY)):
+        x, y = _find_spot(rng, w, h, width, height, placed)
+        box = (x, y, x + w, y + h)
+        n = 1 if w == h else rng.randint(4, 8)
+        text = "".join(rng.choice(KATAKANA[:-1] if w < h else DIGITS[:10] + LATIN[:26]) for _ in range(n))
+        draw.rectangle(box, fill=255)
+        _spaced(img, text, font_path, box, rng.randint(0, 40))
+        ann["text"].append((box, text))
+    x, y = _find_spot(rng, 60, 80, width, height, placed)  # an empty bubble: prepare skips it (empty_text)
+    draw.ellipse((x, y, x + 60, y + 80), fill=255, outline=rng.randint(0, 40), width=2)
+    ann["text"].append(((x, y, x + 60, y + 80), ""))
+
+
 def render_page(task: tuple) -> dict:
     """Draw one page, save its JPEG, and return its annotations (IDs are assigned later, in page order)."""
-    seed, book, page, path, width, height, n_chars, max_chars, alphabet, min_chars = task
+    seed, book, page, path, width, height, n_chars, max_chars, alphabet, min_chars, extremes = task
     rng = random.Random(f"{seed}:{book}:{page}")
     img = Image.new("L", (width, height), 255)
     draw = ImageDraw.Draw(img)
@@ -239,6 +328,8 @@ def render_page(task: tuple) -> dict:
             ann["body"].append((body, who))
             ann["face"].append((face, who))
     placed: list[tuple[int, int, int, int]] = []
+    if extremes and page == 0:  # placed first, so the ordinary bubbles fill the room they leave
+        place_extremes(random.Random(f"{seed}:{book}:{page}:extremes"), img, ann, placed, width, height)
     area_scale = width * height / (1654 * 1170)
     for _ in range(max(2, round(rng.randint(7, 16) * area_scale ** 0.5))):
         kind = rng.choices(["normal", "empty", "tiny", "edge"], [0.85, 0.04, 0.04, 0.07])[0]
@@ -311,11 +402,13 @@ def _box(parent: etree._Element, tag: str, next_id: int, box, **extra: str) -> N
 def generate(out_dir: str | os.PathLike, books: int = 2, pages: int = 10, seed: int = 0, width: int = 1654,
              height: int = 1170, num_workers: int | None = 1, max_chars: int = 16,
              fonts: list[str] | None = None, progress: bool = True, charset: str = "full",
-             min_chars: int = 1) -> dict:
+             min_chars: int = 1, extremes: bool = False) -> dict:
     """Write a synthetic Manga109-layout dataset to out_dir; return counts of what was written.
 
     charset: a key of CHARSETS; anything but "full" draws runs of min_chars..max_chars characters of that
     small alphabet (the demo). min_chars is used only then.
+    extremes: also put the real data's extremes (see place_extremes) on the first page of every book; they
+    ignore max_chars and charset. Off by default, so the default pages stay byte-identical.
     """
     if charset not in CHARSETS:
         raise ValueError(f"unknown charset {charset!r}; choose from {', '.join(CHARSETS)}")
@@ -334,7 +427,8 @@ def generate(out_dir: str | os.PathLike, books: int = 2, pages: int = 10, seed: 
         (out / "images" / title).mkdir(parents=True, exist_ok=True)
         for p in range(pages):
             path = str(out / "images" / title / f"{p:03d}.jpg")
-            tasks.append((seed, b, p, path, width, height, n_chars[b], max_chars, alphabet, min_chars))
+            tasks.append((seed, b, p, path, width, height, n_chars[b], max_chars, alphabet, min_chars,
+                          extremes))
     workers = min(num_workers or os.cpu_count() or 1, len(tasks)) or 1
     bar = dict(total=len(tasks), desc="pages", unit="page", disable=not progress)
     if workers == 1:
@@ -393,12 +487,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--min_chars", type=int, default=1,
                     help="shortest text with a --charset other than full (default 1); equal to --max_chars: "
                     "texts of one length")
+    ap.add_argument("--extremes", action="store_true",
+                    help="also put on the first page of every book a large box (600+ image tokens with the "
+                    "release's v1 processor), thin 10x400 and 400x10 boxes, a 12x12 box, two 100+ character "
+                    "texts with Latin letters and digits, and an empty box, as every split of Manga109s has")
     args = ap.parse_args(argv)
     try:
         stats = generate(args.out, books=args.books, pages=args.pages, seed=args.seed, width=args.width,
                          height=args.height, num_workers=args.num_workers, max_chars=args.max_chars,
-                         fonts=args.font, charset=args.charset, min_chars=args.min_chars)
-    except NoFontError as e:
+                         fonts=args.font, charset=args.charset, min_chars=args.min_chars,
+                         extremes=args.extremes)
+    except (NoFontError, ValueError) as e:
         print(e, file=sys.stderr)
         return 1
     print(f"wrote {stats['pages']} pages, {stats['texts']} text boxes, {stats['books']} books to {args.out}")
