@@ -113,10 +113,10 @@ def test_predictions_do_not_depend_on_batch_size(tiny_model: Path, data_dir: Pat
 
 def test_num_samples_is_the_seeded_subset(tiny_model: Path, data_dir: Path, tmp_path: Path) -> None:
     records = read_jsonl(data_dir / "train.jsonl")
-    for seed in (42, 7):
+    for seed in (42, 7):  # --sampling random: the seed project's procedure, to compare with its numbers
         out = tmp_path / str(seed)
         assert evaluate(tiny_model, data_dir, out, "--split", "train", "--num_samples", "5",
-                        "--seed", str(seed)) == 0
+                        "--sampling", "random", "--seed", str(seed)) == 0
         expected = {r["id"] for r in random.Random(seed).sample(records, 5)}
         assert {r["id"] for r in predictions(out)} == expected
         m = json.loads((out / "metrics.json").read_text(encoding="utf-8"))

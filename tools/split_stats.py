@@ -2,7 +2,7 @@
 
 Tells whether a dataset (the real prepared Manga109s, or the --extremes synthetic fixture) holds the cases
 that break code in the field: sequences over a reduced max_length, thin or tiny crops, 100+ character answers
-with Latin letters and digits. Lengths come from sft_paddleocr_vl.sequence_lengths, as training counts them.
+with Latin letters and digits. Lengths come from sample_lengths.sequence_lengths, as training counts them.
 
     python tools/split_stats.py data/manga109s --model PaddlePaddle/PaddleOCR-VL --model ./tiny_model
 """
@@ -44,7 +44,7 @@ def split_stats(data_dir: str | Path, processors: dict[str, Any], threshold: int
     """{split: {books, crops, thin, tiny, long, long_latin_digits, max_tokens: {name: n}, over: {name: n}}};
     `over` counts sequences longer than `threshold` tokens. processors: {name: a loaded processor}."""
     from ocr_dataset import OCRDataset
-    from sft_paddleocr_vl import sequence_lengths
+    from sample_lengths import sequence_lengths
 
     stats = {}
     for split in SPLITS:
