@@ -37,7 +37,7 @@ from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
 from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.training_args import ParallelMode
 
-from custom_collator import OCRCollator, configure_image_size
+from custom_collator import OCRCollator, OverlongError, configure_image_size
 from export_model import ExportError, export_model
 from ocr_dataset import DatasetError, OCRDataset, load_image, mixed_train_dataset, spread_sample
 from ocr_lora import (
@@ -727,7 +727,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         trainer = build_trainer(model_args, data_args, args)
         trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
-    except (ModelLoadError, DatasetError, NonFiniteLossError, LoraError) as e:
+    except (ModelLoadError, DatasetError, NonFiniteLossError, LoraError, OverlongError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # typically a full disk while saving a checkpoint

@@ -185,3 +185,28 @@ def test_sample_ids_survive_loader_workers(tiny_model: Path, prepared: Path, tmp
         assert rc == 0
         got.append(json.loads((out / "sample_ids_rank0.json").read_text()))
     assert got[0] == got[1] and sorted(got[0]) == sorted(r["id"] for r in read_jsonl(data / "train.jsonl"))
+
+
+def test_train_sh_on_the_extreme_fixture(release_model, extreme_data: Path, tmp_path: Path) -> None:
+    """The release-like v1 model on data with the real extremes, loader workers, eval batch 1 and an
+    evaluation at step 1: today's main died at its first evaluation (OverlongError on a long val crop)."""
+    import subprocess
+
+    from tests.launch import TRAIN_SH, train_env
+
+    out = tmp_path / "o"
+    env = train_env(release_model("v1"), extreme_data, out, NUM_WORKERS="2", MAX_LENGTH="600",
+                    BATCH_SIZE="1", GRAD_ACCUM="1", EVAL_STEPS="1", SAVE_STEPS="2",
+                    EVAL_GENERATION_SAMPLES="4", LR="1e-4")
+    proc = subprocess.run([*TRAIN_SH, "--max_steps", "2", "--max_eval_samples", "6",
+                           "--generation_max_new_tokens", "4", "--disable_tqdm", "true"],
+                          env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / SUMMARY_FILE).read_text())
+    assert summary["val"]["dropped"] and summary["train"]["dropped"] and summary["test"]["dropped"]
+    assert "val: 2 of 31 crops over max_length 600 dropped" in proc.stderr
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert [h["step"] for h in state["log_history"] if "eval_cer" in h] == [0, 1, 2]
+    ids = json.loads((out / "eval_sample_ids.json").read_text())
+    val_books = {r["id"]: r["book"] for r in read_jsonl(extreme_data / "val.jsonl")}
+    assert len({val_books[i] for i in ids["generation"]}) == 2 and len(ids["loss"]) == 6
