@@ -10,8 +10,10 @@ TORCH   ?= torch==2.13.0
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 
-# A stamp file keeps `make test` fast on the second run; it is redone when requirements change.
-$(VENV)/.installed: requirements.txt requirements-dev.txt | $(BIN)/python
+# A stamp file keeps `make test` fast on the second run; it is redone when requirements (or the pins below)
+# change. The --no-deps packages are for tests: manga-ocr itself (tests/test_compat.py) and owocr, a real
+# manga-ocr client (tests/test_owocr.py), which needs Python >= 3.11 (elsewhere pip ignores it: test skipped).
+$(VENV)/.installed: requirements.txt requirements-dev.txt Makefile | $(BIN)/python
 	@if command -v nvidia-smi >/dev/null 2>&1; then \
 		$(BIN)/pip install -q torch; \
 	else \
@@ -20,6 +22,7 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt | $(BIN)/python
 	fi
 	$(BIN)/pip install -q -r requirements.txt -r requirements-dev.txt
 	$(BIN)/pip install -q --no-deps manga-ocr==0.1.16
+	$(BIN)/pip install -q --no-deps "owocr==1.26.8; python_version >= '3.11'"
 	@$(BIN)/python tools/fonts.py --ensure
 	@touch $@
 
