@@ -63,6 +63,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
@@ -94,11 +95,17 @@ class PlanRow:
         return self.weights + self.gradients + self.optimizer + self.autocast_copies + self.activations
 
 
-def gpu_memory_bytes() -> int | None:
-    """Total memory of the visible CUDA device (the current one), None without one."""
+class GpuMemory(NamedTuple):
+    free: int  # bytes
+    total: int
+
+
+def gpu_memory_bytes() -> GpuMemory | None:
+    """Free and total memory of the visible CUDA device (the current one), None without one. The plan is held
+    against free memory: a desktop card's display, or another process, already holds part of the total."""
     if not torch.cuda.is_available():
         return None
-    return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    return GpuMemory(*torch.cuda.mem_get_info())
 
 
 def _meta_model(config) -> torch.nn.Module:
@@ -273,8 +280,9 @@ def _layers(config, part: str) -> int:
     return sub.num_hidden_layers if sub is not None else 1
 
 
-def format_plan(rows: list[PlanRow], chosen: str, gpu_bytes: int | None) -> str:
-    """A fixed-width table in GiB (the chosen mode marked '>') and whether it fits the visible GPU."""
+def format_plan(rows: list[PlanRow], chosen: str, gpu: GpuMemory | None) -> str:
+    """A fixed-width table in GiB (the chosen mode marked '>') and whether it fits the visible GPU's free
+    memory."""
     widths = (7, 6, 6, 8, 6, 6)
     names = ("weights", "grads", "optim", "autocast", "activ", "total")
     header = " ".join(f"{n:>{w}}" for n, w in zip(names, widths, strict=True))
@@ -286,19 +294,20 @@ def format_plan(rows: list[PlanRow], chosen: str, gpu_bytes: int | None) -> str:
                      + " ".join(f"{v / GIB:>{w}.2f}" for v, w in zip(cells, widths, strict=True)))
     mine = next(r for r in rows if r.mode == chosen)
     need = f"{chosen} needs ~{mine.total / GIB:.1f} GiB"
-    if gpu_bytes is None:
+    if gpu is None:
         lines.append(f"no CUDA device visible: {need} on a GPU")
-    elif mine.total > gpu_bytes:
-        fits = ", ".join(f"{r.mode} ({r.total / GIB:.1f} GiB)" for r in rows if r.total <= gpu_bytes)
+        return "\n".join(lines)
+    free = f"the visible GPU's free memory, {gpu.free / GIB:.1f} of {gpu.total / GIB:.1f} GiB"
+    if mine.total > gpu.free:
+        fits = ", ".join(f"{r.mode} ({r.total / GIB:.1f} GiB)" for r in rows if r.total <= gpu.free)
         tries = " or ".join(filter(None, [
             "a smaller --per_device_train_batch_size" if mine.batch_size > 1 else "",
             "" if mine.gradient_checkpointing else "--gradient_checkpointing true"]))
         hint = "; or ".join(filter(None, [fits and f"{fits} would fit", tries and f"try {tries}"]))
-        lines.append(f"warning: {need}, which exceeds the visible GPU's {gpu_bytes / GIB:.1f} GiB "
-                     f"(activations: {mine.activations / GIB:.1f} GiB of it)" + (f"; {hint}" if hint else ""))
-    else:
-        lines.append(f"{need}: fits the visible GPU's {gpu_bytes / GIB:.1f} GiB (plus ~0.5 GiB of CUDA "
-                     "context and the allocator's slack)")
+        lines.append(f"warning: {need}, which exceeds {free} (activations: {mine.activations / GIB:.1f} GiB "
+                     "of it)" + (f"; {hint}" if hint else ""))
+    else:  # free is measured with this process's CUDA context already in place
+        lines.append(f"{need}: fits {free} (plus the allocator's slack)")
     return "\n".join(lines)
 
 

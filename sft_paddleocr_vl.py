@@ -502,7 +502,24 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
             f"error: launched as {os.environ['WORLD_SIZE']} processes but the Trainer is not in distributed "
             f"mode ({args.parallel_mode}); ranks would train apart and race on the output folder"
         )
+    refuse_data_parallel(args)  # before any data or weights are read
     return model_args, data_args, args
+
+
+def refuse_data_parallel(args: TrainingArguments) -> None:
+    """Exit 2 with one line where the Trainer would wrap the model in nn.DataParallel: one process that sees
+    several GPUs (TrainingArguments sets n_gpu = torch.cuda.device_count() outside torchrun). DataParallel
+    splits every tensor along dim 0, and pixel_values holds all images' patches back to back, so the split
+    cuts through images and the first step crashes."""
+    if args.n_gpu > 1:
+        print(
+            f"error: {args.n_gpu} GPUs are visible but this is one process: the Trainer would use "
+            "nn.DataParallel, which splits image patches across images. Run `bash train.sh` "
+            "(NUM_GPUS=auto launches one process per GPU through torchrun), or `NUM_GPUS=1`/"
+            "`CUDA_VISIBLE_DEVICES=0` for one GPU",
+            file=sys.stderr,
+        )
+        raise SystemExit(2)
 
 
 class TrainData(NamedTuple):
@@ -597,6 +614,7 @@ def build_trainer(
     model_args: ModelArguments, data_args: DataArguments, args: TrainingArguments, callbacks=None
 ) -> BF16Trainer:
     """Everything up to trainer.train(); raises ModelLoadError / DatasetError / LoraError on bad input."""
+    refuse_data_parallel(args)  # again for callers that build TrainingArguments without parse_args
     check_output_dir(args)
     set_seed(args.seed)
     if args.resume_from_checkpoint == "auto":

@@ -4,11 +4,16 @@
 #   bash train.sh                                   # the defaults below
 #   LR=1e-5 EPOCHS=1 bash train.sh                  # override by environment variable ...
 #   bash train.sh --max_steps 100 --eval_steps 50   # ... or by extra arguments (passed through, they win)
-#   NUM_GPUS=2 bash train.sh                        # DDP through torchrun
+#   bash train.sh                                   # every visible GPU: one process each (DDP, torchrun)
+#   NUM_GPUS=2 bash train.sh                        # the first 2 visible GPUs (CUDA_VISIBLE_DEVICES is set)
 #   LORA_R=16 bash train.sh                         # LoRA adapters on a frozen base (8 GB cards)
 #   NNODES=2 NODE_RANK=0 MASTER_ADDR=node0 NUM_GPUS=8 bash train.sh   # on node0, and NODE_RANK=1 on node1
 #
+#   DRY_RUN=1 bash train.sh                         # print the command (and the variables set), run nothing
+#
 # A killed run continues from its last checkpoint when started again (RESUME=auto); RESUME=none starts over.
+# Never one process on several GPUs: the Trainer would wrap it in nn.DataParallel, which splits the batch's
+# image patches across images (sft_paddleocr_vl.py refuses to start that way).
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -40,7 +45,7 @@ EVAL_GENERATION_SAMPLES=${EVAL_GENERATION_SAMPLES:-200}
 LOGGING_STEPS=${LOGGING_STEPS:-10}
 NUM_WORKERS=${NUM_WORKERS:-2}
 SEED=${SEED:-42}
-NUM_GPUS=${NUM_GPUS:-1}                # processes (GPUs) on this node
+NUM_GPUS=${NUM_GPUS:-auto}             # processes (GPUs) on this node; auto: every visible GPU (1 on CPU)
 NNODES=${NNODES:-1}                    # machines in the job; start train.sh on each with its NODE_RANK
 NODE_RANK=${NODE_RANK:-0}              # 0 hosts the rendezvous at MASTER_ADDR:MASTER_PORT
 MASTER_ADDR=${MASTER_ADDR:-}           # multi-node: an address of node 0 that every node can reach
@@ -55,8 +60,15 @@ if ! "$PYTHON" -c "import torch, transformers" 2>/dev/null; then
     echo "error: $PYTHON cannot import torch and transformers: $hint" >&2
     exit 2
 fi
-gpu_gb=$("$PYTHON" -c "import torch; print(torch.cuda.get_device_properties(0).total_memory // 2**30 \
-    if torch.cuda.is_available() else 0)")
+# processes, GPUs visible, GiB of the first, CUDA_VISIBLE_DEVICES to set ("-": leave it); see gpu_launch.py
+launch=$("$PYTHON" gpu_launch.py "$NUM_GPUS") || exit $?
+read -r nproc n_visible gpu_gb devices <<< "${launch##*$'\n'}"   # its last line: ignore any chatter
+[ "$devices" != - ] && export CUDA_VISIBLE_DEVICES="$devices"
+# Crop shapes vary from step to step, which fragments the caching allocator; expandable segments don't.
+# (PYTORCH_ALLOC_CONF is torch's newer name for the same setting: a user's value of either is kept.)
+if [ -z "${PYTORCH_CUDA_ALLOC_CONF:-}${PYTORCH_ALLOC_CONF:-}" ]; then
+    export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+fi
 if [ "$BF16" = auto ]; then
     if [ "$gpu_gb" -gt 0 ]; then BF16=true; else BF16=false; fi
 fi
@@ -79,11 +91,11 @@ if [ "$NNODES" -gt 1 ]; then
     # output folder must be on a file system that all nodes share (checked at start).
     is_host=false
     [ "$NODE_RANK" -eq 0 ] && is_host=true
-    launcher=("$PYTHON" -m torch.distributed.run --nnodes "$NNODES" --nproc_per_node "$NUM_GPUS"
+    launcher=("$PYTHON" -m torch.distributed.run --nnodes "$NNODES" --nproc_per_node "$nproc"
               --rdzv_backend c10d --rdzv_endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv_id "$RDZV_ID"
               --rdzv_conf "is_host=$is_host" --max_restarts 0)
-elif [ "$NUM_GPUS" -gt 1 ]; then
-    launcher=("$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$NUM_GPUS")
+elif [ "$nproc" -gt 1 ]; then
+    launcher=("$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$nproc")
 fi
 
 lora_args=()
@@ -91,8 +103,9 @@ lora_args=()
                                  --lora_targets "$LORA_TARGETS")
 
 echo "train.sh: model=$MODEL_PATH data=$DATA_DIR out=$OUTPUT_DIR precision=$PRECISION bf16=$BF16" \
-     "gpus=$NUM_GPUS nodes=$NNODES lora_r=$LORA_R"
-exec "${launcher[@]}" sft_paddleocr_vl.py \
+     "processes=$nproc visible_gpus=$n_visible${CUDA_VISIBLE_DEVICES+ (CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES)}" \
+     "nodes=$NNODES lora_r=$LORA_R"
+cmd=("${launcher[@]}" sft_paddleocr_vl.py \
     --model_path "$MODEL_PATH" \
     --data_dir "$DATA_DIR" \
     --output_dir "$OUTPUT_DIR" \
@@ -124,4 +137,13 @@ exec "${launcher[@]}" sft_paddleocr_vl.py \
     --report_to "$REPORT_TO" \
     "${resume_args[@]}" \
     "${lora_args[@]}" \
-    "$@"
+    "$@")
+if [ "${DRY_RUN:-0}" = 1 ]; then
+    for var in CUDA_VISIBLE_DEVICES PYTORCH_CUDA_ALLOC_CONF PYTORCH_ALLOC_CONF; do
+        [ -n "${!var+x}" ] && printf '%s=%q ' "$var" "${!var}"
+    done
+    printf '%q ' "${cmd[@]}"
+    echo
+    exit 0
+fi
+exec "${cmd[@]}"

@@ -16,9 +16,11 @@ TRAIN_SH = ["bash", str(REPO / "train.sh")]
 
 
 def train_env(tiny_model: Path, data: Path, out: Path, **extra: str) -> dict:
+    # NUM_GPUS=1 unless a test asks for more: train.sh's default (auto) would start one process per GPU on a
+    # GPU machine, and the tests compare against one process
     env = dict(os.environ, PYTHON=sys.executable, MODEL_PATH=str(tiny_model), DATA_DIR=str(data),
                OUTPUT_DIR=str(out), LR="3e-3", BATCH_SIZE="2", GRAD_ACCUM="2", SAVE_STEPS="4",
-               EVAL_GENERATION_SAMPLES="0", NUM_WORKERS="0", LOGGING_STEPS="2")
+               EVAL_GENERATION_SAMPLES="0", NUM_WORKERS="0", LOGGING_STEPS="2", NUM_GPUS="1")
     env.update(extra)
     return env
 

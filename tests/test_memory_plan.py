@@ -13,7 +13,7 @@ from PIL import Image
 
 import sft_paddleocr_vl as sft
 from custom_collator import OCRCollator
-from memory_plan import GIB, format_plan, gpu_memory_bytes, memory_plan
+from memory_plan import GIB, GpuMemory, format_plan, gpu_memory_bytes, memory_plan
 from ocr_lora import add_lora
 from ocr_model import load_config_and_processor, load_model_and_processor
 from tools.make_synthetic_manga109 import CHARSET
@@ -136,19 +136,22 @@ def test_format_plan_warns_only_when_the_chosen_mode_does_not_fit(tiny_model: Pa
     lean, lora = rows[1], rows[2]
     assert lora.label == "LoRA r16 on language, bf16 base" and lora.total < lean.total < rows[0].total
 
-    text = format_plan(rows, "bf16_lean", lean.total - 1)
+    # free memory decides, not the total: a desktop card's display holds part of it
+    text = format_plan(rows, "bf16_lean", GpuMemory(free=lean.total - 1, total=2 * lean.total))
     lines = text.splitlines()
     assert lines[0].startswith("memory plan") and "batch 4 x 80 tokens" in text
     chosen = [line for line in lines if line.startswith(">")]
     assert len(chosen) == 1 and "bf16_lean" in chosen[0]
     assert chosen[0].split()[-1] == f"{lean.total / GIB:.2f}"
     warning = lines[-1]
-    assert warning.startswith("warning: bf16_lean") and "exceeds the visible GPU's" in warning
+    assert warning.startswith("warning: bf16_lean") and "exceeds the visible GPU's free memory" in warning
+    assert f"{(lean.total - 1) / GIB:.1f} of {2 * lean.total / GIB:.1f} GiB" in warning  # free of total
     assert "lora" in warning and "fp32_master" not in warning  # what fits is suggested, what doesn't is not
     assert "smaller --per_device_train_batch_size" in warning and "--gradient_checkpointing true" in warning
 
-    for fits in (format_plan(rows, "bf16_lean", lean.total), format_plan(rows, "lora", lora.total + 1)):
-        assert "warning" not in fits and "fits" in fits.splitlines()[-1]
+    for fits in (format_plan(rows, "bf16_lean", GpuMemory(lean.total, lean.total)),
+                 format_plan(rows, "lora", GpuMemory(lora.total + 1, 2 * lean.total))):
+        assert "warning" not in fits and "fits the visible GPU's free memory" in fits.splitlines()[-1]
     assert "no CUDA device" in format_plan(rows, "bf16_lean", None).splitlines()[-1]
 
 
@@ -164,9 +167,14 @@ def test_full_size_plan_needs_no_weights() -> None:
     assert lora < 2.0  # a frozen bf16 base (1.8 GB) and a few M adapter numbers
 
 
-def test_gpu_memory_bytes_is_the_visible_device_or_none() -> None:
+def test_gpu_memory_bytes_is_the_visible_devices_free_memory_or_none(monkeypatch) -> None:
     size = gpu_memory_bytes()
-    assert (size is None) == (not torch.cuda.is_available()) and (size is None or size > 2**30)
+    assert (size is None) == (not torch.cuda.is_available())
+    assert size is None or 0 < size.free <= size.total and size.total > 2**30
+    # a 12 GiB desktop card whose display holds 1.5 GiB: free, not total (what mem_get_info says)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (int(10.5 * GIB), 12 * GIB))
+    assert gpu_memory_bytes() == GpuMemory(free=int(10.5 * GIB), total=12 * GIB)
 
 
 def test_benchmark_cli_prints_measured_against_plan(capsys: pytest.CaptureFixture[str]) -> None:
@@ -199,11 +207,11 @@ def test_sft_prints_the_plan_without_loading_weights(tiny_model: Path, prepared:
     assert "> lora (LoRA r8 on language" in out and "for batch 4 x " in out
     assert not (tmp_path / "o").exists()
 
-    monkeypatch.setattr(mp, "gpu_memory_bytes", lambda: 1024)  # a 1 KiB "GPU": nothing fits
+    monkeypatch.setattr(mp, "gpu_memory_bytes", lambda: GpuMemory(1024, 80 * GIB))  # 1 KiB free of 80 GiB
     with caplog.at_level("WARNING", logger="sft"):
         sft.build_trainer(*sft.parse_args([*argv, "--max_steps", "1"]))
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
-    assert any("exceeds the visible GPU" in w for w in warnings), warnings
+    assert any("exceeds the visible GPU's free memory, 0.0 of 80.0 GiB" in w for w in warnings), warnings
 
 
 def test_readme_memory_table_is_what_the_plan_says() -> None:
