@@ -37,7 +37,14 @@ from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
 from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.training_args import ParallelMode
 
-from custom_collator import OCRCollator, answer_ids, configure_image_size, num_image_tokens, prompt_ids
+from custom_collator import (
+    OCRCollator,
+    answer_ids,
+    configure_image_size,
+    logits_positions,
+    num_image_tokens,
+    prompt_ids,
+)
 from export_model import ExportError, export_model
 from ocr_dataset import DatasetError, OCRDataset, load_image, mixed_train_dataset
 from ocr_lora import (
@@ -165,12 +172,16 @@ def answer_loss(model, inputs: dict, num_items_in_batch=None) -> tuple[torch.Ten
     """Cross-entropy summed over answer tokens / answer tokens in the whole accumulated batch.
 
     Logits are computed only at positions whose next token is labelled: for a crop that is ~20 of ~220
-    positions, which skips most of the 103k-vocabulary projection. Without `num_items_in_batch` (eval) the
-    loss is the mean over this batch's answer tokens, identical to the model's own loss.
+    positions, which skips most of the 103k-vocabulary projection. OCRCollator finds those positions in the
+    loader workers (`logits_to_keep`), so the step has no host sync here. Without `num_items_in_batch`
+    (eval) the loss is the mean over this batch's answer tokens, identical to the model's own loss.
     """
     inputs = dict(inputs)
-    targets = inputs.pop("labels")[:, 1:]
-    keep = (targets != -100).any(0).nonzero().squeeze(1)
+    labels = inputs.pop("labels")
+    keep = inputs.pop("logits_to_keep", None)
+    if keep is None:  # a batch not built by OCRCollator: the same positions, found here (a host sync)
+        keep = logits_positions(labels)
+    targets = labels[:, 1:]
     inputs["pixel_values"] = inputs["pixel_values"].to(next(model.parameters()).dtype)
     outputs = model(**inputs, logits_to_keep=keep, use_cache=False)
     loss = F.cross_entropy(

@@ -166,18 +166,26 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
+def model_inputs(batch: dict, *, own_rope: bool = False) -> dict:
+    """A collated batch as a plain model(**batch) takes it: without answer_loss's logit positions, and with
+    own_rope without the collator's rope position ids too (the model then computes its own)."""
+    drop = {"logits_to_keep", "position_ids"} if own_rope else {"logits_to_keep"}
+    return {k: v for k, v in batch.items() if k not in drop}
+
+
 def recipe_loss(model: Any, batch: dict, recipe: Recipe, n_items: int, ga: int) -> torch.Tensor:
     """The loss a recipe backpropagates for one micro-batch (call it under bf16 autocast)."""
     if recipe.loss == "model":
-        return model(**batch, use_cache=False).loss / ga
+        return model(**model_inputs(batch), use_cache=False).loss / ga
     return sft.answer_loss(model, batch, n_items)[0]
 
 
 def check_loss(model: Any, batch: dict, recipe: Recipe, rtol: float = 1e-2) -> dict[str, Any]:
     """The recipe's loss on one micro-batch vs plain fp32 model(**batch).loss with the same weights.
 
-    Catches wrong normalization and precision loss. With random weights the logits are near-uniform, so a
-    target shifted by one costs the same and passes; the unit test checks that with a peaked lm_head.
+    Catches wrong normalization and precision loss, and rope position ids from the collator that differ
+    from the model's own (the reference computes its own). With random weights the logits are near-uniform,
+    so a target shifted by one costs the same and passes; the unit test checks that with a peaked lm_head.
     """
     n_items = int((batch["labels"][:, 1:] != -100).sum())
     was_training = model.training
@@ -190,7 +198,7 @@ def check_loss(model: Any, batch: dict, recipe: Recipe, rtol: float = 1e-2) -> d
             # Upcast the parameters only: model.float() then .to(bf16) would also round the fp32 RoPE buffers.
             for p, data in saved:
                 p.data = data.float()
-            plain = float(model(**batch, use_cache=False).loss)
+            plain = float(model(**model_inputs(batch, own_rope=True), use_cache=False).loss)
     finally:
         for p, data in saved:
             p.data = data

@@ -53,6 +53,7 @@ def _off_by_one_loss(model, inputs: dict, num_items):
     """answer_loss with the classic bug: logits taken at the labelled positions instead of one before."""
     inputs = dict(inputs)
     labels = inputs.pop("labels")
+    inputs.pop("logits_to_keep")  # the collator's (correct) positions
     keep = (labels != -100).any(0).nonzero().squeeze(1)
     logits = model(**inputs, logits_to_keep=keep, use_cache=False).logits
     loss = F.cross_entropy(logits.float().flatten(0, 1), labels[:, keep].flatten(), reduction="sum")
