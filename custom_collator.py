@@ -7,16 +7,23 @@ digit ("Assistant: OK" in one pass ends ":", "▁O", "K"), so tokenizing prompt 
 train on a sequence the model never sees at generation, where the prompt always ends in a standalone "▁".
 Labels are -100 everywhere but on the answer and eos. A template that cannot render the release's generation
 prompt raises PromptError.
+
+The collator also does, on the CPU in the loader workers, two index computations the training step would
+otherwise do on the GPU with host synchronisations: the multimodal rope position ids (`position_ids`, by
+transformers' own get_rope_index) and the positions whose logits the loss reads (`logits_to_keep`, popped
+by sft's answer_loss; a batch that goes to `model(**batch)` directly must drop that key).
 """
 
 from __future__ import annotations
 
 import math
 from itertools import accumulate
+from types import SimpleNamespace
 from typing import Any
 
 import torch
 from jinja2 import TemplateError
+from transformers.models.paddleocr_vl.modeling_paddleocr_vl import PaddleOCRVLModel
 
 try:  # the PIL image-processor module needs no torchvision; fall back for releases without it
     from transformers.models.paddleocr_vl.image_processing_pil_paddleocr_vl import smart_resize
@@ -107,6 +114,42 @@ def num_image_tokens(processor: Any, width: int, height: int) -> int:
     return (h // ip.patch_size) * (w // ip.patch_size) // (ip.merge_size**2)
 
 
+class _RopeIndex:
+    """Just what PaddleOCRVLModel.get_rope_index reads of its model: the vision config's spatial_merge_size,
+    and get_vision_position_ids, which reads nothing. Borrowing the two methods runs transformers' own code
+    on the CPU without a model; a release whose code reads more of the model fails here (AttributeError)
+    instead of computing something else, and tests/test_rope_ids.py compares with the model's own result."""
+
+    get_rope_index = PaddleOCRVLModel.get_rope_index
+    get_vision_position_ids = PaddleOCRVLModel.get_vision_position_ids
+
+    def __init__(self, spatial_merge_size: int) -> None:
+        self.config = SimpleNamespace(vision_config=SimpleNamespace(spatial_merge_size=spatial_merge_size))
+
+
+def rope_position_ids(batch: dict[str, torch.Tensor], spatial_merge_size: int) -> torch.Tensor:
+    """(3, batch, length) rope positions (temporal, height, width), exactly what the model's forward computes
+    when given none: get_rope_index with the attention mask (padding gets 0).
+
+    Passed as `position_ids`, this 3-row form makes the forward skip its own computation (per sample:
+    .tolist(), .item() and boolean indexing, each a host sync on a GPU) and nothing else: the language model
+    splits off a text row only from the 4-row form generation uses, and that row would also change the
+    causal mask's and flash-attention's inputs, so it is not built here.
+    """
+    position_ids, _ = _RopeIndex(spatial_merge_size).get_rope_index(
+        batch["input_ids"],
+        batch["mm_token_type_ids"],
+        image_grid_thw=batch["image_grid_thw"],
+        attention_mask=batch["attention_mask"],
+    )
+    return position_ids
+
+
+def logits_positions(labels: torch.Tensor) -> torch.Tensor:
+    """Positions (1-D LongTensor) whose next token is labelled in some row: the only logits the loss reads."""
+    return (labels[:, 1:] != IGNORE_INDEX).any(0).nonzero().squeeze(1)
+
+
 def _select(batch: dict[str, torch.Tensor], keep: list[int], pad_to_multiple_of: int | None) -> None:
     """Keep the rows in `keep` (and their image patches), then trim the right padding again."""
     grid = batch["image_grid_thw"]
@@ -131,6 +174,11 @@ class OCRCollator:
     on_overlong: 'drop' removes a sample longer than max_length from its batch and counts it in
     `self.num_dropped`; 'error' raises OverlongError. Truncation is never used: cutting image tokens or the
     answer would teach the model a wrong target.
+
+    Besides the model's inputs and `labels`, a batch holds `logits_to_keep` (logits_positions) and, with
+    rope_in_collator, `position_ids` (rope_position_ids): both computed here, in the loader workers, after
+    any over-long row is dropped. rope_in_collator=False leaves the rope positions to the model's forward
+    (benchmarks/bench_train.py compares the two).
     """
 
     def __init__(
@@ -140,6 +188,7 @@ class OCRCollator:
         max_length: int | None = 1536,
         on_overlong: str = "drop",
         pad_to_multiple_of: int | None = None,
+        rope_in_collator: bool = True,
     ) -> None:
         if on_overlong not in ("drop", "error"):
             raise ValueError(f"on_overlong must be 'drop' or 'error', not {on_overlong!r}")
@@ -147,6 +196,7 @@ class OCRCollator:
         self.max_length = max_length
         self.on_overlong = on_overlong
         self.pad_to_multiple_of = pad_to_multiple_of
+        self.rope_in_collator = rope_in_collator
         self.prompt = generation_prompt(processor)  # a template that can't render it fails here, loudly
         self.num_dropped = 0  # only in this process: sample_lengths filters the data before it gets here
 
@@ -200,6 +250,9 @@ class OCRCollator:
                     )
                 self.num_dropped += len(examples) - len(keep)
                 _select(batch, keep, self.pad_to_multiple_of)
+        batch["logits_to_keep"] = logits_positions(batch["labels"])
+        if self.rope_in_collator:  # the image processor's merge size is the model's spatial_merge_size
+            batch["position_ids"] = rope_position_ids(batch, self.processor.image_processor.merge_size)
         return batch
 
 

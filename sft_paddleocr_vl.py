@@ -37,7 +37,7 @@ from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
 from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.training_args import ParallelMode
 
-from custom_collator import OCRCollator, OverlongError, configure_image_size
+from custom_collator import OCRCollator, OverlongError, configure_image_size, logits_positions
 from export_model import ExportError, export_model
 from ocr_dataset import DatasetError, OCRDataset, load_image, mixed_train_dataset, spread_sample
 from ocr_lora import (
@@ -194,12 +194,16 @@ def answer_loss(model, inputs: dict, num_items_in_batch=None) -> tuple[torch.Ten
     """Cross-entropy summed over answer tokens / answer tokens in the whole accumulated batch.
 
     Logits are computed only at positions whose next token is labelled: for a crop that is ~20 of ~220
-    positions, which skips most of the 103k-vocabulary projection. Without `num_items_in_batch` (eval) the
-    loss is the mean over this batch's answer tokens, identical to the model's own loss.
+    positions, which skips most of the 103k-vocabulary projection. OCRCollator finds those positions in the
+    loader workers (`logits_to_keep`), so the step has no host sync here. Without `num_items_in_batch`
+    (eval) the loss is the mean over this batch's answer tokens, identical to the model's own loss.
     """
     inputs = dict(inputs)
-    targets = inputs.pop("labels")[:, 1:]
-    keep = (targets != -100).any(0).nonzero().squeeze(1)
+    labels = inputs.pop("labels")
+    keep = inputs.pop("logits_to_keep", None)
+    if keep is None:  # a batch not built by OCRCollator: the same positions, found here (a host sync)
+        keep = logits_positions(labels)
+    targets = labels[:, 1:]
     inputs["pixel_values"] = inputs["pixel_values"].to(next(model.parameters()).dtype)
     outputs = model(**inputs, logits_to_keep=keep, use_cache=False)
     loss = F.cross_entropy(
@@ -307,12 +311,49 @@ class BF16Trainer(Trainer):
         loss, outputs = answer_loss(model, inputs, num_items_in_batch)
         if num_items_in_batch is not None and self.args.average_tokens_across_devices:
             loss = loss * self.accelerator.num_processes  # the count spans all ranks; DDP averages grads
-        if not torch.isfinite(loss):
-            raise NonFiniteLossError(
-                f"loss is {loss.item()} at step {self.state.global_step} (epoch {self.state.epoch or 0:.3f});"
-                " stopping before the weights are saved. Try a lower --learning_rate or check the data."
-            )
+        self._record_nonfinite(loss)
+        if not model.training:  # an eval loss is checked at once: it could otherwise pick the best checkpoint
+            self.raise_if_nonfinite()
         return (loss, outputs) if return_outputs else loss
+
+    # The NaN guard. Reading the loss on the host every step (`if not torch.isfinite(loss)`) would stall the
+    # GPU each step, so the first non-finite loss is recorded on the device (step, epoch, value) and read
+    # only where the Trainer syncs or writes anyway: at logging, before evaluation, before a checkpoint is
+    # saved and before training ends (the final model is saved after that). The run stops naming the step.
+    _nonfinite: torch.Tensor | None = None  # (step, epoch, loss) of the first non-finite loss; step -1: none
+
+    def _record_nonfinite(self, loss: torch.Tensor) -> None:
+        loss = loss.detach().float()
+        if self._nonfinite is None:
+            self._nonfinite = torch.full((3,), -1.0, device=loss.device)
+        # full_like fills on the device: no host-to-device copy, no sync
+        step, epoch = self.state.global_step, self.state.epoch or 0
+        now = torch.stack((torch.full_like(loss, step), torch.full_like(loss, epoch), loss))
+        first = ~torch.isfinite(loss) & (self._nonfinite[0] < 0)
+        self._nonfinite = torch.where(first, now, self._nonfinite)
+
+    def raise_if_nonfinite(self) -> None:
+        """Raise NonFiniteLossError for the earliest non-finite loss of any rank (one host sync). Every rank
+        calls this at the same points, so all stop together instead of leaving the others in a collective."""
+        if self._nonfinite is None:
+            return
+        records = self.accelerator.gather(self._nonfinite[None]).cpu()
+        bad = records[records[:, 0] >= 0]
+        if len(bad):
+            step, epoch, value = bad[bad[:, 0].argmin()].tolist()
+            raise NonFiniteLossError(
+                f"loss is {value} at step {int(step)} (epoch {epoch:.3f}); stopping before the weights are "
+                "saved. Try a lower --learning_rate or check the data."
+            )
+
+    def _maybe_log_save_evaluate(self, *args, **kwargs) -> None:
+        if self.control.should_log or self.control.should_evaluate or self.control.should_save:
+            self.raise_if_nonfinite()
+        super()._maybe_log_save_evaluate(*args, **kwargs)
+
+    def _finalize_training(self, *args, **kwargs):
+        self.raise_if_nonfinite()  # before loading the best checkpoint and before main saves the model
+        return super()._finalize_training(*args, **kwargs)
 
     def evaluation_loop(
         self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"
@@ -488,6 +529,9 @@ def plot_curves(log_history: list[dict], path: Path) -> None:
 
 def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, TrainingArguments]:
     argv = list(sys.argv[1:] if argv is None else argv)
+    # The Trainer's NaN/inf filter reads every step's loss on the host (a GPU sync); the NaN guard stops the
+    # run on a non-finite loss anyway. A flag given on the command line comes later and wins.
+    argv = ["--logging_nan_inf_filter", "false", *argv]
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if launched and not torch.accelerator.is_available():
         # Without --use_cpu, accelerate starts a gloo group on a GPU-less machine but sets distributed_type

@@ -19,10 +19,13 @@ Every recipe trains on 16 crops per optimizer step (micro-batch B x accumulation
   lora_vision   lora with adapters on the vision encoder too (--lora_targets language,vision).
   lowres        default with min_pixels lowered to 28*28*64 (release: 147384). CHANGES WHAT THE MODEL SEES
                 (fewer image tokens per crop): a different training, not a faster way to do the same one.
-Overrides: default:bs=4,ga=4,gc=0,group=1,workers=2. Every recipe uses SDPA (the issue does not name
-the seed's). --deadline (Unix time, set by benchmarks/gpu_suite.py) starts no recipe after it and ends a
-recipe's timing with the first step that finishes after it; --json is rewritten after every recipe, so a run
-killed later keeps the rows already measured.
+Overrides: default:bs=4,ga=4,gc=0,group=1,workers=2,rope=0. Our recipes take the multimodal rope position
+ids from OCRCollator (computed in the loader workers); rope=0 leaves them to the model's forward, which
+computes them on the GPU with host syncs per sample, as the seed does: a recipe and its rope=0 twin are
+printed side by side with their ratio. Every recipe uses SDPA (the issue does not name the seed's).
+--deadline (Unix time, set by benchmarks/gpu_suite.py) starts no recipe after it and ends a recipe's timing
+with the first step that finishes after it; --json is rewritten after every recipe, so a run killed later
+keeps the rows already measured.
 
 full = PaddleOCRVLConfig() defaults (0.9B: text 1024 x 18, vocab 103424; vision 1152 x 27; untied lm_head),
 random weights, driven by the release-like processor (tools/make_tiny_model.release_processor: the
@@ -64,6 +67,7 @@ sys.path.insert(0, str(ROOT))
 import prepare_manga109_data as prep  # noqa: E402
 import sft_paddleocr_vl as sft  # noqa: E402
 from benchmarks.full_size import build_full_size_random  # noqa: E402
+from benchmarks.gpu_tables import rope_pairs  # noqa: E402
 from custom_collator import OCRCollator  # noqa: E402
 from evaluate_model import device_description  # noqa: E402
 from ocr_dataset import OCRDataset  # noqa: E402
@@ -93,10 +97,11 @@ class Recipe:
     min_pixels: int | None = None
     lora_r: int = 0
     lora_targets: str = "language"
+    rope: bool = True  # rope position ids from the collator (False: the model's forward computes them)
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    "seed": {"precision": "seed_bf16", "loss": "model", "bs": 1, "ga": 16, "workers": 0},
+    "seed": {"precision": "seed_bf16", "loss": "model", "bs": 1, "ga": 16, "workers": 0, "rope": False},
     "default": {},
     "default_nogc": {"gc": False},
     "fp32_master": {"precision": "fp32_master"},
@@ -107,18 +112,17 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 def parse_recipe(spec: str) -> Recipe:
-    """'default' or 'default:bs=4,ga=4,gc=0,group=1,workers=2' -> Recipe."""
+    """'default' or 'default:bs=4,ga=4,gc=0,group=1,workers=2,rope=0' -> Recipe."""
     name, _, opts = spec.partition(":")
     if name not in PRESETS:
         raise SystemExit(f"error: unknown recipe {name!r}; choose from {', '.join(PRESETS)}")
     recipe = Recipe(spec, **PRESETS[name])
     for opt in filter(None, opts.split(",")):
         key, _, value = opt.partition("=")
-        if key not in ("bs", "ga", "gc", "group", "workers") or not value.isdigit():
-            raise SystemExit(
-                f"error: bad recipe option {opt!r} in {spec!r} (bs=, ga=, gc=0/1, group=0/1, workers=)"
-            )
-        setattr(recipe, key, bool(int(value)) if key in ("gc", "group") else int(value))
+        if key not in ("bs", "ga", "gc", "group", "workers", "rope") or not value.isdigit():
+            raise SystemExit(f"error: bad recipe option {opt!r} in {spec!r} (bs=, ga=, gc=0/1, group=0/1, "
+                             "workers=, rope=0/1)")
+        setattr(recipe, key, bool(int(value)) if key in ("gc", "group", "rope") else int(value))
     return recipe
 
 
@@ -153,9 +157,9 @@ def batches(data_dir: Path, processor: Any, recipe: Recipe, workers: int, pin: b
         sampler = sft.EpochLengthGroupedSampler(recipe.bs, lengths, seed=0)
     else:
         sampler = RandomSampler(ds, generator=torch.Generator().manual_seed(0))
+    collator = OCRCollator(processor, max_length=MAX_LENGTH, rope_in_collator=recipe.rope)
     loader = DataLoader(ds, batch_size=recipe.bs, sampler=sampler, drop_last=True, num_workers=workers,
-                        collate_fn=OCRCollator(processor, max_length=MAX_LENGTH),
-                        pin_memory=pin, persistent_workers=workers > 0)
+                        collate_fn=collator, pin_memory=pin, persistent_workers=workers > 0)
     for epoch in itertools.count():
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(epoch)
@@ -166,18 +170,26 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
+def model_inputs(batch: dict, *, own_rope: bool = False) -> dict:
+    """A collated batch as a plain model(**batch) takes it: without answer_loss's logit positions, and with
+    own_rope without the collator's rope position ids too (the model then computes its own)."""
+    drop = {"logits_to_keep", "position_ids"} if own_rope else {"logits_to_keep"}
+    return {k: v for k, v in batch.items() if k not in drop}
+
+
 def recipe_loss(model: Any, batch: dict, recipe: Recipe, n_items: int, ga: int) -> torch.Tensor:
     """The loss a recipe backpropagates for one micro-batch (call it under bf16 autocast)."""
     if recipe.loss == "model":
-        return model(**batch, use_cache=False).loss / ga
+        return model(**model_inputs(batch), use_cache=False).loss / ga
     return sft.answer_loss(model, batch, n_items)[0]
 
 
 def check_loss(model: Any, batch: dict, recipe: Recipe, rtol: float = 1e-2) -> dict[str, Any]:
     """The recipe's loss on one micro-batch vs plain fp32 model(**batch).loss with the same weights.
 
-    Catches wrong normalization and precision loss. With random weights the logits are near-uniform, so a
-    target shifted by one costs the same and passes; the unit test checks that with a peaked lm_head.
+    Catches wrong normalization and precision loss, and rope position ids from the collator that differ
+    from the model's own (the reference computes its own). With random weights the logits are near-uniform,
+    so a target shifted by one costs the same and passes; the unit test checks that with a peaked lm_head.
     """
     n_items = int((batch["labels"][:, 1:] != -100).sum())
     was_training = model.training
@@ -190,7 +202,7 @@ def check_loss(model: Any, batch: dict, recipe: Recipe, rtol: float = 1e-2) -> d
             # Upcast the parameters only: model.float() then .to(bf16) would also round the fp32 RoPE buffers.
             for p, data in saved:
                 p.data = data.float()
-            plain = float(model(**batch, use_cache=False).loss)
+            plain = float(model(**model_inputs(batch, own_rope=True), use_cache=False).loss)
     finally:
         for p, data in saved:
             p.data = data
@@ -300,6 +312,10 @@ def print_table(rows: list[dict[str, Any]]) -> None:
         c = r["check"]
         print(f"check_loss {r['recipe']}: recipe {c['recipe_loss']:.4f} vs fp32 model(**batch).loss "
               f"{c['fp32_loss']:.4f} -> {'OK' if c['ok'] else 'MISMATCH'}")
+    for on, off in rope_pairs(rows):  # the collator's rope ids against the model's own, side by side
+        x, y = on["samples_per_s"], off["samples_per_s"]
+        print(f"rope ids: {on['recipe']} (collator) {x:.2f} samples/s vs {off['recipe']} (model) "
+              f"{y:.2f} samples/s: {x / y:.2f}x")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -111,6 +111,38 @@ def eval_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def rope_pairs(rows: list[dict]) -> list[tuple[dict, dict]]:
+    """(rope ids from the collator, from the model) for every measured recipe whose rope=0 twin (the same
+    settings and memory cap otherwise) was measured too. Rows are bench_train's (or train_rows')."""
+    ok = [r for r in rows if r.get("status") == "ok" and "settings" in r]
+
+    def key(r: dict) -> str:
+        settings = {k: v for k, v in r["settings"].items() if k not in ("name", "rope")}
+        return json.dumps([settings, r.get("memory_cap_gb")], sort_keys=True)
+
+    pairs = []
+    for off in (r for r in ok if r["settings"].get("rope") is False):
+        on = next((r for r in ok if r["settings"].get("rope", True) and key(r) == key(off)), None)
+        if on is not None:
+            pairs.append((on, off))
+    return pairs
+
+
+def rope_table(results: dict) -> str:
+    """Training with the rope position ids from the collator (loader workers) vs from the model's forward."""
+    pairs = rope_pairs(train_rows(results))
+    if not pairs:
+        return "No recipe was measured both with and without the collator's rope position ids."
+    lines = ["| GPU | memory cap | ids from the collator | samples/s | ids from the model | samples/s "
+             "| collator ÷ model |", "|---|---|---|---:|---|---:|---:|"]
+    for on, off in pairs:
+        cap = on["memory_cap_gb"]
+        lines.append(f"| {gpu_name(on.get('device'))} | {NONE if cap is None else f'{cap:g} GiB'} "
+                     f"| `{on['recipe']}` | {on['samples_per_s']:.2f} | `{off['recipe']}` "
+                     f"| {off['samples_per_s']:.2f} | {on['samples_per_s'] / off['samples_per_s']:.2f}× |")
+    return "\n".join(lines)
+
+
 def provenance(results: dict) -> str:
     s = results["suite"]
     v = s.get("versions", {})
@@ -156,6 +188,7 @@ def render_markdown(results: dict) -> str:
         out += [f"**Suite: {s.get('status')}**", ""]
     out += [f"- {w}" for w in s.get("warnings", [])] + ([""] if s.get("warnings") else [])
     out += ["## Training (`benchmarks/bench_train.py`)", "", train_table(results), "",
+            "### Rope position ids: from the collator vs from the model", "", rope_table(results), "",
             "## Evaluation (`benchmarks/bench_eval.py`)", "", eval_table(results), "",
             "## Parts", "", "| part | status | seconds | slot s | command |", "|---|---|---:|---:|---|"]
     for p in results.get("parts", []):

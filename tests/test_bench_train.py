@@ -25,7 +25,8 @@ import bench_train  # noqa: E402
 def test_smoke_prints_both_recipes_and_ratio(tmp_path: Path) -> None:
     out = tmp_path / "rows.json"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_train.py"), "--config", "tiny",
-           "--recipe", "seed", "default", "--steps", "2", "--warmup", "1", "--books", "2", "--pages", "2",
+           "--recipe", "seed", "default", "default:rope=0", "--steps", "2", "--warmup", "1", "--books", "2",
+           "--pages", "2",
            "--json", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -34,8 +35,13 @@ def test_smoke_prints_both_recipes_and_ratio(tmp_path: Path) -> None:
     default = next(line for line in table if line.startswith("default "))
     assert seed.split()[-2:] == ["1.00x", "ok"]
     assert default.split()[-1] == "ok" and default.split()[-2].endswith("x")
+    rope = next(line for line in proc.stdout.splitlines() if line.startswith("rope ids: "))
+    assert rope.startswith("rope ids: default (collator) ") and " vs default:rope=0 (model) " in rope
+    assert rope.endswith("x")  # both figures and their ratio
     rows = {r["recipe"]: r for r in json.loads(out.read_text())}
     assert rows["seed"]["bxa"] == "1x16" and rows["default"]["bxa"] == "8x2"
+    assert not rows["seed"]["settings"]["rope"] and not rows["default:rope=0"]["settings"]["rope"]
+    assert rows["default"]["settings"]["rope"]
     for r in rows.values():
         assert r["samples_per_s"] > 0 and r["peak_gib"] is None and r["mfu"] is None  # CPU: no GPU figures
         assert r["image_tokens_per_sample"] > 0
@@ -44,6 +50,7 @@ def test_smoke_prints_both_recipes_and_ratio(tmp_path: Path) -> None:
 def test_recipe_options_parse() -> None:
     r = bench_train.parse_recipe("default:bs=4,ga=4,gc=0,group=1")
     assert (r.bs, r.ga, r.gc, r.group, r.precision, r.loss) == (4, 4, False, True, "bf16_lean", "answer")
+    assert r.rope and not bench_train.parse_recipe("default:rope=0").rope
     assert not bench_train.parse_recipe("default").group  # as training: shuffled unless --group_by_length
     seed = bench_train.parse_recipe("seed")
     assert (seed.bs, seed.ga, seed.loss, seed.precision, seed.workers) == (1, 16, "model", "seed_bf16", 0)
@@ -53,6 +60,7 @@ def _off_by_one_loss(model, inputs: dict, num_items):
     """answer_loss with the classic bug: logits taken at the labelled positions instead of one before."""
     inputs = dict(inputs)
     labels = inputs.pop("labels")
+    inputs.pop("logits_to_keep")  # the collator's (correct) positions
     keep = (labels != -100).any(0).nonzero().squeeze(1)
     logits = model(**inputs, logits_to_keep=keep, use_cache=False).logits
     loss = F.cross_entropy(logits.float().flatten(0, 1), labels[:, keep].flatten(), reduction="sum")

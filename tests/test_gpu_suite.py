@@ -60,6 +60,8 @@ def test_smoke_suite_writes_results_and_readme_tables(tmp_path: Path) -> None:
     seed_line = next(line for line in md.splitlines() if line.startswith("| CPU") and "`seed`" in line)
     assert f"| {seed['samples_per_s']:.2f} |" in seed_line and "| 1.00× |" in seed_line
     assert "## train.sh defaults from these figures" in md
+    rope = md.split("### Rope position ids")[1].split("## Evaluation")[0]  # measured with and without
+    assert "| `default` |" in rope and "| `default:rope=0` |" in rope and "× |" in rope
     assert "== train_12gb: slot" in (out / "suite.log").read_text()
 
     # gpu_tables.py on a README copy: refuses smoke figures unless told, then rewrites only the tables, once.
@@ -197,6 +199,34 @@ def test_tables_render_cuts_mismatches_and_the_train_sh_choice() -> None:
     assert gpu_tables.replace_blocks(once, {"train": "new"}) == once
     with pytest.raises(ValueError, match="gpu-table:eval"):
         gpu_tables.replace_blocks(text, {"eval": "new"})
+
+
+def test_rope_pairs_match_twins_only() -> None:
+    def row(recipe: str, sps: float, rope: bool, bs: int = 8, cap: float | None = 12) -> dict:
+        return _row(recipe, sps, memory_cap_gb=cap, settings={"name": recipe, "precision": "bf16_lean",
+                                                               "bs": bs, "rope": rope})
+
+    on, off = row("default", 6.0, True), row("default:rope=0", 4.0, False)
+    others = [row("default:bs=16,ga=1", 9.0, True, bs=16),  # another shape: no twin of `off`
+              row("default:rope=0", 5.0, False, cap=None),  # another memory cap: no twin either
+              row("seed", 2.0, False) | {"settings": {"precision": "seed_bf16", "rope": False}}]
+    assert gpu_tables.rope_pairs([on, off, *others]) == [(on, off)]
+    table = gpu_tables.rope_table({"parts": [{"name": "t", "kind": "train", "status": "ok",
+                                              "memory_cap_gb": 12, "recipes": ["default", "default:rope=0"],
+                                              "rows": [on, off]}]})
+    assert table.splitlines()[2] == ("| NVIDIA H100 80GB HBM3 | 12 GiB | `default` | 6.00 | `default:rope=0` "
+                                     "| 4.00 | 1.50× |")
+
+
+def test_gpu_plan_fits_six_minutes_on_an_h200() -> None:
+    """The shares are planned seconds on an H200: with set-up and the reserve they fit the budget, and every
+    part's planned slot holds its minimum. The rope comparison runs right after `default`, early."""
+    parts = gpu_suite.suite_parts("gpu")
+    assert gpu_suite.BUDGET_S["gpu"] <= 360
+    assert gpu_suite.planned_s(parts, "gpu") <= gpu_suite.BUDGET_S["gpu"]
+    assert all(p.min_s <= p.share for p in parts)
+    first = parts[0].recipes
+    assert first[first.index("default") + 1] == "default:rope=0"
 
 
 def test_recipes_are_read_without_importing_torch() -> None:

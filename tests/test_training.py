@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import TrainerCallback
 
+import custom_collator
 import sft_paddleocr_vl as sft
 from custom_collator import OCRCollator, OverlongError, PromptError
 from ocr_dataset import OCRDataset, load_image
@@ -120,7 +122,8 @@ def test_loss_equals_plain_computation(tiny_model: Path, prepared: Path, tmp_pat
     trainer = make_trainer(tiny_model, prepared, tmp_path)
     model, collator = trainer.model, trainer.data_collator
     batch = collator(examples(prepared, ["あいう", "魔王様！行くぞ！", "x"]))
-    plain = model(**batch).loss  # HF: full logits everywhere, mean over answer tokens
+    # HF: full logits everywhere, its own rope positions, mean over answer tokens
+    plain = model(**{k: v for k, v in batch.items() if k not in ("logits_to_keep", "position_ids")}).loss
     ours = trainer.compute_loss(model, dict(batch))
     assert torch.allclose(ours, plain, rtol=1e-5, atol=1e-6)
 
@@ -157,6 +160,76 @@ def test_nonfinite_loss_stops_with_step(tiny_model: Path, prepared: Path, tmp_pa
         trainer.model.lm_head.weight.fill_(float("nan"))
     with pytest.raises(sft.NonFiniteLossError, match="at step 0"):
         trainer.compute_loss(trainer.model, dict(trainer.data_collator(examples(prepared, ["あ"]))))
+
+
+# Tensor methods that copy a device value to the host, stalling the GPU until it is computed
+SYNCS = ("item", "tolist", "nonzero", "__bool__", "__int__", "__float__", "__index__", "cpu", "numpy")
+
+
+def test_training_step_has_no_host_sync_in_our_code(tiny_model: Path, prepared: Path, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Forward, loss and backward of one micro-batch: no sync called from sft's code (answer_loss,
+    compute_loss, the NaN guard) or custom_collator's (the collator itself syncs freely: it runs in the loader
+    workers, before the step). Syncs inside transformers and torch are theirs; only our frames are checked."""
+    trainer = make_trainer(tiny_model, prepared, tmp_path)
+    batch = trainer.data_collator(examples(prepared, ["あいう", "魔王様！行くぞ！", "x"]))
+    n_items = (batch["labels"][:, 1:] != -100).sum()
+    ours = {sft.__file__, custom_collator.__file__}
+    calls: list[tuple[str, int, str]] = []
+
+    def spy(name: str):
+        real = getattr(torch.Tensor, name)
+
+        def method(self, *args, **kwargs):
+            caller = sys._getframe(1)
+            if caller.f_code.co_filename in ours:
+                calls.append((Path(caller.f_code.co_filename).name, caller.f_lineno, name))
+            return real(self, *args, **kwargs)
+
+        return method
+
+    for name in SYNCS:
+        monkeypatch.setattr(torch.Tensor, name, spy(name))
+    try:
+        loss = trainer.training_step(trainer.model, batch, num_items_in_batch=n_items)
+    finally:
+        monkeypatch.undo()
+    assert calls == []
+    assert torch.isfinite(loss)
+
+
+class PoisonAfter(TrainerCallback):
+    """Fills lm_head with NaN at the end of optimizer step `step`: every later loss is NaN."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step == self.step:
+            with torch.no_grad():
+                model.lm_head.weight.fill_(float("nan"))
+
+
+def test_nan_loss_stops_before_the_next_checkpoint(tiny_model: Path, prepared: Path, tmp_path: Path) -> None:
+    """The NaN is only recorded on the device when it happens (step 3); the check before saving checkpoint-4
+    stops the run, naming step 3."""
+    out = tmp_path / "o"
+    trainer = sft.build_trainer(*train_args(
+        tiny_model, subset(prepared, tmp_path / "d", 8), out, "--max_steps", "8",
+        "--per_device_train_batch_size", "2", "--save_strategy", "steps", "--save_steps", "2",
+        "--logging_steps", "100",
+    ), callbacks=[PoisonAfter(3)])
+    with pytest.raises(sft.NonFiniteLossError, match=r"^loss is nan at step 3 \(epoch [0-9.]+\); stopping"):
+        trainer.train()
+    assert trainer.state.global_step == 4  # it ran on to the check ...
+    assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-2"]  # ... which came before the save
+
+
+def test_nan_inf_filter_off_unless_asked(tiny_model: Path, prepared: Path, tmp_path: Path) -> None:
+    """The Trainer's filter reads each step's loss on the host; the NaN guard makes it redundant."""
+    assert not train_args(tiny_model, prepared, tmp_path)[2].logging_nan_inf_filter
+    asked = train_args(tiny_model, prepared, tmp_path, "--logging_nan_inf_filter", "true")[2]
+    assert asked.logging_nan_inf_filter
 
 
 def test_lean_optimizer_keeps_small_updates() -> None:
