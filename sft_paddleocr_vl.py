@@ -103,6 +103,16 @@ class ModelArguments:
             "weights. Every run logs it at start."
         },
     )
+    rehearse: bool = field(
+        default=False,
+        metadata={
+            "help": "Rehearse this run before the long one: its exact settings for a few steps on a small "
+            "sample of every split (the longest crops included), in output_dir/rehearsal, through every "
+            "stage (evaluation with generation, checkpoint save, resume, best-model load, export); then "
+            "print the full run's steps, dropped crops, memory, s/step and projected time and exit (2 naming "
+            "the stage that failed). See rehearsal.py."
+        },
+    )
     attn_implementation: str | None = field(
         default="sdpa", metadata={"help": "Attention kernel: sdpa, eager or flash_attention_2."}
     )
@@ -787,6 +797,10 @@ def main(argv: list[str] | None = None) -> int:
         if model_args.print_memory_plan:
             print(run_memory_plan(model_args, data_args, args, train_data(model_args, data_args, args)))
             return 0
+        if model_args.rehearse:  # names the stage that failed itself, and exits 2
+            from rehearsal import rehearse
+
+            return rehearse(sys.argv[1:] if argv is None else argv)
         trainer = build_trainer(model_args, data_args, args)
         trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     except (ModelLoadError, DatasetError, NonFiniteLossError, LoraError, OverlongError) as e:
@@ -800,10 +814,18 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+    return 0 if finish_run(trainer, model_args, data_args, args) else 2
+
+
+def finish_run(
+    trainer: BF16Trainer, model_args: ModelArguments, data_args: DataArguments, args: TrainingArguments
+) -> bool:
+    """The end of a run (also rehearsed): the exported final model, trainer_state.json, the curves; False
+    if the export failed (the error printed)."""
     # Shared files are written by rank 0 only (save_model, save_state, the curves); per-rank files carry the
     # rank in their name. The final barrier ends every rank only once the output folder is complete.
     if not save_final_model(trainer, model_args.model_path, args.output_dir):
-        return 2
+        return False
     trainer.save_state()
     if data_args.log_sample_ids:
         ids_path = Path(args.output_dir) / f"sample_ids_rank{args.process_index}.json"
@@ -815,7 +837,7 @@ def main(argv: list[str] | None = None) -> int:
         if verdict:
             logger.warning("%s", verdict)
     trainer.accelerator.wait_for_everyone()
-    return 0
+    return True
 
 
 if __name__ == "__main__":

@@ -8,8 +8,12 @@
 #   NUM_GPUS=2 bash train.sh                        # the first 2 visible GPUs (CUDA_VISIBLE_DEVICES is set)
 #   LORA_R=16 bash train.sh                         # LoRA adapters on a frozen base (8 GB cards)
 #   NNODES=2 NODE_RANK=0 MASTER_ADDR=node0 NUM_GPUS=8 bash train.sh   # on node0, and NODE_RANK=1 on node1
-#
+#   bash train.sh --rehearse                        # first: these settings for a few steps (OUTPUT_DIR/rehearsal)
 #   DRY_RUN=1 bash train.sh                         # print the command (and the variables set), run nothing
+#
+# Rehearse before a long run (REHEARSE=1, or --rehearse): every stage of it (evaluation with generation, a
+# checkpoint save, a resume, the best-model load, the export) on a small sample in minutes, then the full
+# run's steps, dropped crops, memory, s/step and projected time; exit 2 names the stage that failed.
 #
 # A killed run continues from its last checkpoint when started again (RESUME=auto); RESUME=none starts over.
 # Never one process on several GPUs: the Trainer would wrap it in nn.DataParallel, which splits the batch's
@@ -53,6 +57,7 @@ MASTER_PORT=${MASTER_PORT:-29500}
 RDZV_ID=${RDZV_ID:-manga-ocr-$MASTER_PORT}   # the same on every node of one job
 RESUME=${RESUME:-auto}                 # auto | none | path/to/checkpoint-N
 REPORT_TO=${REPORT_TO:-none}
+REHEARSE=${REHEARSE:-0}                # 1: rehearse these settings in OUTPUT_DIR/rehearsal and exit (= --rehearse)
 
 if ! "$PYTHON" -c "import torch, transformers" 2>/dev/null; then
     hint="activate the environment that has requirements.txt installed, or set PYTHON=path/to/python"
@@ -79,6 +84,8 @@ if [ "$PRECISION" = auto ]; then
 fi
 resume_args=()
 [ "$RESUME" != none ] && resume_args=(--resume_from_checkpoint "$RESUME")
+# first, so that an explicit --rehearse false among the extra arguments still wins
+case "$REHEARSE" in 1|true) set -- --rehearse true "$@" ;; esac
 
 # (Without a GPU, sft_paddleocr_vl.py itself switches a torchrun launch to DDP over gloo on the CPU.)
 launcher=("$PYTHON")
