@@ -304,3 +304,56 @@ def test_ctrl_c_with_workers_keeps_earlier_predictions(
     assert evaluate(tiny_model, data_dir, tmp_path / "out", "--batch_size", "1", "--num_workers", "2") == 130
     assert "interrupted: 8 predictions written" in capsys.readouterr().err
     assert len(predictions(tmp_path / "out")) == 8
+
+
+def _session_pids(sid: int) -> list[int]:
+    """Processes still alive in session `sid` (Linux /proc)."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == sid and fields[0] != "Z":  # the 6th field is the session id
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads sessions from /proc")
+def test_sigint_with_workers_keeps_predictions_and_ends_them(tiny_model: Path, data_dir: Path,
+                                                             tmp_path: Path) -> None:
+    """A real Ctrl-C (SIGINT to the whole process group, workers included) during an evaluation with loader
+    workers: exit 130, one `interrupted:` line, the finished chunks on disk, no worker left behind."""
+    import os
+    import signal
+    import time
+
+    out = tmp_path / "out"
+    preds = out / "predictions.jsonl"
+    proc = subprocess.Popen(
+        [sys.executable, "evaluate_model.py", "--model_path", str(tiny_model), "--data_dir", str(data_dir),
+         "--split", "train", "--output_dir", str(out), "--batch_size", "1", "--max_new_tokens", "64",
+         "--num_workers", "2"],
+        cwd=REPO, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None:
+            if preds.exists() and len(preds.read_text(encoding="utf-8").splitlines()) >= 8:
+                break  # the first chunk (8 x batch 1) is on disk, 35 train crops to go
+            time.sleep(0.02)
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    n = len(predictions(out))
+    assert proc.returncode == 130 and "Traceback" not in err, err[-3000:]
+    assert err.strip().splitlines()[-1] == f"interrupted: {n} predictions written to {preds}"
+    assert n % 8 == 0 and 8 <= n < 43
+    deadline = time.time() + 30
+    while _session_pids(proc.pid) and time.time() < deadline:
+        time.sleep(0.1)
+    assert _session_pids(proc.pid) == []
