@@ -12,6 +12,10 @@ release-like processor (tools/make_tiny_model.release_processor: the release's t
 template and image bounds, min_pixels 147384, max_pixels 2822400). Random weights rarely emit </s>, so
 every crop generates --max_new_tokens tokens; the default 16 is about one manga text line. A path or hub
 id is loaded as is.
+--num_workers N adds the path evaluate_model.py takes: generate_texts reading the crop files itself (decode +
+fit_image + processor inside the timing), once in the main process (0 workers) and once with N loader
+workers that prepare the next batches while the model generates; `hidden` is the share of the preparation
+time (timed alone) that the workers took off the run.
 --json writes the figures; --deadline (Unix time, set by benchmarks/gpu_suite.py) stops the repeats, and the
 seed loop after the 16-crop chunk that ends past it (its rate then comes from the crops it read).
 """
@@ -35,8 +39,8 @@ sys.path.insert(0, str(ROOT))
 import prepare_manga109_data as prep  # noqa: E402
 from benchmarks.full_size import build_full_size_random  # noqa: E402
 from evaluate_model import device_description  # noqa: E402
-from ocr_dataset import load_image, read_jsonl  # noqa: E402
-from ocr_model import generate_texts, load_model_and_processor  # noqa: E402
+from ocr_dataset import RecordCrops, load_image, read_jsonl  # noqa: E402
+from ocr_model import crop_chunks, generate_texts, load_model_and_processor  # noqa: E402
 from tools.make_synthetic_manga109 import CHARSET, generate  # noqa: E402
 from tools.make_tiny_model import build_tiny_model  # noqa: E402
 
@@ -69,6 +73,13 @@ def seed_loop_until(model: Any, processor: Any, images: list, max_new_tokens: in
     return texts
 
 
+def prepare_only(processor: Any, crops: RecordCrops, batch_size: int) -> None:
+    """What the generation loader does per batch (decode, fit_image, processor) without generating."""
+    for chunk in crop_chunks(processor, crops, batch_size=batch_size):
+        for _ in chunk.batches:
+            pass
+
+
 def timed(fn: Any, *args: Any, **kwargs: Any) -> tuple[list[str], float]:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -90,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--repeats", type=int, default=3, help="time each path this often, report the fastest")
     ap.add_argument("--json", help="write the figures to this file")
+    ap.add_argument("--num_workers", type=int, help="also time reading the crop files with 0 and this many "
+                    "loader workers (the evaluate_model.py path)")
     ap.add_argument("--deadline", type=float, help="Unix time: no repeat after it; cut the seed loop at it")
     a = ap.parse_args(argv)
 
@@ -106,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
             sys.exit(f"error: only {len(records)} crops; raise --books/--pages")
         records = random.Random(a.seed).sample(records, a.num_samples)
         images = [load_image(r, "bench") for r in records]
+        crops = RecordCrops(records, "bench")
 
         if a.model == "tiny":
             tiny_dir = build_tiny_model(Path(tmp, "tiny"), charset=CHARSET)
@@ -121,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
         # Alternating repeats and keeping each path's fastest run filters out other load on the machine
         # without favouring whichever path happened to run during a quiet spell.
         t_batched = t_single = float("inf")
+        files = {"prepare only": float("inf"), 0: float("inf"), a.num_workers: float("inf")}
+        files_same = n_files = 0  # texts read from the files that equal the in-memory path's
         single: list[str] = []
         repeats = 0
         out_of_time = False
@@ -128,6 +144,15 @@ def main(argv: list[str] | None = None) -> int:
             batched, t = timed(generate_texts, model, processor, images, batch_size=a.batch_size,
                                max_new_tokens=a.max_new_tokens)
             t_batched = min(t_batched, t)
+            if a.num_workers is not None:
+                _, t = timed(prepare_only, processor, crops, a.batch_size)
+                files["prepare only"] = min(files["prepare only"], t)
+                for workers in (0, a.num_workers):
+                    texts, t = timed(generate_texts, model, processor, crops, batch_size=a.batch_size,
+                                     max_new_tokens=a.max_new_tokens, num_workers=workers)
+                    files_same += sum(x == y for x, y in zip(texts, batched, strict=True))
+                    n_files += len(texts)
+                    files[workers] = min(files[workers], t)
             texts, t = timed(seed_loop_until, model, processor, images, a.max_new_tokens, a.deadline)
             if len(texts) / t > len(single) / t_single:  # the fastest rate (a cut run read fewer crops)
                 single, t_single = texts, t
@@ -149,6 +174,16 @@ def main(argv: list[str] | None = None) -> int:
     label = f"generate_texts (batch {a.batch_size}, use_cache=True)"
     print(f"{label:52s} {t_batched:8.2f} {n / t_batched:8.2f}")
     print(f"ratio: {ratio:.1f}x")
+    hidden = None
+    if a.num_workers is not None:
+        prep_s = files["prepare only"]
+        print(f"{'decode + preprocess only (main process)':52s} {prep_s:8.2f} {n / prep_s:8.2f}")
+        for workers in (0, a.num_workers):
+            label = f"generate_texts from files, {workers} loader workers"
+            print(f"{label:52s} {files[workers]:8.2f} {n / files[workers]:8.2f}")
+        hidden = (files[0] - files[a.num_workers]) / prep_s
+        print(f"hidden: {100 * hidden:.0f} % of the decode + preprocess time; texts as in memory: "
+              f"{files_same}/{n_files}")
     print(f"identical texts: {same}/{n_single}"
           + ("" if same == n_single else "  (bf16 batching can flip near-ties)"))
     if a.json:
@@ -160,6 +195,10 @@ def main(argv: list[str] | None = None) -> int:
             "seed_loop": {"crops": n_single, "seconds": t_single, "crops_per_s": n_single / t_single},
             "batched": {"crops": n, "seconds": t_batched, "crops_per_s": n / t_batched},
             "ratio": ratio, "identical": same, "compared": n_single,
+            **({"files": {"num_workers": a.num_workers, "prepare_s": files["prepare only"],
+                          "seconds_0_workers": files[0], "seconds_n_workers": files[a.num_workers],
+                          "hidden": hidden, "identical": files_same, "compared": n_files}}
+               if a.num_workers is not None else {}),
         }, indent=1) + "\n")
     return 0
 

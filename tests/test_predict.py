@@ -175,3 +175,14 @@ def test_unreadable_crop_in_a_worker_is_one_error_line(tiny_model: Path, data_di
                        "1", "--num_workers", "2", "--output", str(out), *TOKENS])
     assert error_line(rc) == f"error: cannot open image {broken} (cannot identify image file {str(broken)!r})"
     assert len(out.read_text(encoding="utf-8").splitlines()) == 8  # the first chunk (8 x batch 1)
+
+
+def test_bench_eval_num_workers_smoke() -> None:
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/bench_eval.py", "--model", "tiny", "--num_samples", "8",
+         "--max_new_tokens", "4", "--books", "1", "--pages", "2", "--repeats", "1", "--num_workers", "1"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "generate_texts from files, 1 loader workers" in proc.stdout
+    assert "texts as in memory: 16/16" in proc.stdout
