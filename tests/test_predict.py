@@ -185,4 +185,4 @@ def test_bench_eval_num_workers_smoke() -> None:
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "generate_texts from files, 1 loader workers" in proc.stdout
-    assert "texts as in memory: 16/16" in proc.stdout
+    assert "texts as in memory: 16/16" in proc.stdout and "waited" in proc.stdout
