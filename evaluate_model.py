@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ocr_dataset import DatasetError, OCRDataset, load_image, spread_sample
+from ocr_dataset import DatasetError, OCRDataset, RecordCrops, spread_sample
 from ocr_metrics import NORMALIZATIONS, all_metrics, edit_distance, normalize
 from ocr_report import write_comparison, write_report
 
@@ -62,6 +62,10 @@ class EvalArguments:
         None, "Leave out crops longer than this many tokens (prompt + image tokens + reference answer), "
         "counted as training counts them (e.g. the run's --max_length). Default: evaluate every crop.")
     batch_size: int = arg(16, "Crops per generate() call.")
+    num_workers: int | None = arg(
+        None, "Loader processes that decode and preprocess the next crops while the model generates. "
+        "Default: 2 on CUDA (one core left to the main process), 0 on CPU, where generation already uses "
+        "every core.")
     output_dir: str | None = arg(
         None, "Where predictions.jsonl, metrics.json and summary.md go. Default: <model_path>/eval_<split> "
         "for a local model, else ./eval_output/<model name>_<split>.")
@@ -114,35 +118,41 @@ def select_records(args: EvalArguments) -> tuple[OCRDataset, int, str]:
 
 def predict_records(model: Any, processor: Any, records: list[dict], source: str, out_path: Path,
                     args: EvalArguments) -> list[dict]:
-    """Generate in chunks and append each chunk's rows to predictions.jsonl as soon as it is done."""
+    """Generate in chunks and append each chunk's rows to predictions.jsonl as soon as it is done.
+
+    args.num_workers loader processes decode and preprocess the next batches meanwhile (crop_chunks)."""
+    from contextlib import closing
+
     from tqdm import tqdm
 
+    import ocr_model
     from custom_collator import num_image_tokens
-    from ocr_model import generate_texts
 
-    def tokens(r: dict) -> int:  # a crop the processor would refuse is padded into shape (fit_image)
-        return num_image_tokens(processor, r["width"], r["height"]) if "width" in r and "height" in r else 0
-
-    # Sorting the whole split by image-token count (JSONL width/height, no decode) keeps batch padding
-    # small; a prediction does not depend on which batch it is in (tested).
-    order = sorted(records, key=tokens)
+    # Sorting the whole split by image-token count (JSONL width/height, else the file's header: nothing is
+    # decoded) keeps batch padding small; a prediction does not depend on which batch it is in (tested). A
+    # crop the processor would refuse is counted padded into shape (fit_image), as generation pads it.
+    sizes = RecordCrops(records, source)
+    order = sorted(range(len(records)), key=lambda i: num_image_tokens(processor, *sizes.size(i)))
+    crops = RecordCrops([records[i] for i in order], source)
+    chunks = ocr_model.crop_chunks(processor, crops, batch_size=args.batch_size,
+                                   chunk_size=8 * args.batch_size, num_workers=args.num_workers,
+                                   pin_memory=ocr_model.pin_memory(model, args.num_workers))
     rows: list[dict] = []
-    chunk = 8 * args.batch_size
-    with open(out_path, "w", encoding="utf-8") as f, tqdm(total=len(order), unit="crop", desc="eval") as bar:
+    with (open(out_path, "w", encoding="utf-8") as f, closing(chunks),
+          tqdm(total=len(crops), unit="crop", desc="eval") as bar):
         try:
-            for start in range(0, len(order), chunk):
-                part = order[start : start + chunk]
-                images = [load_image(r, source) for r in part]
-                texts = generate_texts(model, processor, images, batch_size=args.batch_size,
-                                       max_new_tokens=args.max_new_tokens)
-                for rec, text in zip(part, texts, strict=True):
+            for chunk in chunks:
+                # Looked up on the module at each call (tests interrupt a chunk through it).
+                texts = ocr_model.generate_texts(model, processor, chunk, max_new_tokens=args.max_new_tokens)
+                for i, text in zip(chunk.positions, texts, strict=True):
+                    rec = crops.records[i]
                     ref = rec["text"]
                     rows.append({"id": rec["id"], "image": rec["image_path"], "book": rec.get("book", ""),
                                  "orientation": rec.get("orientation", ""), "reference": ref,
                                  "prediction": text, "edits": edit_distance(normalize(text), normalize(ref))})
                     f.write(json.dumps(rows[-1], ensure_ascii=False) + "\n")
                 f.flush()
-                bar.update(len(part))
+                bar.update(len(chunk.positions))
         except DatasetError as e:
             raise EvalError(f"{e}; {len(rows)} predictions already written to {out_path}") from None
         except KeyboardInterrupt:
@@ -254,13 +264,17 @@ def evaluate(args: EvalArguments) -> dict:
     import torch
 
     from custom_collator import configure_image_size
-    from ocr_model import load_model_and_processor
+    from ocr_model import default_num_workers, load_model_and_processor
     from sample_lengths import filter_split
 
     if args.batch_size <= 0:
         raise EvalError(f"--batch_size must be positive, got {args.batch_size}")
+    if args.num_workers is not None and args.num_workers < 0:
+        raise EvalError(f"--num_workers must be 0 or more, got {args.num_workers}")
     ds, total, source = select_records(args)
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.num_workers is None:
+        args.num_workers = default_num_workers(device)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     model, processor = load_model_and_processor(args.model_path, dtype=dtype, device=device,
                                                 trust_remote_code=args.trust_remote_code)
@@ -281,6 +295,7 @@ def evaluate(args: EvalArguments) -> dict:
     res = {
         "model_path": args.model_path, "data_file": source, "split": args.split, "num_samples": len(rows),
         "split_size": total, "seed": args.seed, "batch_size": args.batch_size,
+        "num_workers": args.num_workers,
         "max_new_tokens": args.max_new_tokens, "sample_lengths": lengths.summary(),
         "min_pixels": size["shortest_edge"],
         "max_pixels": size["longest_edge"], "device": device_description(device), "dtype": str(dtype),

@@ -137,14 +137,36 @@ class OCRDataset:
 
     def image_sizes(self) -> list[tuple[int, int]]:
         """(width, height) per record, from the JSONL when present (no image decode needed)."""
-        sizes = []
-        for rec in self.records:
-            if "width" in rec and "height" in rec:
-                sizes.append((int(rec["width"]), int(rec["height"])))
-            else:
-                with Image.open(rec["image_path"]) as im:
-                    sizes.append(im.size)
-        return sizes
+        return [record_size(rec) for rec in self.records]
+
+
+def record_size(rec: dict[str, Any]) -> tuple[int, int]:
+    """A record's (width, height): the JSONL's, else the image file's header (nothing decoded)."""
+    if "width" in rec and "height" in rec:
+        return int(rec["width"]), int(rec["height"])
+    with Image.open(rec["image_path"]) as im:
+        return im.size
+
+
+class RecordCrops:
+    """Records as generation input (ocr_model.Crops): sizes without decoding, images loaded in the
+    generation loader's workers. `source` names the file in errors (a record's own `_source` first)."""
+
+    def __init__(self, records: list[dict[str, Any]], source: str) -> None:
+        self.records, self.source = records, source
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def size(self, i: int) -> tuple[int, int]:
+        try:
+            return record_size(self.records[i])
+        except (OSError, ValueError):  # image() raises the DatasetError when its batch is loaded, in order
+            return 0, 0
+
+    def image(self, i: int) -> Image.Image:
+        rec = self.records[i]
+        return load_image(rec, rec.get("_source", self.source))
 
 
 def spread_sample(records: list[dict[str, Any]], n: int, seed: int) -> list[dict[str, Any]]:

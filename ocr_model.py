@@ -26,11 +26,14 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import closing
+from itertools import islice
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import torch
+from PIL import Image
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, PreTrainedConfig
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, cached_file
@@ -234,48 +237,208 @@ def load_model_and_processor(
     return model.eval(), processor
 
 
+def default_num_workers(device: str) -> int:
+    """Generation's loader workers when the user names none.
+
+    CUDA: 2, leaving at least one core to the main process, which drives the GPU. One worker keeps up as long
+    as decoding and preprocessing a batch takes less than generating it; the second covers the batches of the
+    largest crops and a slow disk, for the cost of one more forked process. CPU: none. generate() already runs
+    torch's threads on every core there, so a worker competes with it for the same cores instead of filling
+    time a device would otherwise sit idle."""
+    if not device.startswith("cuda"):
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(0, min(2, cores - 1))
+
+
+@runtime_checkable
+class Crops(Protocol):
+    """What generation reads: sizes in the main process (they order the batches, nothing is decoded there)
+    and images where the loader runs, a worker process when num_workers > 0. ocr_dataset.RecordCrops (JSONL
+    records), predict.py's files and page boxes, and ImageList (images in memory) implement it."""
+
+    def __len__(self) -> int: ...
+
+    def size(self, i: int) -> tuple[int, int]: ...  # (width, height), as image(i) will have it
+
+    def image(self, i: int) -> Image.Image: ...
+
+
+class ImageList:
+    """Crops already decoded. Workers inherit them when they fork (spawn would pickle them)."""
+
+    def __init__(self, images: Sequence[Image.Image]) -> None:
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def size(self, i: int) -> tuple[int, int]:
+        return self.images[i].size
+
+    def image(self, i: int) -> Image.Image:
+        return self.images[i]
+
+
+class _WorkerError:
+    """An exception raised in a loader worker, sent back as data and raised again in the main process.
+
+    Raised there, DataLoader would re-raise it as the same type with the worker's traceback in its message,
+    so a DatasetError would no longer print as one `error:` line. The traceback rides along as a note."""
+
+    def __init__(self, error: Exception) -> None:
+        import pickle
+        import traceback
+
+        note = "raised in a generation loader worker:\n" + "".join(traceback.format_exception(error)).rstrip()
+        try:
+            pickle.loads(pickle.dumps(error))  # an exception that cannot travel would hang the loader
+        except Exception:
+            error = RuntimeError(f"{type(error).__name__}: {error}")
+        self.error, self.note = error, note
+
+    def raise_again(self) -> None:
+        self.error.add_note(self.note)
+        raise self.error
+
+
+class _Batches(torch.utils.data.Dataset):
+    """Item b: batch b's crops loaded and turned into generate() inputs (runs in a worker when there are)."""
+
+    def __init__(self, processor: Any, crops: Crops, batches: list[list[int]]) -> None:
+        self.processor, self.crops, self.batches = processor, crops, batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, b: int) -> tuple[list[int], dict[str, torch.Tensor] | _WorkerError]:
+        from custom_collator import generation_batch  # fit_image happens in there
+
+        idx = self.batches[b]
+        try:
+            return idx, generation_batch(self.processor, [self.crops.image(i) for i in idx])
+        except Exception as e:
+            if torch.utils.data.get_worker_info() is None:
+                raise  # the main process: it keeps its own traceback
+            return idx, _WorkerError(e)
+
+
+def pin_memory(model: Any, num_workers: int) -> bool:
+    """Whether generation's loader pins its batches: on CUDA, with workers. Pinned pages make the copy to the
+    GPU asynchronous; without workers, pinning is one more copy in the main process."""
+    return next(model.parameters()).device.type == "cuda" and num_workers > 0
+
+
+def _as_is(item: Any) -> Any:  # collate_fn: items already are batches (a module function: spawn pickles it)
+    return item
+
+
+class Chunk(NamedTuple):
+    """Consecutive crops of a crop_chunks plan; its batches are loaded as generate_texts asks for them."""
+
+    positions: list[int]  # the crops' indices, ascending
+    batches: Iterator[tuple[list[int], dict[str, torch.Tensor]]]
+    num_batches: int
+
+
+def _raise_worker_errors(batches: Iterator) -> Iterator[tuple[list[int], dict[str, torch.Tensor]]]:
+    for idx, batch in batches:
+        if isinstance(batch, _WorkerError):
+            batch.raise_again()
+        yield idx, batch
+
+
+def crop_chunks(
+    processor: Any,
+    crops: Crops,
+    *,
+    batch_size: int,
+    chunk_size: int | None = None,
+    num_workers: int = 0,
+    pin_memory: bool = False,
+) -> Iterator[Chunk]:
+    """Cut `crops` into chunks of chunk_size consecutive crops (None: one chunk) and each chunk into batches
+    of similar image-token count, all read through one DataLoader.
+
+    With num_workers > 0, worker processes load and preprocess the next batches, across chunk boundaries,
+    while the model generates; batches still arrive in order, and an error reaches the caller when its
+    batch's turn comes (so every chunk before it is complete). Feed each chunk to generate_texts, in order.
+    Close the generator (contextlib.closing) to stop the workers early.
+    """
+    from torch.utils.data import DataLoader
+
+    from custom_collator import num_image_tokens
+
+    n = len(crops)
+    if n == 0:
+        return
+    step = chunk_size or n
+    tokens = [num_image_tokens(processor, *crops.size(i)) for i in range(n)]
+    plan = []
+    for start in range(0, n, step):
+        part = sorted(range(start, min(start + step, n)), key=tokens.__getitem__)
+        plan.append([part[k : k + batch_size] for k in range(0, len(part), batch_size)])
+    dataset = _Batches(processor, crops, [batch for chunk in plan for batch in chunk])
+    loader = DataLoader(
+        dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory, collate_fn=_as_is
+    )
+    batches = _raise_worker_errors(iter(loader))
+    for chunk in plan:
+        yield Chunk(sorted(i for batch in chunk for i in batch), islice(batches, len(chunk)), len(chunk))
+
+
 @torch.inference_mode()
 def generate_texts(
     model: Any,
     processor: Any,
-    images: list,
+    images: Sequence[Image.Image] | Crops | Chunk,
     *,
     batch_size: int = 16,
     max_new_tokens: int = 128,
     progress: bool = False,
     use_cache: bool = True,
+    num_workers: int = 0,
 ) -> list[str]:
     """Greedy OCR of crops, batched with left padding and the KV cache; results in input order.
 
-    Crops are sorted by their image-token count so each batch pads little. The released generation config
-    turns the KV cache off (the seed evaluated that way, one crop at a time: batch_size=1, use_cache=False);
-    the cache is what makes batches fast.
+    `images`: decoded crops, a Crops (read by `num_workers` loader processes, prefetching while the model
+    generates), or one Chunk of crop_chunks (batched there already: batch_size and num_workers do not apply;
+    the texts follow chunk.positions). Crops are sorted by their image-token count so each batch pads little.
+    The released generation config turns the KV cache off (the seed evaluated that way, one crop at a time:
+    batch_size=1, use_cache=False); the cache is what makes batches fast.
     """
+    if isinstance(images, Chunk):
+        return _generate_chunk(model, processor, images, max_new_tokens, progress, use_cache)
+    crops = images if isinstance(images, Crops) else ImageList(images)
+    with closing(crop_chunks(processor, crops, batch_size=batch_size, num_workers=num_workers,
+                             pin_memory=pin_memory(model, num_workers))) as chunks:
+        return [t for chunk in chunks for t in _generate_chunk(model, processor, chunk, max_new_tokens,
+                                                               progress, use_cache)]
+
+
+def _generate_chunk(
+    model: Any, processor: Any, chunk: Chunk, max_new_tokens: int, progress: bool, use_cache: bool
+) -> list[str]:
     from tqdm import tqdm
 
-    from custom_collator import generation_batch, num_image_tokens
-
-    order = sorted(range(len(images)), key=lambda i: num_image_tokens(processor, *images[i].size))
-    texts: list[str] = [""] * len(images)
+    texts: dict[int, str] = {}
     device = next(model.parameters()).device
     pad_id = processor.tokenizer.pad_token_id
     eos_id = processor.tokenizer.eos_token_id
     was_training = model.training
     model.eval()
     try:
-        batches = range(0, len(order), batch_size)
-        for start in tqdm(batches, desc="generating", disable=not progress, unit="batch"):
-            idx = order[start : start + batch_size]
-            batch = generation_batch(processor, [images[i] for i in idx])
-            batch = {k: v.to(device) for k, v in batch.items()}
+        bar = tqdm(chunk.batches, total=chunk.num_batches, desc="generating", disable=not progress,
+                   unit="batch")
+        for idx, batch in bar:  # the loader prepares the next batches meanwhile
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             batch["pixel_values"] = batch["pixel_values"].to(model.dtype)
             out = model.generate(
                 **batch, max_new_tokens=max_new_tokens, do_sample=False, use_cache=use_cache,
                 pad_token_id=pad_id, eos_token_id=eos_id,
             )
             decoded = processor.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
-            for i, text in zip(idx, decoded, strict=True):
-                texts[i] = text
+            texts.update(zip(idx, decoded, strict=True))
     finally:  # also when generation fails, e.g. during training-time evaluation
         model.train(was_training)
-    return texts
+    return [texts[i] for i in chunk.positions]

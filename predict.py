@@ -97,7 +97,7 @@ def run(a: argparse.Namespace) -> int:
     import torch
 
     from custom_collator import configure_image_size
-    from ocr_model import load_model_and_processor
+    from ocr_model import default_num_workers, load_model_and_processor
 
     if (a.boxes or a.manga109_xml) and len(a.images) != 1:
         raise PredictError("--boxes/--manga109_xml take exactly one page image")
@@ -116,6 +116,8 @@ def run(a: argparse.Namespace) -> int:
             raise PredictError(f"image not found: {missing[0]} ({len(missing)} of {len(a.images)} missing)")
         jobs = [{} for _ in a.images]
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if a.num_workers is None:
+        a.num_workers = default_num_workers(device)
     model, processor = load_model_and_processor(
         a.model_path, dtype=torch.bfloat16 if device == "cuda" else torch.float32, device=device,
         trust_remote_code=a.trust_remote_code)
@@ -127,30 +129,75 @@ def run(a: argparse.Namespace) -> int:
     return 0
 
 
+class FileCrops:
+    """Crop files as generation input (ocr_model.Crops): sizes from their headers, decoded in the loader."""
+
+    def __init__(self, paths: list[str]) -> None:
+        self.paths = paths
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def size(self, i: int) -> tuple[int, int]:
+        try:
+            with Image.open(self.paths[i]) as im:  # reads the header only
+                return im.size
+        except (OSError, ValueError):  # image() raises the PredictError when its batch is loaded, in order
+            return 0, 0
+
+    def image(self, i: int) -> Image.Image:
+        return open_image(self.paths[i])
+
+
+class PageCrops:
+    """Boxes of one page as generation input (ocr_model.Crops).
+
+    The page is decoded once, in the main process, which needs its size to check the boxes. Loader workers
+    fork with it in memory, so each crops from it (a copy of the box's pixels); the resizing and
+    normalising of the crops is what they take off the main process. Reopening the page in every worker
+    would decode the same JPEG again for nothing."""
+
+    def __init__(self, page: Image.Image, boxes: list[list[int]]) -> None:
+        self.page, self.boxes = page, boxes
+
+    def __len__(self) -> int:
+        return len(self.boxes)
+
+    def size(self, i: int) -> tuple[int, int]:
+        x0, y0, x1, y1 = self.boxes[i]  # clipped to the page: the crop has exactly this size
+        return x1 - x0, y1 - y0
+
+    def image(self, i: int) -> Image.Image:
+        return self.page.crop(self.boxes[i])
+
+
 def write_predictions(a: argparse.Namespace, model: Any, processor: Any, jobs: list[dict],
                       page: Image.Image | None, out: Any) -> None:
-    from ocr_dataset import fitted_size
-    from ocr_model import generate_texts
+    from contextlib import closing
 
-    chunk = 8 * a.batch_size
-    for start in range(0, len(jobs), chunk):
-        part = range(start, min(start + chunk, len(jobs)))
-        images = [page.crop(jobs[i]["bbox"]) if page else open_image(a.images[i]) for i in part]
-        for i, im in zip(part, images, strict=True):
-            if fitted_size(*im.size) != im.size:  # generation pads it into a shape the processor takes
-                where = f"box {jobs[i]['bbox']}" if page else a.images[i]
-                print(f"warning: {where}: {im.width}x{im.height} padded to {fitted_size(*im.size)} "
-                      "(aspect ratio over what the image processor takes)", file=sys.stderr)
-        texts = generate_texts(model, processor, images, batch_size=a.batch_size,
-                               max_new_tokens=a.max_new_tokens)
-        for i, text in zip(part, texts, strict=True):
-            path = a.images[0] if page else a.images[i]
-            if a.output:
-                out.write(json.dumps({"image": path, **jobs[i], "text": text}, ensure_ascii=False) + "\n")
-            else:
-                box = [",".join(map(str, jobs[i]["bbox"]))] if page else []
-                out.write("\t".join([path, *box, text.replace("\n", "\\n").replace("\t", "\\t")]) + "\n")
-        out.flush()
+    from ocr_dataset import fitted_size
+    from ocr_model import crop_chunks, generate_texts, pin_memory
+
+    crops = PageCrops(page, [j["bbox"] for j in jobs]) if page else FileCrops(a.images)
+    chunks = crop_chunks(processor, crops, batch_size=a.batch_size, chunk_size=8 * a.batch_size,
+                         num_workers=a.num_workers, pin_memory=pin_memory(model, a.num_workers))
+    with closing(chunks):
+        for chunk in chunks:
+            for i in chunk.positions:
+                size = crops.size(i)
+                if fitted_size(*size) != size:  # generation pads it into a shape the processor takes
+                    where = f"box {jobs[i]['bbox']}" if page else a.images[i]
+                    print(f"warning: {where}: {size[0]}x{size[1]} padded to {fitted_size(*size)} "
+                          "(aspect ratio over what the image processor takes)", file=sys.stderr)
+            texts = generate_texts(model, processor, chunk, max_new_tokens=a.max_new_tokens)
+            for i, text in zip(chunk.positions, texts, strict=True):
+                path = a.images[0] if page else a.images[i]
+                if a.output:
+                    out.write(json.dumps({"image": path, **jobs[i], "text": text}, ensure_ascii=False) + "\n")
+                else:
+                    box = [",".join(map(str, jobs[i]["bbox"]))] if page else []
+                    out.write("\t".join([path, *box, text.replace("\n", "\\n").replace("\t", "\\t")]) + "\n")
+            out.flush()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -164,6 +211,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--margin", type=int, default=0, help="pixels around XML boxes (as in prepare)")
     ap.add_argument("--min_size", type=int, default=10, help="skip XML boxes smaller than this (px)")
     ap.add_argument("--batch_size", type=int, default=16, help="crops per generate() call")
+    ap.add_argument("--num_workers", type=int,
+                    help="loader processes that decode and preprocess the next crops while the model "
+                    "generates (default: 2 on CUDA, one core left to the main process; 0 on CPU, where "
+                    "generation already uses every core)")
     ap.add_argument("--max_new_tokens", type=int, default=128, help="longest generated text, in tokens")
     ap.add_argument("--min_pixels", type=int, help="override the image processor's min_pixels")
     ap.add_argument("--max_pixels", type=int, help="override the image processor's max_pixels")
@@ -175,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if a.batch_size <= 0:
             raise PredictError(f"--batch_size must be positive, got {a.batch_size}")
+        if a.num_workers is not None and a.num_workers < 0:
+            raise PredictError(f"--num_workers must be 0 or more, got {a.num_workers}")
         return run(a)
     except (PredictError, ModelLoadError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

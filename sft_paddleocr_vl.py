@@ -39,7 +39,7 @@ from transformers.training_args import ParallelMode
 
 from custom_collator import OCRCollator, OverlongError, configure_image_size, logits_positions
 from export_model import ExportError, export_model
-from ocr_dataset import DatasetError, OCRDataset, load_image, mixed_train_dataset, spread_sample
+from ocr_dataset import DatasetError, OCRDataset, RecordCrops, mixed_train_dataset, spread_sample
 from ocr_lora import (
     ADAPTER_DIR,
     DEFAULT_DROPOUT,
@@ -379,17 +379,19 @@ class BF16Trainer(Trainer):
 
         ds, rank, world = self.gen_dataset, self.args.process_index, self.args.world_size
         mine = list(range(rank, len(ds), world))  # each rank decodes its share, results are gathered
-        images = [load_image(ds.records[i], ds.path) for i in mine]
         model = self.accelerator.unwrap_model(self.model)
         with torch.autocast(
             "cuda", dtype=torch.bfloat16, enabled=self.args.bf16 and torch.cuda.is_available()
         ):
+            # --dataloader_num_workers: the user's budget of loader processes (the training loader's own
+            # workers only wait on a full prefetch queue meanwhile).
             preds = generate_texts(
                 model,
                 self.processing_class,
-                images,
+                RecordCrops([ds.records[i] for i in mine], ds.path),
                 batch_size=self.data_args.generation_batch_size,
                 max_new_tokens=self.data_args.generation_max_new_tokens,
+                num_workers=self.args.dataloader_num_workers,
             )
         pairs = gather_object([(p, ds.records[i]["text"]) for p, i in zip(preds, mine, strict=True)])
         m = cer_metrics([p for p, _ in pairs], [r for _, r in pairs], "none")

@@ -12,6 +12,11 @@ release-like processor (tools/make_tiny_model.release_processor: the release's t
 template and image bounds, min_pixels 147384, max_pixels 2822400). Random weights rarely emit </s>, so
 every crop generates --max_new_tokens tokens; the default 16 is about one manga text line. A path or hub
 id is loaded as is.
+--num_workers N adds the path evaluate_model.py takes: generate_texts reading the crop files itself, chunk by
+chunk (decode + fit_image + processor inside the timing), with 0 and with N loader workers that prepare the
+next batches while the model generates. Besides the seconds it reports how long the main process waited
+for its next batch: with 0 workers that is the whole preparation, with N the part the workers did not hide.
+On a CPU the workers share the cores with generation, so the wait can shrink while the total does not.
 --json writes the figures; --deadline (Unix time, set by benchmarks/gpu_suite.py) stops the repeats, and the
 seed loop after the 16-crop chunk that ends past it (its rate then comes from the crops it read).
 """
@@ -24,6 +29,7 @@ import random
 import sys
 import tempfile
 import time
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +41,8 @@ sys.path.insert(0, str(ROOT))
 import prepare_manga109_data as prep  # noqa: E402
 from benchmarks.full_size import build_full_size_random  # noqa: E402
 from evaluate_model import device_description  # noqa: E402
-from ocr_dataset import load_image, read_jsonl  # noqa: E402
-from ocr_model import generate_texts, load_model_and_processor  # noqa: E402
+from ocr_dataset import RecordCrops, load_image, read_jsonl  # noqa: E402
+from ocr_model import crop_chunks, generate_texts, load_model_and_processor, pin_memory  # noqa: E402
 from tools.make_synthetic_manga109 import CHARSET, generate  # noqa: E402
 from tools.make_tiny_model import build_tiny_model  # noqa: E402
 
@@ -69,6 +75,32 @@ def seed_loop_until(model: Any, processor: Any, images: list, max_new_tokens: in
     return texts
 
 
+def from_files(model: Any, processor: Any, crops: RecordCrops, batch_size: int, max_new_tokens: int,
+               num_workers: int) -> tuple[list[str], float]:
+    """generate_texts called chunk by chunk as evaluate_model.py calls it; also the seconds the main process
+    waited for its next batch (with 0 workers: loading and preprocessing it itself)."""
+    waited = 0.0
+
+    def clocked(batches: Any) -> Any:
+        nonlocal waited
+        while True:
+            t = time.perf_counter()
+            item = next(batches, None)
+            waited += time.perf_counter() - t
+            if item is None:
+                return
+            yield item
+
+    texts: list[str] = []
+    chunks = crop_chunks(processor, crops, batch_size=batch_size, chunk_size=8 * batch_size,
+                         num_workers=num_workers, pin_memory=pin_memory(model, num_workers))
+    with closing(chunks):
+        for chunk in chunks:
+            texts += generate_texts(model, processor, chunk._replace(batches=clocked(chunk.batches)),
+                                    max_new_tokens=max_new_tokens)
+    return texts, waited
+
+
 def timed(fn: Any, *args: Any, **kwargs: Any) -> tuple[list[str], float]:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -90,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--repeats", type=int, default=3, help="time each path this often, report the fastest")
     ap.add_argument("--json", help="write the figures to this file")
+    ap.add_argument("--num_workers", type=int, help="also time reading the crop files with 0 and this many "
+                    "loader workers (the evaluate_model.py path)")
     ap.add_argument("--deadline", type=float, help="Unix time: no repeat after it; cut the seed loop at it")
     a = ap.parse_args(argv)
 
@@ -106,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
             sys.exit(f"error: only {len(records)} crops; raise --books/--pages")
         records = random.Random(a.seed).sample(records, a.num_samples)
         images = [load_image(r, "bench") for r in records]
+        crops = RecordCrops(records, "bench")
 
         if a.model == "tiny":
             tiny_dir = build_tiny_model(Path(tmp, "tiny"), charset=CHARSET)
@@ -121,6 +156,10 @@ def main(argv: list[str] | None = None) -> int:
         # Alternating repeats and keeping each path's fastest run filters out other load on the machine
         # without favouring whichever path happened to run during a quiet spell.
         t_batched = t_single = float("inf")
+        workers = [] if a.num_workers is None else sorted({0, a.num_workers})
+        files = dict.fromkeys(workers, float("inf"))  # seconds, fastest repeat
+        waited = dict.fromkeys(workers, float("inf"))  # the main process waiting for batches, least
+        files_same = n_files = 0  # texts read from the files that equal the in-memory path's
         single: list[str] = []
         repeats = 0
         out_of_time = False
@@ -128,6 +167,12 @@ def main(argv: list[str] | None = None) -> int:
             batched, t = timed(generate_texts, model, processor, images, batch_size=a.batch_size,
                                max_new_tokens=a.max_new_tokens)
             t_batched = min(t_batched, t)
+            for w in workers:
+                (texts, wait), t = timed(from_files, model, processor, crops, a.batch_size,
+                                         a.max_new_tokens, w)
+                files_same += sum(x == y for x, y in zip(texts, batched, strict=True))
+                n_files += len(texts)
+                files[w], waited[w] = min(files[w], t), min(waited[w], wait)
             texts, t = timed(seed_loop_until, model, processor, images, a.max_new_tokens, a.deadline)
             if len(texts) / t > len(single) / t_single:  # the fastest rate (a cut run read fewer crops)
                 single, t_single = texts, t
@@ -149,6 +194,14 @@ def main(argv: list[str] | None = None) -> int:
     label = f"generate_texts (batch {a.batch_size}, use_cache=True)"
     print(f"{label:52s} {t_batched:8.2f} {n / t_batched:8.2f}")
     print(f"ratio: {ratio:.1f}x")
+    hidden = None
+    for w in workers:
+        label = f"generate_texts from files, {w} loader workers"
+        print(f"{label:52s} {files[w]:8.2f} {n / files[w]:8.2f}  (waited {waited[w]:.2f} s for batches)")
+    if workers:
+        hidden = 1 - waited[a.num_workers] / waited[0]
+        print(f"workers hid {100 * hidden:.0f} % of the main process's wait for batches; texts as in "
+              f"memory: {files_same}/{n_files}")
     print(f"identical texts: {same}/{n_single}"
           + ("" if same == n_single else "  (bf16 batching can flip near-ties)"))
     if a.json:
@@ -160,6 +213,9 @@ def main(argv: list[str] | None = None) -> int:
             "seed_loop": {"crops": n_single, "seconds": t_single, "crops_per_s": n_single / t_single},
             "batched": {"crops": n, "seconds": t_batched, "crops_per_s": n / t_batched},
             "ratio": ratio, "identical": same, "compared": n_single,
+            **({"files": {"num_workers": a.num_workers, "seconds": {str(w): files[w] for w in workers},
+                          "waited_s": {str(w): waited[w] for w in workers}, "hidden": hidden,
+                          "identical": files_same, "compared": n_files}} if workers else {}),
         }, indent=1) + "\n")
     return 0
 

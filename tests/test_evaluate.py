@@ -256,3 +256,104 @@ def test_ctrl_c_keeps_earlier_predictions(
     assert evaluate(tiny_model, data_dir, tmp_path / "out", "--batch_size", "1") == 130
     assert "interrupted: 8 predictions written" in capsys.readouterr().err
     assert len(predictions(tmp_path / "out")) == 8
+
+
+# ---------------------------------------------------------------- loader workers (--num_workers)
+
+
+def test_predictions_do_not_depend_on_num_workers(tiny_model: Path, data_dir: Path, tmp_path: Path) -> None:
+    # batch 3 -> chunks of 24: several chunks, so the workers prefetch across chunk boundaries.
+    assert evaluate(tiny_model, data_dir, tmp_path / "w0", "--batch_size", "3", "--num_workers", "0") == 0
+    assert evaluate(tiny_model, data_dir, tmp_path / "w2", "--batch_size", "3", "--num_workers", "2") == 0
+    assert predictions(tmp_path / "w0") == predictions(tmp_path / "w2")  # same rows, same order
+    m = json.loads((tmp_path / "w2" / "metrics.json").read_text(encoding="utf-8"))
+    assert m["num_workers"] == 2
+
+
+def test_unreadable_image_in_a_worker_is_one_error_line(tiny_model: Path, data_copy: Path, tmp_path: Path,
+                                                       error_line: Callable[[int], str]) -> None:
+    """A worker's DatasetError comes back as itself: one line, no worker traceback, earlier chunks kept."""
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(tiny_model)
+    records = read_jsonl(data_copy / "test.jsonl")
+    ranked = sorted(records, key=lambda r: num_image_tokens(processor, r["width"], r["height"]))
+    broken = ranked[17]  # in the second chunk of 16: the workers load it while the first chunk generates
+    Path(broken["image_path"]).write_bytes(b"not a png")
+    out = tmp_path / "out"
+    line = error_line(evaluate(tiny_model, data_copy, out, "--batch_size", "2", "--num_workers", "2"))
+    assert line == (f"error: {data_copy / 'test.jsonl'}:{broken['_line']}: cannot open image "
+                    f"{broken['image_path']} (cannot identify image file {broken['image_path']!r}); 16 "
+                    f"predictions already written to {out / 'predictions.jsonl'}")
+    assert len(predictions(out)) == 16
+
+
+def test_ctrl_c_with_workers_keeps_earlier_predictions(
+    tiny_model: Path, data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    calls = []
+
+    def interrupt_second_chunk(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # the workers are busy with the next batches now
+            raise KeyboardInterrupt
+        return generate_texts(*args, **kwargs)
+
+    monkeypatch.setattr(ocr_model, "generate_texts", interrupt_second_chunk)
+    assert evaluate(tiny_model, data_dir, tmp_path / "out", "--batch_size", "1", "--num_workers", "2") == 130
+    assert "interrupted: 8 predictions written" in capsys.readouterr().err
+    assert len(predictions(tmp_path / "out")) == 8
+
+
+def _session_pids(sid: int) -> list[int]:
+    """Processes still alive in session `sid` (Linux /proc)."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == sid and fields[0] != "Z":  # the 6th field is the session id
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads sessions from /proc")
+def test_sigint_with_workers_keeps_predictions_and_ends_them(tiny_model: Path, data_dir: Path,
+                                                             tmp_path: Path) -> None:
+    """A real Ctrl-C (SIGINT to the whole process group, workers included) during an evaluation with loader
+    workers: exit 130, one `interrupted:` line, the finished chunks on disk, no worker left behind."""
+    import os
+    import signal
+    import time
+
+    out = tmp_path / "out"
+    preds = out / "predictions.jsonl"
+    proc = subprocess.Popen(
+        [sys.executable, "evaluate_model.py", "--model_path", str(tiny_model), "--data_dir", str(data_dir),
+         "--split", "train", "--output_dir", str(out), "--batch_size", "1", "--max_new_tokens", "64",
+         "--num_workers", "2"],
+        cwd=REPO, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None:
+            if preds.exists() and len(preds.read_text(encoding="utf-8").splitlines()) >= 8:
+                break  # the first chunk (8 x batch 1) is on disk, 35 train crops to go
+            time.sleep(0.02)
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    n = len(predictions(out))
+    assert proc.returncode == 130 and "Traceback" not in err, err[-3000:]
+    assert err.strip().splitlines()[-1] == f"interrupted: {n} predictions written to {preds}"
+    assert n % 8 == 0 and 8 <= n < 43
+    deadline = time.time() + 30
+    while _session_pids(proc.pid) and time.time() < deadline:
+        time.sleep(0.1)
+    assert _session_pids(proc.pid) == []

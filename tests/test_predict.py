@@ -146,3 +146,43 @@ def test_bench_eval_smoke() -> None:
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "ratio: " in proc.stdout and "identical texts: 8/8" in proc.stdout
     assert "device: cpu" in proc.stdout
+
+
+def test_predictions_do_not_depend_on_num_workers(tiny_model: Path, synthetic_release: Path, data_dir: Path,
+                                                  tmp_path: Path) -> None:
+    paths = [r["image_path"] for r in read_jsonl(data_dir / "train.jsonl")[:11]]
+    page = next((synthetic_release / "images").glob("*/002.jpg"))
+    boxes = [[20 * k, 10 * k, 20 * k + 40 + 9 * k, 10 * k + 200 - 13 * k] for k in range(11)]
+    (tmp_path / "boxes.json").write_text(json.dumps(boxes))
+    for name, argv in (("crops", paths), ("page", [str(page), "--boxes", str(tmp_path / "boxes.json")])):
+        outs = []
+        for workers in ("0", "2"):
+            outs.append(tmp_path / f"{name}{workers}.jsonl")
+            # batch 1 -> chunks of 8 for 11 crops: the workers also prefetch across a chunk boundary
+            assert predict.main(["--model_path", str(tiny_model), *argv, "--batch_size", "1", *TOKENS,
+                                 "--num_workers", workers, "--output", str(outs[-1])]) == 0
+        text = outs[0].read_text(encoding="utf-8")
+        assert len(text.splitlines()) == 11 and text == outs[1].read_text(encoding="utf-8")
+
+
+def test_unreadable_crop_in_a_worker_is_one_error_line(tiny_model: Path, data_dir: Path, tmp_path: Path,
+                                                       error_line: Callable[[int], str]) -> None:
+    paths = [r["image_path"] for r in read_jsonl(data_dir / "train.jsonl")[:10]]
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image")
+    out = tmp_path / "p.jsonl"
+    rc = predict.main(["--model_path", str(tiny_model), *paths[:8], str(broken), *paths[8:], "--batch_size",
+                       "1", "--num_workers", "2", "--output", str(out), *TOKENS])
+    assert error_line(rc) == f"error: cannot open image {broken} (cannot identify image file {str(broken)!r})"
+    assert len(out.read_text(encoding="utf-8").splitlines()) == 8  # the first chunk (8 x batch 1)
+
+
+def test_bench_eval_num_workers_smoke() -> None:
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/bench_eval.py", "--model", "tiny", "--num_samples", "8",
+         "--max_new_tokens", "4", "--books", "1", "--pages", "2", "--repeats", "1", "--num_workers", "1"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "generate_texts from files, 1 loader workers" in proc.stdout
+    assert "texts as in memory: 16/16" in proc.stdout and "waited" in proc.stdout

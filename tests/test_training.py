@@ -309,3 +309,25 @@ def test_resume_gives_same_weights(tiny_model: Path, prepared: Path, tmp_path: P
     assert resumed.state.global_step == straight.state.global_step == 8
     for (name, p), q in zip(straight.model.named_parameters(), resumed.model.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_generation_metrics_same_with_loader_workers(tiny_model: Path, prepared: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Training-time CER decodes its crops in --dataloader_num_workers processes; the texts do not change."""
+    trainer = sft.build_trainer(*train_args(
+        tiny_model, prepared, tmp_path / "out", "--max_steps", "1", "--eval_generation_samples", "7",
+        "--generation_batch_size", "2", "--generation_max_new_tokens", "6"))
+    seen = []
+
+    def spy(*args, **kwargs):
+        seen.append((kwargs["num_workers"], generate_texts(*args, **kwargs)))
+        return seen[-1][1]
+
+    monkeypatch.setattr(sft, "generate_texts", spy)
+    metrics = []
+    for workers in (0, 2):
+        trainer.args.dataloader_num_workers = workers
+        metrics.append(trainer.generation_metrics())
+    assert [w for w, _ in seen] == [0, 2] and seen[0][1] == seen[1][1] and metrics[0] == metrics[1]
+    images = [load_image(r, "val") for r in trainer.gen_dataset.records]
+    assert seen[0][1] == generate_texts(trainer.model, trainer.processing_class, images, max_new_tokens=6)
