@@ -72,7 +72,7 @@ def test_two_processes_shard_data_and_load_best(ddp_reference: Path, prepared: P
     state = json.loads((out / "trainer_state.json").read_text())
     assert state["global_step"] == 8
     evals = [h for h in state["log_history"] if "eval_cer" in h]
-    assert [h["step"] for h in evals] == [2, 4, 6, 8]  # generation metrics gathered from both ranks
+    assert [h["step"] for h in evals] == [0, 2, 4, 6, 8]  # gathered from both ranks; 0: the base
     assert state["best_model_checkpoint"].endswith(f"checkpoint-{state['best_global_step']}")
     # The final model is the best checkpoint's weights, written once by rank 0.
     assert_same_weights(final_state(out)[0], final_state(Path(state["best_model_checkpoint"]))[0], 0, 0)
@@ -161,7 +161,7 @@ def test_lora_ddp_killed_and_resumed_matches_one_process(tiny_model: Path, prepa
     adapter = load_file(str(out / "adapter" / "adapter_model.safetensors"))
     assert max(t.abs().max().item() for k, t in adapter.items() if "lora_B" in k) > 1e-3  # B starts at 0
     state = json.loads((out / "trainer_state.json").read_text())
-    assert [h["step"] for h in state["log_history"] if "eval_cer" in h] == [2, 4, 6, 8]
+    assert [h["step"] for h in state["log_history"] if "eval_cer" in h] == [0, 2, 4, 6, 8]  # 0: the base
 
 
 def test_output_dir_not_shared_by_a_node_fails_clearly(tmp_path: Path, monkeypatch) -> None:
