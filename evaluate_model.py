@@ -69,7 +69,10 @@ class EvalArguments:
     output_dir: str | None = arg(
         None, "Where predictions.jsonl, metrics.json and summary.md go. Default: <model_path>/eval_<split> "
         "for a local model, else ./eval_output/<model name>_<split>.")
-    max_new_tokens: int = arg(128, "Longest generated text, in tokens.")
+    max_new_tokens: int | None = arg(
+        None, "Token cap of every crop's answer. Default: each crop's own, from its size (16 + one token per "
+        "100 px, at most 256); the report counts answers that hit their cap or looped (stopped, repeats "
+        "cut).")
     seed: int = arg(42, "Seed of the --num_samples subset.")
     worst: int = arg(20, "List this many worst predictions (most edits).")
     min_pixels: int | None = arg(None, "Override the image processor's min_pixels (default: checkpoint's).")
@@ -143,13 +146,15 @@ def predict_records(model: Any, processor: Any, records: list[dict], source: str
         try:
             for chunk in chunks:
                 # Looked up on the module at each call (tests interrupt a chunk through it).
-                texts = ocr_model.generate_texts(model, processor, chunk, max_new_tokens=args.max_new_tokens)
-                for i, text in zip(chunk.positions, texts, strict=True):
+                readings = ocr_model.generate_readings(model, processor, chunk,
+                                                       max_new_tokens=args.max_new_tokens)
+                for i, (text, stop) in zip(chunk.positions, readings, strict=True):
                     rec = crops.records[i]
                     ref = rec["text"]
                     rows.append({"id": rec["id"], "image": rec["image_path"], "book": rec.get("book", ""),
                                  "orientation": rec.get("orientation", ""), "reference": ref,
-                                 "prediction": text, "edits": edit_distance(normalize(text), normalize(ref))})
+                                 "prediction": text, "edits": edit_distance(normalize(text), normalize(ref)),
+                                 "stop": stop})
                     f.write(json.dumps(rows[-1], ensure_ascii=False) + "\n")
                 f.flush()
                 bar.update(len(chunk.positions))
@@ -166,6 +171,11 @@ def breakdown(rows: list[dict], key: str) -> dict[str, dict]:
         groups[r[key] or "(unknown)"].append(r)
     return {g: all_metrics([r["prediction"] for r in rs], [r["reference"] for r in rs])
             for g, rs in sorted(groups.items())}
+
+
+def stop_counts(rows: list[dict]) -> dict[str, int]:
+    """How generation ended: eos (the model finished), cap (the token cap cut it) or loop (the guard)."""
+    return {k: sum(r.get("stop") == k for r in rows) for k in ("eos", "cap", "loop")}
 
 
 def pct(v: float) -> str:
@@ -196,6 +206,7 @@ def summary_markdown(res: dict) -> str:
              f"({res['crops_per_second']:.2f} crops/s).", "",
              f"**CER {pct(res['metrics']['none']['cer'])}, exact match "
              f"{pct(res['metrics']['none']['exact_match'])}** (normalization none, the headline).", "",
+             *stops_line(res),
              md_row("normalization", *METRICS.values(), "edits / reference chars"),
              md_row("---", *["---:"] * 4)]
     for mode, m in res["metrics"].items():
@@ -206,6 +217,16 @@ def summary_markdown(res: dict) -> str:
     for w in res["worst"]:
         lines.append(md_row(cell(w["id"]), w["edits"], cell(w["reference"]), cell(w["prediction"])))
     return "\n".join(lines) + "\n"
+
+
+def stops_line(res: dict) -> list[str]:
+    """A line on answers that did not end by themselves (cap or loop), if any: their text is cut short."""
+    stops, n = res.get("stops", {}), res["num_samples"]
+    if not stops.get("cap") and not stops.get("loop"):
+        return []
+    cap = "its own cap" if res["max_new_tokens"] is None else f"the cap of {res['max_new_tokens']} tokens"
+    return [f"Answers cut short: {pct(stops['cap'] / n)} hit {cap} ({stops['cap']}), "
+            f"{pct(stops['loop'] / n)} were stopped looping, repeats cut ({stops['loop']}).", ""]
 
 
 def load_runs(paths: list[str]) -> tuple[list[dict], list[str]]:
@@ -303,6 +324,7 @@ def evaluate(args: EvalArguments) -> dict:
         "metrics": all_metrics([r["prediction"] for r in rows], [r["reference"] for r in rows]),
         "by_book": breakdown(rows, "book"), "by_orientation": breakdown(rows, "orientation"),
         "worst": sorted(rows, key=lambda r: (-r["edits"], r["id"]))[: max(args.worst, 0)],
+        "stops": stop_counts(rows),
     }
     text = json.dumps(res, ensure_ascii=False, indent=1) + "\n"
     (out_dir / "metrics.json").write_text(text, encoding="utf-8")

@@ -15,6 +15,7 @@ through ocr_model.generate_texts (batched, KV cache), which is much faster per c
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,11 @@ DEFAULT_MODEL = "PaddlePaddle/PaddleOCR-VL"
 # which this class cannot run, so it means "the default model": $MANGA_OCR_COMPAT_MODEL, else DEFAULT_MODEL.
 MANGA_OCR_DEFAULT = "kha-white/manga-ocr-base"
 ImageInput = str | Path | Image.Image
+
+
+def _check_type(img_or_path: Any) -> None:
+    if not isinstance(img_or_path, str | Path | Image.Image):
+        raise ValueError(f"img_or_path must be a path or PIL.Image, instead got: {img_or_path!r}")
 
 
 def _open(img_or_path: ImageInput) -> Image.Image:
@@ -52,7 +58,7 @@ class MangaOcr:
         *,
         raw: bool = False,
         batch_size: int = 16,
-        max_new_tokens: int = 128,
+        max_new_tokens: int | None = None,
     ) -> None:
         import torch
 
@@ -79,20 +85,36 @@ class MangaOcr:
         return self
 
     def _setup(self, model: Any, processor: Any, *, raw: bool = False, batch_size: int = 16,
-               max_new_tokens: int = 128) -> None:
-        if batch_size <= 0 or max_new_tokens <= 0:
+               max_new_tokens: int | None = None) -> None:
+        # max_new_tokens None: each crop's cap follows its size (ocr_model.auto_max_new_tokens), and a
+        # looping answer is stopped either way, so a tool calling once per line always gets an answer soon.
+        if batch_size <= 0 or (max_new_tokens is not None and max_new_tokens <= 0):
             raise ValueError(f"batch_size and max_new_tokens must be positive, got {batch_size}, "
                              f"{max_new_tokens}")
         self.model, self.processor = model, processor
         self.raw, self.batch_size, self.max_new_tokens = raw, batch_size, max_new_tokens
 
     def __call__(self, img_or_path: ImageInput) -> str:
+        _check_type(img_or_path)  # a wrong type is the caller's bug: manga-ocr raises, so do we
         return self.batch([img_or_path], batch_size=1)[0]
 
     def batch(self, images: Sequence[ImageInput], batch_size: int | None = None) -> list[str]:
-        """Texts of many crops, in input order; batched generation (crops sorted by size, left padding)."""
+        """Texts of many crops, in input order; batched generation (crops sorted by size, left padding).
+
+        Always one text per input: an input that cannot be read is answered "" with a warning, so one bad
+        crop never loses the others (a crop the processor would refuse is padded into shape)."""
         from ocr_model import generate_texts
 
-        texts = generate_texts(self.model, self.processor, [_open(x) for x in images],
-                               batch_size=batch_size or self.batch_size, max_new_tokens=self.max_new_tokens)
+        opened: list[Image.Image | None] = []
+        for x in images:
+            try:
+                opened.append(_open(x))
+            except (OSError, ValueError) as e:
+                warnings.warn(f"manga_ocr_compat: answering '' for an unreadable input: {e}", stacklevel=2)
+                opened.append(None)
+        good = [im for im in opened if im is not None]
+        size = batch_size or self.batch_size
+        found = iter(generate_texts(self.model, self.processor, good, batch_size=size,
+                                    max_new_tokens=self.max_new_tokens) if good else [])
+        texts = [next(found) if im is not None else "" for im in opened]
         return texts if self.raw else [post_process(t) for t in texts]

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import closing
@@ -339,6 +340,58 @@ class Chunk(NamedTuple):
     positions: list[int]  # the crops' indices, ascending
     batches: Iterator[tuple[list[int], dict[str, torch.Tensor]]]
     num_batches: int
+    sizes: dict[int, tuple[int, int]]  # crop index -> (width, height): the answer's token cap follows it
+
+
+# Bounded answers. A reader's tool calls once per text line and waits: a model that loops on a blurry or
+# empty crop (PaddleOCR #17903, #16710) must stop early, and no crop may run to a large fixed cap.
+AUTO_MAX_NEW_TOKENS = 256  # the cap when none is given; each crop's own cap (auto_max_new_tokens) is lower
+PIXELS_PER_TOKEN = 100  # a 10 x 10 px glyph, smaller than printed manga text: at most one token each
+LOOP_MAX_NGRAM = 12  # a loop is the same n-gram (n <= this) repeated ...
+LOOP_MIN_REPEATS = 4  # ... at least this often ...
+LOOP_MIN_SPAN = 24  # ... over at least this many tokens ("ドドドド…" of 23 same tokens still passes)
+
+
+def auto_max_new_tokens(width: int, height: int, cap: int = AUTO_MAX_NEW_TOKENS) -> int:
+    """A crop's token cap: 16 plus one token per PIXELS_PER_TOKEN px of the crop as given, at most `cap`."""
+    return max(1, min(cap, 16 + math.ceil(width * height / PIXELS_PER_TOKEN)))
+
+
+def loop_tail(tokens: Sequence[int]) -> int:
+    """How many trailing tokens to cut when the sequence ends in a loop (all but one pass of it), else 0."""
+    for n in range(1, LOOP_MAX_NGRAM + 1):
+        k = max(LOOP_MIN_REPEATS, math.ceil(LOOP_MIN_SPAN / n))
+        tail = list(tokens[-k * n :])
+        if len(tail) == k * n and tail == tail[:n] * k:
+            return (k - 1) * n
+    return 0
+
+
+class LoopAndCapStop:
+    """generate()'s stopping criterion: each sequence ends at its own token cap or once it loops
+    (loop_tail's rule, on the device without reading anything back)."""
+
+    def __init__(self, prompt_length: int, caps: torch.Tensor) -> None:
+        self.prompt_length, self.caps = prompt_length, caps
+
+    def __call__(self, input_ids: torch.Tensor, scores: Any = None, **kwargs: Any) -> torch.Tensor:
+        new = input_ids[:, self.prompt_length :]
+        done = new.shape[1] >= self.caps
+        for n in range(1, LOOP_MAX_NGRAM + 1):
+            k = max(LOOP_MIN_REPEATS, math.ceil(LOOP_MIN_SPAN / n))
+            if new.shape[1] < k * n:
+                break
+            tail = new[:, -k * n :].reshape(len(new), k, n)
+            done = done | (tail == tail[:, :1]).flatten(1).all(1)
+        return done
+
+
+class Reading(NamedTuple):
+    """One crop's answer and why generation ended: eos (the model finished), cap (its token cap was
+    reached) or loop (the repetition guard stopped it; the repeats are cut from the text)."""
+
+    text: str
+    stop: str
 
 
 def _raise_worker_errors(batches: Iterator) -> Iterator[tuple[list[int], dict[str, torch.Tensor]]]:
@@ -384,44 +437,79 @@ def crop_chunks(
     )
     batches = _raise_worker_errors(iter(loader))
     for chunk in plan:
-        yield Chunk(sorted(i for batch in chunk for i in batch), islice(batches, len(chunk)), len(chunk))
+        positions = sorted(i for batch in chunk for i in batch)
+        yield Chunk(positions, islice(batches, len(chunk)), len(chunk), {i: crops.size(i) for i in positions})
 
 
-@torch.inference_mode()
 def generate_texts(
     model: Any,
     processor: Any,
     images: Sequence[Image.Image] | Crops | Chunk,
     *,
     batch_size: int = 16,
-    max_new_tokens: int = 128,
+    max_new_tokens: int | None = None,
     progress: bool = False,
     use_cache: bool = True,
     num_workers: int = 0,
 ) -> list[str]:
+    """Greedy OCR of crops: the texts of generate_readings."""
+    return [r.text for r in generate_readings(
+        model, processor, images, batch_size=batch_size, max_new_tokens=max_new_tokens, progress=progress,
+        use_cache=use_cache, num_workers=num_workers,
+    )]
+
+
+@torch.inference_mode()
+def generate_readings(
+    model: Any,
+    processor: Any,
+    images: Sequence[Image.Image] | Crops | Chunk,
+    *,
+    batch_size: int = 16,
+    max_new_tokens: int | None = None,
+    progress: bool = False,
+    use_cache: bool = True,
+    num_workers: int = 0,
+) -> list[Reading]:
     """Greedy OCR of crops, batched with left padding and the KV cache; results in input order.
 
     `images`: decoded crops, a Crops (read by `num_workers` loader processes, prefetching while the model
     generates), or one Chunk of crop_chunks (batched there already: batch_size and num_workers do not apply;
-    the texts follow chunk.positions). Crops are sorted by their image-token count so each batch pads little.
-    The released generation config turns the KV cache off (the seed evaluated that way, one crop at a time:
-    batch_size=1, use_cache=False); the cache is what makes batches fast.
+    the results follow chunk.positions). Crops are sorted by their image-token count so each batch pads
+    little.
+    max_new_tokens: None gives each crop its own cap from its size (auto_max_new_tokens); a number is the cap
+    of every crop. A sequence that loops is stopped and its repeats cut (loop_tail). The released generation
+    config turns the KV cache off (the seed evaluated that way, one crop at a time: batch_size=1,
+    use_cache=False); the cache is what makes batches fast.
     """
     if isinstance(images, Chunk):
         return _generate_chunk(model, processor, images, max_new_tokens, progress, use_cache)
     crops = images if isinstance(images, Crops) else ImageList(images)
     with closing(crop_chunks(processor, crops, batch_size=batch_size, num_workers=num_workers,
                              pin_memory=pin_memory(model, num_workers))) as chunks:
-        return [t for chunk in chunks for t in _generate_chunk(model, processor, chunk, max_new_tokens,
+        return [r for chunk in chunks for r in _generate_chunk(model, processor, chunk, max_new_tokens,
                                                                progress, use_cache)]
 
 
-def _generate_chunk(
-    model: Any, processor: Any, chunk: Chunk, max_new_tokens: int, progress: bool, use_cache: bool
-) -> list[str]:
-    from tqdm import tqdm
+def _read(tokens: list[int], eos_id: int, pad_id: int, cap: int) -> tuple[list[int], str]:
+    """A generated row -> (answer tokens, why it ended)."""
+    if eos_id in tokens:
+        return tokens[: tokens.index(eos_id)], "eos"
+    while tokens and tokens[-1] == pad_id:  # rows stopped before the batch's last step are padded
+        tokens = tokens[:-1]
+    cut = loop_tail(tokens)
+    if cut:
+        return tokens[:-cut], "loop"
+    return tokens, "cap" if len(tokens) >= cap else "eos"
 
-    texts: dict[int, str] = {}
+
+def _generate_chunk(
+    model: Any, processor: Any, chunk: Chunk, max_new_tokens: int | None, progress: bool, use_cache: bool
+) -> list[Reading]:
+    from tqdm import tqdm
+    from transformers import StoppingCriteriaList
+
+    readings: dict[int, Reading] = {}
     device = next(model.parameters()).device
     pad_id = processor.tokenizer.pad_token_id
     eos_id = processor.tokenizer.eos_token_id
@@ -431,14 +519,18 @@ def _generate_chunk(
         bar = tqdm(chunk.batches, total=chunk.num_batches, desc="generating", disable=not progress,
                    unit="batch")
         for idx, batch in bar:  # the loader prepares the next batches meanwhile
+            caps = [max_new_tokens or auto_max_new_tokens(*chunk.sizes[i]) for i in idx]
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             batch["pixel_values"] = batch["pixel_values"].to(model.dtype)
+            n_prompt = batch["input_ids"].shape[1]
+            stop = LoopAndCapStop(n_prompt, torch.tensor(caps, device=device))
             out = model.generate(
-                **batch, max_new_tokens=max_new_tokens, do_sample=False, use_cache=use_cache,
-                pad_token_id=pad_id, eos_token_id=eos_id,
+                **batch, max_new_tokens=max(caps), do_sample=False, use_cache=use_cache,
+                pad_token_id=pad_id, eos_token_id=eos_id, stopping_criteria=StoppingCriteriaList([stop]),
             )
-            decoded = processor.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
-            texts.update(zip(idx, decoded, strict=True))
+            for i, row, cap in zip(idx, out[:, n_prompt:].tolist(), caps, strict=True):
+                tokens, why = _read(row, eos_id, pad_id, cap)
+                readings[i] = Reading(processor.decode(tokens, skip_special_tokens=True), why)
     finally:  # also when generation fails, e.g. during training-time evaluation
         model.train(was_training)
-    return [texts[i] for i in chunk.positions]
+    return [readings[i] for i in chunk.positions]

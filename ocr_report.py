@@ -145,6 +145,18 @@ def cer_histogram(rows: list[dict]) -> str:
                      [(label, c, f"{c} crops") for (_, _, label), c in zip(CER_BINS, counts, strict=True)])
 
 
+def stops_paragraph(res: dict) -> str:
+    """How many answers did not end by themselves: cut by their token cap, or stopped looping."""
+    stops = res.get("stops")
+    if not stops:
+        return ""
+    n = max(res["num_samples"], 1)
+    cap, loop = stops["cap"], stops["loop"]
+    return (f"<p>Generation ended by the model on {stops['eos']} crops; {cap} ({pct(cap / n)}) hit their "
+            f"token cap and {loop} ({pct(loop / n)}) were stopped looping (repeats cut): those answers are "
+            "cut short.</p>")
+
+
 def write_report(res: dict, rows: list[dict], path: str | Path) -> None:
     """report.html of one evaluate_model.py run: headline table, charts, gallery of the worst crops."""
     m = res["metrics"]["none"]
@@ -152,7 +164,8 @@ def write_report(res: dict, rows: list[dict], path: str | Path) -> None:
             f"<code>{esc(res['data_file'])}</code>; {esc(res['device'])}, {res['seconds']:.1f} s "
             f"({res['crops_per_second']:.2f} crops/s).</p>",
             f"<p><b>CER {pct(m['cer'])}, exact match {pct(m['exact_match'])}</b> (normalization none, "
-            "the headline).</p>", "<h2>Every normalization</h2>", metrics_table([("value", res["metrics"])]),
+            "the headline).</p>", stops_paragraph(res), "<h2>Every normalization</h2>",
+            metrics_table([("value", res["metrics"])]),
             '<h2>Breakdowns</h2><div class="charts">', group_bars("CER by book", res["by_book"]),
             group_bars("CER by orientation", res["by_orientation"]), cer_histogram(rows), "</div>",
             f"<h2>Worst {len(res['worst'])} crops (most edits)</h2>",

@@ -215,7 +215,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="loader processes that decode and preprocess the next crops while the model "
                     "generates (default: 2 on CUDA, one core left to the main process; 0 on CPU, where "
                     "generation already uses every core)")
-    ap.add_argument("--max_new_tokens", type=int, default=128, help="longest generated text, in tokens")
+    ap.add_argument("--max_new_tokens", type=int, default=None,
+                    help="token cap of every answer (default: each crop's own, from its size: 16 + one token "
+                    "per 100 px, at most 256; a looping answer is stopped either way)")
     ap.add_argument("--min_pixels", type=int, help="override the image processor's min_pixels")
     ap.add_argument("--max_pixels", type=int, help="override the image processor's max_pixels")
     ap.add_argument("--trust_remote_code", action="store_true", help="allow the checkpoint's own code")

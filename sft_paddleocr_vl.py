@@ -178,7 +178,11 @@ class DataArguments:
         },
     )
     generation_batch_size: int = field(default=16, metadata={"help": "Batch size of eval generation."})
-    generation_max_new_tokens: int = field(default=128, metadata={"help": "Token cap of eval generation."})
+    generation_max_new_tokens: int | None = field(
+        default=None,
+        metadata={"help": "Token cap of eval generation (default: each crop's own, from its size, as "
+                  "evaluate_model.py)."},
+    )
     group_by_length: bool = field(
         default=False,
         metadata={

@@ -20,6 +20,7 @@ import prepare_manga109_data as prep
 from custom_collator import num_image_tokens
 from ocr_dataset import load_image, read_jsonl
 from ocr_metrics import NORMALIZATIONS, all_metrics
+from ocr_model import generate_readings as ocr_model_generate_readings
 from ocr_model import generate_texts, load_model_and_processor
 
 REPO = Path(__file__).resolve().parents[1]
@@ -250,9 +251,9 @@ def test_ctrl_c_keeps_earlier_predictions(
         calls.append(1)
         if len(calls) == 2:
             raise KeyboardInterrupt
-        return generate_texts(*args, **kwargs)
+        return ocr_model_generate_readings(*args, **kwargs)
 
-    monkeypatch.setattr(ocr_model, "generate_texts", interrupt_second_chunk)
+    monkeypatch.setattr(ocr_model, "generate_readings", interrupt_second_chunk)
     assert evaluate(tiny_model, data_dir, tmp_path / "out", "--batch_size", "1") == 130
     assert "interrupted: 8 predictions written" in capsys.readouterr().err
     assert len(predictions(tmp_path / "out")) == 8
@@ -298,9 +299,9 @@ def test_ctrl_c_with_workers_keeps_earlier_predictions(
         calls.append(1)
         if len(calls) == 2:  # the workers are busy with the next batches now
             raise KeyboardInterrupt
-        return generate_texts(*args, **kwargs)
+        return ocr_model_generate_readings(*args, **kwargs)
 
-    monkeypatch.setattr(ocr_model, "generate_texts", interrupt_second_chunk)
+    monkeypatch.setattr(ocr_model, "generate_readings", interrupt_second_chunk)
     assert evaluate(tiny_model, data_dir, tmp_path / "out", "--batch_size", "1", "--num_workers", "2") == 130
     assert "interrupted: 8 predictions written" in capsys.readouterr().err
     assert len(predictions(tmp_path / "out")) == 8
