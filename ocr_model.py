@@ -330,6 +330,14 @@ def pin_memory(model: Any, num_workers: int) -> bool:
     return next(model.parameters()).device.type == "cuda" and num_workers > 0
 
 
+def _ignore_sigint(worker_id: int) -> None:
+    """Ctrl-C reaches the whole process group: a worker it interrupted mid-send printed a traceback (fd
+    sharing). The main process alone handles it and shuts the workers down."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _as_is(item: Any) -> Any:  # collate_fn: items already are batches (a module function: spawn pickles it)
     return item
 
@@ -433,7 +441,8 @@ def crop_chunks(
         plan.append([part[k : k + batch_size] for k in range(0, len(part), batch_size)])
     dataset = _Batches(processor, crops, [batch for chunk in plan for batch in chunk])
     loader = DataLoader(
-        dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory, collate_fn=_as_is
+        dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory, collate_fn=_as_is,
+        worker_init_fn=_ignore_sigint,
     )
     batches = _raise_worker_errors(iter(loader))
     for chunk in plan:

@@ -83,7 +83,7 @@ def test_evaluate_writes_consistent_outputs(tiny_model: Path, data_dir: Path, tm
     rows = predictions(out)
     assert sorted(r["id"] for r in rows) == sorted(refs)
     for r in rows:
-        assert set(r) == {"id", "image", "book", "orientation", "reference", "prediction", "edits"}
+        assert set(r) == {"id", "image", "book", "orientation", "reference", "prediction", "edits", "stop"}
         assert (r["reference"], r["book"], r["orientation"], r["image"]) == (
             refs[r["id"]]["text"], refs[r["id"]]["book"], refs[r["id"]]["orientation"],
             refs[r["id"]]["image_path"])

@@ -183,6 +183,11 @@ def test_pipeline_and_export(release_model, prepared: Path, tmp_path: Path, vers
     if pixels:
         assert {k for k in pre if pre[k] != base_pre[k]} == {"min_pixels", "max_pixels"}
         assert (pre["min_pixels"], pre["max_pixels"]) == (3136, 50176)
+        # ... and whoever loads the model reads at the budget it was trained with, unless told otherwise
+        from manga_ocr_compat import MangaOcr
+
+        size = MangaOcr(out, force_cpu=True).processor.image_processor.size
+        assert (size["shortest_edge"], size["longest_edge"]) == (3136, 50176)
     else:
         assert pre == base_pre
 

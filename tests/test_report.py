@@ -89,13 +89,13 @@ def test_comparison_page_shows_fixed_and_broken(data_dir: Path, tmp_path: Path) 
     recs = read_jsonl(data_dir / "test.jsonl")[:6]
     assert len(recs) == 6
 
-    def rows(preds: list[str | None]) -> list[dict]:  # None: read exactly; else this wrong text
+    def rows(preds: list[str | None]) -> list[dict]:  # None: read exactly; else the text plus these edits
         return [{"id": r["id"], "image": r["image_path"], "book": r["book"], "orientation": r["orientation"],
-                 "reference": r["text"], "prediction": r["text"] if p is None else p}
+                 "reference": r["text"], "prediction": r["text"] + (p or "")}
                 for r, p in zip(recs, preds, strict=True)]
 
-    # crop:            0       1        2      3     4      5
-    a = _run(tmp_path / "a", "base", rows([None, "xx", "y", None, None, "z"]))
+    # crop:            0       1        2      3     4      5   (the edit counts do not depend on the texts)
+    a = _run(tmp_path / "a", "base", rows([None, "xxxx", "y", None, None, "z"]))
     b = _run(tmp_path / "b", "ft", rows(["qqq", None, None, None, "w", "v"]))
     out = tmp_path / "cmp"
     assert evaluate_model.main(["--compare", a, b, "--output_dir", str(out), "--worst", "5"]) == 0
