@@ -238,6 +238,15 @@ def load_model_and_processor(
     return model.eval(), processor
 
 
+def workers_fork() -> bool:
+    """Whether loader workers start by fork. With spawn (Windows, macOS) each worker imports torch and
+    transformers anew at every generate call: seconds per call, more than the overlap can win back."""
+    import multiprocessing
+
+    method = multiprocessing.get_start_method(allow_none=True) or multiprocessing.get_all_start_methods()[0]
+    return method == "fork"
+
+
 def default_num_workers(device: str) -> int:
     """Generation's loader workers when the user names none.
 
@@ -246,7 +255,7 @@ def default_num_workers(device: str) -> int:
     largest crops and a slow disk, for the cost of one more forked process. CPU: none. generate() already runs
     torch's threads on every core there, so a worker competes with it for the same cores instead of filling
     time a device would otherwise sit idle."""
-    if not device.startswith("cuda"):
+    if not device.startswith("cuda") or not workers_fork():
         return 0
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return max(0, min(2, cores - 1))

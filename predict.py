@@ -185,7 +185,8 @@ def write_predictions(a: argparse.Namespace, model: Any, processor: Any, jobs: l
         for chunk in chunks:
             for i in chunk.positions:
                 size = crops.size(i)
-                if fitted_size(*size) != size:  # generation pads it into a shape the processor takes
+                # generation pads it into a shape the processor takes ((0, 0): unreadable, reported as such)
+                if size != (0, 0) and fitted_size(*size) != size:
                     where = f"box {jobs[i]['bbox']}" if page else a.images[i]
                     print(f"warning: {where}: {size[0]}x{size[1]} padded to {fitted_size(*size)} "
                           "(aspect ratio over what the image processor takes)", file=sys.stderr)

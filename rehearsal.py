@@ -461,7 +461,7 @@ def rehearse(argv: list[str]) -> int:
     """Rehearse the run that `argv` (sft_paddleocr_vl.py's arguments) describes: 0 if every stage passed."""
     model_args, data_args, args = sft.parse_args(argv)
     out = Path(args.output_dir) / FOLDER
-    rank, world = args.process_index, args.world_size
+    rank = args.process_index
     probe, started = Probe(), time.perf_counter()
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -472,6 +472,16 @@ def rehearse(argv: list[str]) -> int:
         except (Exception, SystemExit) as e:  # every rank must learn of it, or the others wait forever
             return None, f"{type(e).__name__}: {e}", traceback.format_exc()
 
+    try:
+        return _rehearse(argv, args, out, probe, started, decide)
+    finally:  # passed or failed: its checkpoints (~11 GB each on the 0.9B model) must not eat the run's disk
+        if rank == 0:
+            for checkpoint in out.glob("checkpoint-*"):
+                shutil.rmtree(checkpoint, ignore_errors=True)
+
+
+def _rehearse(argv: list[str], args: Any, out: Path, probe: Probe, started: float, decide: Any) -> int:
+    rank, world = args.process_index, args.world_size
     trace = ""
     try:
         full, error, trace = sft.main_process_decides(args, decide)
@@ -497,8 +507,6 @@ def rehearse(argv: list[str]) -> int:
 
     elapsed = time.perf_counter() - started
     if rank == 0:
-        for checkpoint in out.glob("checkpoint-*"):
-            shutil.rmtree(checkpoint)
         result = forecast(full, probe, done, peak)
         (out / "rehearsal.json").write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")
         print(summary(result, out, world, elapsed), flush=True)

@@ -23,12 +23,22 @@ logger = logging.getLogger(__name__)
 SUMMARY_FILE = "sample_lengths.json"
 
 
-def image_tokens(processor: Any, width: int, height: int, *, augment: bool = False) -> int:
-    """Image tokens of a crop; with augment, the most any padding augment() may add can give."""
+def image_tokens(
+    processor: Any, width: int, height: int, *, augment: bool = False, memo: dict | None = None
+) -> int:
+    """Image tokens of a crop; with augment, the most any padding augment() may add can give. `memo`
+    keeps counts per size across calls (neighbouring crop sizes share most of their padded sizes)."""
+    memo = {} if memo is None else memo
+
+    def tokens(w: int, h: int) -> int:
+        if (w, h) not in memo:
+            memo[w, h] = num_image_tokens(processor, w, h)
+        return memo[w, h]
+
     if not augment:
-        return num_image_tokens(processor, width, height)
+        return tokens(width, height)
     grow = range(2 * AUG_PAD + 1)  # resizing is not monotonic in each side: try every padded size
-    return max(num_image_tokens(processor, width + dx, height + dy) for dx in grow for dy in grow)
+    return max(tokens(width + dx, height + dy) for dx in grow for dy in grow)
 
 
 def sequence_lengths(ds: OCRDataset, processor: Any, *, augment: bool = False) -> list[int]:
@@ -36,10 +46,11 @@ def sequence_lengths(ds: OCRDataset, processor: Any, *, augment: bool = False) -
     n_prompt = len(prompt_ids(processor)) - 1  # minus the placeholder, which becomes the image tokens
     answers = answer_ids(processor.tokenizer, [r["text"] for r in ds.records])
     cache: dict[tuple[int, int], int] = {}  # many crops share a size; the augmented worst case is 81 sizes
+    memo: dict[tuple[int, int], int] = {}
     lengths = []
     for size, answer in zip(ds.image_sizes(), answers, strict=True):
         if size not in cache:
-            cache[size] = image_tokens(processor, *size, augment=augment)
+            cache[size] = image_tokens(processor, *size, augment=augment, memo=memo)
         lengths.append(n_prompt + cache[size] + len(answer))
     return lengths
 

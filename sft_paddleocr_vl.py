@@ -56,6 +56,7 @@ from ocr_model import (
     generate_texts,
     load_config_and_processor,
     load_model_and_processor,
+    workers_fork,
 )
 from sample_lengths import SUMMARY_FILE, SplitLengths, check_fits, filter_split, image_tokens, write_summary
 
@@ -395,7 +396,8 @@ class BF16Trainer(Trainer):
                 RecordCrops([ds.records[i] for i in mine], ds.path),
                 batch_size=self.data_args.generation_batch_size,
                 max_new_tokens=self.data_args.generation_max_new_tokens,
-                num_workers=self.args.dataloader_num_workers,
+                # spawned workers re-import torch at every evaluation: only where they fork
+                num_workers=self.args.dataloader_num_workers if workers_fork() else 0,
             )
         pairs = gather_object([(p, ds.records[i]["text"]) for p, i in zip(preds, mine, strict=True)])
         m = cer_metrics([p for p, _ in pairs], [r for _, r in pairs], "none")
@@ -731,7 +733,8 @@ def build_trainer(
     elif args.metric_for_best_model == "cer":  # CER needs generation; fall back to the val loss
         args.metric_for_best_model, args.greater_is_better = "loss", False
     # The base on the curve: a resumed run's log history already starts with it.
-    args.eval_on_start = eval_ds is not None and data_args.eval_base and not args.resume_from_checkpoint
+    args.eval_on_start = (eval_ds is not None and data_args.eval_base and args.eval_strategy != "no"
+                          and not args.resume_from_checkpoint)
 
     # LoRA's adapters are fp32 in both precisions: Trainer's AdamW steps them exactly
     betas = (args.adam_beta1, args.adam_beta2)

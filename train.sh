@@ -85,7 +85,15 @@ fi
 resume_args=()
 [ "$RESUME" != none ] && resume_args=(--resume_from_checkpoint "$RESUME")
 # first, so that an explicit --rehearse false among the extra arguments still wins
-case "$REHEARSE" in 1|true) set -- --rehearse true "$@" ;; esac
+# A yes/no variable: anything unrecognised stops, rather than silently starting the full run.
+is_on() {
+    case "$(printf %s "$2" | tr '[:upper:]' '[:lower:]')" in
+        1|true|yes|on) return 0 ;;
+        ""|0|false|no|off) return 1 ;;
+        *) echo "error: $1=$2: use 1/true/yes/on or 0/false/no/off" >&2; exit 2 ;;
+    esac
+}
+if is_on REHEARSE "$REHEARSE"; then set -- --rehearse true "$@"; fi
 
 # (Without a GPU, sft_paddleocr_vl.py itself switches a torchrun launch to DDP over gloo on the CPU.)
 launcher=("$PYTHON")
@@ -145,7 +153,7 @@ cmd=("${launcher[@]}" sft_paddleocr_vl.py \
     "${resume_args[@]}" \
     "${lora_args[@]}" \
     "$@")
-if [ "${DRY_RUN:-0}" = 1 ]; then
+if is_on DRY_RUN "${DRY_RUN:-0}"; then
     for var in CUDA_VISIBLE_DEVICES PYTORCH_CUDA_ALLOC_CONF PYTORCH_ALLOC_CONF; do
         [ -n "${!var+x}" ] && printf '%s=%q ' "$var" "${!var}"
     done

@@ -110,3 +110,15 @@ def test_evaluate_reports_how_answers_ended(tiny_model: Path, data_dir: Path, tm
     if res["stops"]["cap"]:  # a random tiny model rarely ends in 3 tokens
         assert "hit the cap of 3 tokens" in (out / "summary.md").read_text()
         assert "hit their token cap" in (out / "report.html").read_text()
+
+
+def test_generation_workers_only_where_they_fork(monkeypatch) -> None:
+    import multiprocessing
+
+    from ocr_model import default_num_workers
+
+    monkeypatch.setattr(multiprocessing, "get_start_method", lambda allow_none=False: "spawn")
+    assert default_num_workers("cuda") == 0  # each spawned worker would import torch at every call
+    monkeypatch.setattr(multiprocessing, "get_start_method", lambda allow_none=False: "fork")
+    assert default_num_workers("cpu") == 0 and default_num_workers("cuda") == min(2, len(
+        __import__("os").sched_getaffinity(0)) - 1)

@@ -160,3 +160,14 @@ def test_plan_launch_table() -> None:
     for bad, visible in (("5", 4), ("0", 4), ("-1", 4), ("1.5", 0)):
         with pytest.raises(LaunchError):
             plan_launch(bad, visible, None)
+
+
+def test_yes_no_variables_are_parsed_or_refused(dry_run) -> None:
+    # REHEARSE=yes used to start the real (27-hour) run: only "1" and "true" were understood
+    for value in ("1", "yes", "True", "ON"):
+        rc, _, cmd, err = dry_run(0, REHEARSE=value)
+        assert rc == 0 and cmd[cmd.index("--rehearse") + 1] == "true", err
+    rc, _, cmd, err = dry_run(0, REHEARSE="off")
+    assert rc == 0 and "--rehearse" not in cmd, err
+    rc, _, _, err = dry_run(0, REHEARSE="maybe")
+    assert rc == 2 and err.strip() == "error: REHEARSE=maybe: use 1/true/yes/on or 0/false/no/off", err

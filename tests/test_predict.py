@@ -186,3 +186,11 @@ def test_bench_eval_num_workers_smoke() -> None:
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "generate_texts from files, 1 loader workers" in proc.stdout
     assert "texts as in memory: 16/16" in proc.stdout and "waited" in proc.stdout
+
+
+def test_unreadable_file_is_not_called_padded(tiny_model: Path, tmp_path: Path, capsys) -> None:
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image")
+    assert predict.main(["--model_path", str(tiny_model), str(broken), *TOKENS]) == 2
+    err = capsys.readouterr().err
+    assert "warning:" not in err and f"error: cannot open image {broken}" in err, err

@@ -147,3 +147,4 @@ def test_a_failure_names_its_stage(
     assert f"(traceback: {note})" in line and "Traceback" in note.read_text()
     assert not (out / "rehearsal" / "model.safetensors").exists() or stage == "export"
     assert sft.latest_complete_checkpoint(str(out)) is None
+    assert not list((out / "rehearsal").glob("checkpoint-*"))  # a failed rehearsal frees its disk too

@@ -147,6 +147,14 @@ def test_val_crop_over_max_length_is_dropped_and_counted(tiny_model: Path, long_
     assert not set(ids["loss"]) & set(over)
 
 
+def test_no_base_evaluation_when_evaluation_is_off(tiny_model: Path, long_val, tmp_path: Path) -> None:
+    data, _, _ = long_val
+    trainer = sft.build_trainer(*run_args(tiny_model, data, tmp_path / "o", "--eval_strategy", "no",
+                                          "--save_strategy", "no", "--max_steps", "1"))
+    trainer.train()
+    assert not [h for h in trainer.state.log_history if any(k.startswith("eval_") for k in h)]
+
+
 def test_on_overlong_error_stops_before_loading(tiny_model: Path, long_val, tmp_path: Path,
                                                 monkeypatch) -> None:
     data, limit, over = long_val
@@ -210,3 +218,10 @@ def test_train_sh_on_the_extreme_fixture(release_model, extreme_data: Path, tmp_
     ids = json.loads((out / "eval_sample_ids.json").read_text())
     val_books = {r["id"]: r["book"] for r in read_jsonl(extreme_data / "val.jsonl")}
     assert len({val_books[i] for i in ids["generation"]}) == 2 and len(ids["loss"]) == 6
+    # evaluate_model.py --num_samples at the same max_length draws the very same CER sample
+    ev = tmp_path / "ev"
+    assert evaluate_model.main(["--model_path", str(release_model("v1")), "--data_dir", str(extreme_data),
+                                "--split", "val", "--num_samples", "4", "--max_length", "600", "--output_dir",
+                                str(ev), "--max_new_tokens", "2"]) == 0
+    got = [json.loads(line)["id"] for line in (ev / "predictions.jsonl").read_text().splitlines()]
+    assert sorted(got) == sorted(ids["generation"])
