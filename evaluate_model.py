@@ -28,6 +28,7 @@ from typing import Any
 
 from ocr_dataset import DatasetError, OCRDataset, RecordCrops, spread_sample
 from ocr_metrics import NORMALIZATIONS, all_metrics, edit_distance, normalize
+from ocr_quantize import METHODS as QUANTIZE_METHODS
 from ocr_report import write_comparison, write_report
 
 METRICS = {"cer": "CER", "cer_mean": "mean CER", "exact_match": "exact match"}
@@ -77,6 +78,10 @@ class EvalArguments:
     worst: int = arg(20, "List this many worst predictions (most edits).")
     min_pixels: int | None = arg(None, "Override the image processor's min_pixels (default: checkpoint's).")
     max_pixels: int | None = arg(None, "Override the image processor's max_pixels (default: checkpoint's).")
+    quantize: str | None = field(default=None, metadata={
+        "help": "int8 linear layers on the CPU (ocr_quantize.py): int8 (everywhere) or int8-text (the "
+        "language model only). Default: bf16 on a GPU, fp32 on the CPU. Compare with an fp32 run through "
+        "--compare.", "choices": list(QUANTIZE_METHODS)})
     trust_remote_code: bool = arg(False, "Allow the checkpoint's own code (not needed for PaddleOCR-VL).")
     compare: list[str] | None = arg(
         None, "Instead of evaluating: print a side-by-side table of these metrics.json files. With "
@@ -285,10 +290,9 @@ def compare_markdown(runs: list[dict], labels: list[str]) -> str:
 
 
 def evaluate(args: EvalArguments) -> dict:
-    import torch
 
     from custom_collator import configure_image_size
-    from ocr_model import default_num_workers, load_model_and_processor
+    from ocr_model import default_num_workers, load_for_inference
     from sample_lengths import filter_split
 
     if args.batch_size <= 0:
@@ -296,12 +300,11 @@ def evaluate(args: EvalArguments) -> dict:
     if args.num_workers is not None and args.num_workers < 0:
         raise EvalError(f"--num_workers must be 0 or more, got {args.num_workers}")
     ds, total, source = select_records(args)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, processor, device = load_for_inference(args.model_path, quantize=args.quantize,
+                                                  trust_remote_code=args.trust_remote_code)
+    dtype = "int8 (" + args.quantize + ")" if args.quantize else str(next(model.parameters()).dtype)
     if args.num_workers is None:
         args.num_workers = default_num_workers(device)
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    model, processor = load_model_and_processor(args.model_path, dtype=dtype, device=device,
-                                                trust_remote_code=args.trust_remote_code)
     configure_image_size(processor, args.min_pixels, args.max_pixels)
     lengths = filter_split(args.split, ds, processor, args.max_length)  # the rule training uses
     if lengths.dropped or lengths.padded:

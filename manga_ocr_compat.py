@@ -59,27 +59,28 @@ class MangaOcr:
         raw: bool = False,
         batch_size: int = 16,
         max_new_tokens: int | None = None,
+        quantize: str | None = None,
     ) -> None:
-        import torch
-
-        from ocr_model import load_model_and_processor
+        from ocr_model import load_for_inference
 
         path = str(pretrained_model_name_or_path)
         if path == MANGA_OCR_DEFAULT:
             path = os.environ.get("MANGA_OCR_COMPAT_MODEL", DEFAULT_MODEL)
         # manga-ocr's device choice: CUDA, then Apple MPS, then CPU; bf16 only on CUDA (as evaluate_model).
-        if not force_cpu and torch.cuda.is_available():
-            device, dtype = "cuda", torch.bfloat16
-        elif not force_cpu and torch.backends.mps.is_available():
-            device, dtype = "mps", torch.float32
-        else:
-            device, dtype = "cpu", torch.float32
-        model, processor = load_model_and_processor(path, dtype=dtype, device=device)
+        # quantize="int8": int8 linear layers on the CPU (ocr_quantize.py), for readers without a GPU.
+        model, processor, _ = load_for_inference(path, quantize=quantize, force_cpu=force_cpu, allow_mps=True)
         self._setup(model, processor, raw=raw, batch_size=batch_size, max_new_tokens=max_new_tokens)
 
     @classmethod
-    def from_model(cls, model: Any, processor: Any, **kwargs: Any) -> MangaOcr:
-        """Wrap an already loaded model and processor (benchmarks, notebooks) without reloading."""
+    def from_model(
+        cls, model: Any, processor: Any, *, quantize: str | None = None, **kwargs: Any
+    ) -> MangaOcr:
+        """Wrap an already loaded model and processor (benchmarks, notebooks) without reloading; with
+        `quantize`, its linear layers become int8 in place (it must be an fp32 model on the CPU)."""
+        if quantize is not None:
+            from ocr_quantize import quantize_model
+
+            model = quantize_model(model, quantize)
         self = cls.__new__(cls)
         self._setup(model, processor, **kwargs)
         return self

@@ -238,6 +238,32 @@ def load_model_and_processor(
     return model.eval(), processor
 
 
+def load_for_inference(
+    model_path: str,
+    *,
+    quantize: str | None = None,
+    force_cpu: bool = False,
+    allow_mps: bool = False,
+    trust_remote_code: bool = False,
+) -> tuple[Any, Any, str]:
+    """(model, processor, device) as evaluation, prediction and MangaOcr run it: bf16 on CUDA, else fp32
+    (Apple MPS when allowed), or with `quantize` (ocr_quantize.METHODS) int8 linear layers on the CPU."""
+    device = "cpu"  # int8 is a CPU path
+    if quantize is None and not force_cpu:
+        if torch.cuda.is_available():
+            device = "cuda"
+        elif allow_mps and torch.backends.mps.is_available():
+            device = "mps"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model, processor = load_model_and_processor(model_path, dtype=dtype, device=device,
+                                                trust_remote_code=trust_remote_code)
+    if quantize is not None:
+        from ocr_quantize import quantize_model
+
+        model = quantize_model(model, quantize)
+    return model, processor, device
+
+
 def workers_fork() -> bool:
     """Whether loader workers start by fork. With spawn (Windows, macOS) each worker imports torch and
     transformers anew at every generate call: seconds per call, more than the overlap can win back."""

@@ -94,10 +94,8 @@ def boxes_from_manga109(
 
 
 def run(a: argparse.Namespace) -> int:
-    import torch
-
     from custom_collator import configure_image_size
-    from ocr_model import default_num_workers, load_model_and_processor
+    from ocr_model import default_num_workers, load_for_inference
 
     if (a.boxes or a.manga109_xml) and len(a.images) != 1:
         raise PredictError("--boxes/--manga109_xml take exactly one page image")
@@ -115,12 +113,10 @@ def run(a: argparse.Namespace) -> int:
         if missing:  # before loading the model: a typo should not cost a model load
             raise PredictError(f"image not found: {missing[0]} ({len(missing)} of {len(a.images)} missing)")
         jobs = [{} for _ in a.images]
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, processor, device = load_for_inference(a.model_path, quantize=a.quantize,
+                                                  trust_remote_code=a.trust_remote_code)
     if a.num_workers is None:
         a.num_workers = default_num_workers(device)
-    model, processor = load_model_and_processor(
-        a.model_path, dtype=torch.bfloat16 if device == "cuda" else torch.float32, device=device,
-        trust_remote_code=a.trust_remote_code)
     configure_image_size(processor, a.min_pixels, a.max_pixels)
 
     # Opened only now, so a bad argument or model never truncates an earlier output file.
@@ -202,6 +198,8 @@ def write_predictions(a: argparse.Namespace, model: Any, processor: Any, jobs: l
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ocr_quantize import METHODS as QUANTIZE_METHODS
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("images", nargs="+", help="crop images, or one page image with --boxes/--manga109_xml")
     ap.add_argument("--model_path", required=True, help="hub id or local folder of the model")
@@ -221,6 +219,9 @@ def main(argv: list[str] | None = None) -> int:
                     "per 100 px, at most 256; a looping answer is stopped either way)")
     ap.add_argument("--min_pixels", type=int, help="override the image processor's min_pixels")
     ap.add_argument("--max_pixels", type=int, help="override the image processor's max_pixels")
+    ap.add_argument("--quantize", choices=QUANTIZE_METHODS,
+                    help="int8 linear layers on the CPU (ocr_quantize.py: int8 everywhere, int8-text the "
+                    "language model only); default: bf16 on a GPU, fp32 on the CPU")
     ap.add_argument("--trust_remote_code", action="store_true", help="allow the checkpoint's own code")
     a = ap.parse_args(argv)
 

@@ -37,6 +37,7 @@ function that returns the changed model (leaving the one it is given as it was).
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import random
 import sys
@@ -68,6 +69,7 @@ from custom_collator import configure_image_size, num_image_tokens  # noqa: E402
 from manga_ocr_compat import MangaOcr  # noqa: E402
 from ocr_dataset import load_image, read_jsonl  # noqa: E402
 from ocr_model import load_model_and_processor  # noqa: E402
+from ocr_quantize import METHODS, quantize_model  # noqa: E402
 from tools.make_synthetic_manga109 import CHARSET, generate  # noqa: E402
 from tools.make_tiny_model import build_tiny_model  # noqa: E402
 
@@ -81,6 +83,10 @@ class Variant:
 
 
 FP32 = Variant("fp32")
+
+
+def _quantized(model: Any, method: str) -> Any:
+    return quantize_model(copy.deepcopy(model), method)
 
 
 def physical_cores() -> int:
@@ -360,7 +366,10 @@ def main(argv: list[str] | None = None, variants: tuple[Variant, ...] = (FP32,))
     ap.add_argument("--threads", type=int, default=physical_cores(),
                     help="torch CPU threads (default: the physical cores this process may use)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--quantize", nargs="*", default=[], choices=METHODS,
+                    help="also time ours quantized this way (ocr_quantize.quantize_model), a row each")
     a = ap.parse_args(argv)
+    variants = (*variants, *(Variant(m, partial(_quantized, method=m)) for m in a.quantize))
     if min(a.num_samples, a.max_new_tokens, a.threads) <= 0 or a.batch_size < 0:
         print("error: --num_samples, --max_new_tokens and --threads must be positive, --batch_size >= 0",
               file=sys.stderr)
