@@ -35,6 +35,8 @@ def trained(prepared: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[P
     ds = OCRDataset(prepared / "train.jsonl", max_samples=16)
     examples = [ds[i] for i in range(len(ds))]
     batch = OCRCollator(processor)(examples)
+    for key in ("logits_to_keep", "sample_index"):  # for answer_loss and the trainer, not model()
+        batch.pop(key, None)
     steps = 60
     opt = torch.optim.AdamW(model.parameters(), lr=5e-3, weight_decay=0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=5e-3, total_steps=steps, pct_start=0.05)
@@ -90,3 +92,31 @@ def test_errors(tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ImportError, match=r"pip install 'torch"):
         quantize_model(model)
     assert not any(is_int8_linear(m) for m in model.modules())  # nothing half-done
+
+
+def test_every_entry_point_takes_quantize(trained: tuple[Path, list, list[str]], tmp_path: Path,
+                                          data_dir: Path) -> None:
+    """MangaOcr(quantize=), MangaOcr.from_model(quantize=), predict/evaluate --quantize: one loader."""
+    import json
+
+    import evaluate_model
+    import predict
+    from manga_ocr_compat import MangaOcr
+
+    folder, images, _ = trained
+    mocr = MangaOcr(folder, quantize="int8", raw=True, max_new_tokens=24)
+    assert is_int8_linear(mocr.model.lm_head)
+    model, processor = load_model_and_processor(folder)
+    wrapped = MangaOcr.from_model(model, processor, quantize="int8", raw=True, max_new_tokens=24)
+    assert is_int8_linear(model.lm_head) and wrapped.batch(images[:4]) == mocr.batch(images[:4])
+    crop = tmp_path / "c.png"
+    images[0].save(crop)
+    out = tmp_path / "p.jsonl"
+    assert predict.main(["--model_path", str(folder), str(crop), "--quantize", "int8", "--max_new_tokens",
+                         "24", "--output", str(out)]) == 0
+    assert json.loads(out.read_text())["text"] == mocr(images[0])
+    ev = tmp_path / "ev"
+    assert evaluate_model.main(["--model_path", str(folder), "--data_dir", str(data_dir), "--num_samples",
+                                "3", "--quantize", "int8-text", "--output_dir", str(ev),
+                                "--max_new_tokens", "4"]) == 0
+    assert json.loads((ev / "metrics.json").read_text())["dtype"] == "int8 (int8-text)"
