@@ -36,10 +36,10 @@ def test_tiny_run_prints_every_row_split_and_ratio(capsys: pytest.CaptureFixture
                 *(f"ours {v}, {b}" for v in ("fp32", "copy") for b in budgets)]
     assert list(rows) == expected
     for label, cols in rows.items():
-        # img tok, tokens, s/crop, crops/s, vision, prefill, decode, other, /greedy, /4 beams, load avg
-        tokens, per_crop, *parts = (float(c) for c in cols[1:8])
+        # img tok, tokens, s/crop, vision, prefill, decode, other, median, /greedy, /4 beams, load avg
+        tokens, per_crop, *parts, median = (float(c) for c in cols[1:8])
         assert tokens == 3.0, label  # exactly --max_new_tokens decoder forwards, though weights are random
-        assert per_crop > 0 and min(parts) >= 0, label  # vision, prefill, decode, other (rounded to ms)
+        assert per_crop > 0 and median > 0 and min(parts) >= 0, label  # vision ... other (rounded to ms)
         assert cols[8].endswith("x") and cols[9].endswith("x"), label
     assert rows["manga-ocr arch, greedy"][0] == "197"  # ViT/16 at 224 x 224: 196 patches and [CLS]
     assert rows["manga-ocr arch, greedy"][8] == "1.00x" and rows["manga-ocr arch, 4 beams"][9] == "1.00x"
