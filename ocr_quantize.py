@@ -20,6 +20,9 @@ inference only (no training, no save_pretrained of the int8 weights: quantize af
 
 from __future__ import annotations
 
+import ctypes
+import gc
+import sys
 import warnings
 from typing import Any
 
@@ -89,4 +92,16 @@ def quantize_model(model: nn.Module, method: str = "int8") -> nn.Module:
         warnings.filterwarnings("ignore", message=r"torch\.ao\.quantization is deprecated")
         warnings.filterwarnings("ignore", message=r"torch\.quantize_per_(tensor|channel)")
         quantize_dynamic(model, {name: qconfig for name in names}, dtype=torch.qint8, inplace=True)
+    _release_freed_memory()
     return model.eval()
+
+
+def _release_freed_memory() -> None:
+    """Hand the replaced fp32 weights' memory back to the OS. glibc keeps freed heap memory for reuse: the
+    full-size model's resident size stayed at 4.7 GiB after int8 quantization, 1.6 GiB after the trim."""
+    gc.collect()
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc (e.g. musl): nothing to trim
+            pass

@@ -6,9 +6,10 @@
 The model is the full-size (0.9B) architecture with random weights (benchmarks/bench_eval.full_size_random:
 ids past the small tokenizer get zero logits), crops cut from synthetic full-size pages. Random weights rarely
 emit </s>, so every crop generates exactly --max_new_tokens tokens. Each method is its own copy of the model;
-the repeats alternate between them and each crop keeps its fastest time, so load from other processes on the
-machine hurts no method more than another. The time of a crop is split with forward hooks into
-  vision   the vision encoder and projector (the image features, in the first forward)
+every crop runs through the methods back to back, in repeated passes, and keeps each method's fastest time,
+so load from other processes on the machine hurts no method more than another. The time of a crop is split
+with forward hooks into
+  vision   the vision encoder and projector (transformers 5.24 runs them before the first forward)
   prefill  the rest of the first forward: the language model over prompt and image tokens
   decode   the other forwards, one per new token
   other    generate()'s own work and the processor (total minus the three).
@@ -100,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="pixel budgets (the release's 147384 is ~190 image tokens; 50176 is ~64)")
     ap.add_argument("--num_samples", type=int, default=8)
     ap.add_argument("--max_new_tokens", type=int, default=16)
-    ap.add_argument("--repeats", type=int, default=2, help="alternating passes; each crop keeps its fastest")
+    ap.add_argument("--repeats", type=int, default=2, help="passes over the crops; each keeps its fastest")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
@@ -129,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     splits = {m: Split(model) for m, model in models.items()}
 
     print(f"threads {a.threads}, {len(images)} crops, {a.max_new_tokens} new tokens, batch 1, "
-          f"{a.repeats} alternating repeats")
+          f"{a.repeats} passes, methods back to back on each crop")
     for method, model in models.items():
         print(f"{method:10s} weights {parameter_bytes(model) / 2**30:.2f} GiB")
     for min_pixels in a.min_pixels:
@@ -141,8 +142,8 @@ def main(argv: list[str] | None = None) -> int:
             generate_texts(model, processor, images[:1], batch_size=1, max_new_tokens=2)
         loads = [os.getloadavg()[0]]
         for _ in range(a.repeats):
-            for method, model in models.items():
-                for i, im in enumerate(images):
+            for i, im in enumerate(images):
+                for method, model in models.items():  # back to back on the same crop: same load
                     splits[method].reset()
                     t = time.perf_counter()
                     texts[method][i] = generate_texts(model, processor, [im], batch_size=1,
