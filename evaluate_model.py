@@ -113,18 +113,18 @@ def select_records(args: EvalArguments) -> tuple[OCRDataset, int, str]:
         raise EvalError(f"--num_samples must be positive, got {args.num_samples}")
     if args.num_samples is not None and args.sampling == "random" and args.num_samples < total:
         ds.records = random.Random(args.seed).sample(ds.records, args.num_samples)  # the seed's: unfiltered
+    missing = [r for r in ds.records if not os.path.isfile(r["image_path"])]
+    if missing:  # a stat per crop is cheap; finding a missing crop after the model load or mid-run is not
+        r = missing[0]
+        raise EvalError(f"{path}:{r['_line']}: image {r['image_path']} not found ({len(missing)} missing)")
     return ds, total, str(path)
 
 
-def sample_and_check(ds: OCRDataset, args: EvalArguments, source: str) -> None:
+def sample_books(ds: OCRDataset, args: EvalArguments) -> None:
     """--sampling books draws from the crops that pass --max_length, as training draws its CER sample from
-    the filtered val (same sampler, same seed: the same crops). Then every image must exist."""
+    the filtered val (same sampler, same seed: the same crops)."""
     if args.num_samples is not None and args.sampling == "books":
         ds.records = spread_sample(ds.records, args.num_samples, args.seed)
-    missing = [r for r in ds.records if not os.path.isfile(r["image_path"])]
-    if missing:  # a stat per crop is cheap; finding a missing crop an hour into generation is not
-        r = missing[0]
-        raise EvalError(f"{source}:{r['_line']}: image {r['image_path']} not found ({len(missing)} missing)")
 
 
 def predict_records(model: Any, processor: Any, records: list[dict], source: str, out_path: Path,
@@ -311,7 +311,7 @@ def evaluate(args: EvalArguments) -> dict:
         print(lengths.line(), file=sys.stderr)
     if not ds.records:
         raise EvalError(f"every crop of {source} is longer than --max_length {args.max_length}")
-    sample_and_check(ds, args, source)
+    sample_books(ds, args)
     records = ds.records
     out_dir = Path(args.output_dir) if args.output_dir else default_output_dir(args.model_path, args.split)
     out_dir.mkdir(parents=True, exist_ok=True)
