@@ -337,6 +337,9 @@ def test_sigint_with_workers_keeps_predictions_and_ends_them(tiny_model: Path, d
          "--num_workers", "2"],
         cwd=REPO, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env=dict(os.environ, OMP_NUM_THREADS="1"),
+        # A suite started in the background (`cmd &` in a script) inherits SIGINT ignored, and Python then
+        # never raises KeyboardInterrupt: give the child the terminal's default, as a user's shell does.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         deadline = time.time() + 300
