@@ -1,11 +1,14 @@
 # `make demo`: the whole pipeline on CPU with synthetic data and a tiny model (< 10 min on 2 cores).
 # `make test`: set up .venv (CPU torch where there is no GPU) and run the test suite.
+# `make docs`: rewrite the generated tables in README.md and docs/; `make docs-images`: the docs' pictures from
+# a `make demo` output folder (tools/write_docs.py).
 PY      ?= python3
 VENV    ?= .venv
 BIN     := $(VENV)/bin
 TORCH   ?= torch==2.13.0
+DEMO_DIR ?= demo_output
 
-.PHONY: setup test lint demo
+.PHONY: setup test lint demo docs docs-images
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -36,3 +39,9 @@ lint: setup
 
 demo: setup
 	PYTHON=$(abspath $(BIN)/python) bash tools/demo.sh
+
+docs: setup
+	$(BIN)/python tools/write_docs.py
+
+docs-images: setup
+	$(BIN)/python tools/write_docs.py --images $(DEMO_DIR)

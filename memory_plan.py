@@ -311,7 +311,8 @@ def format_plan(rows: list[PlanRow], chosen: str, gpu: GpuMemory | None) -> str:
     return "\n".join(lines)
 
 
-# README's memory table: the 0.9B architecture (PaddleOCRVLConfig defaults, the release's untied lm_head) on
+# The docs' memory table (docs/lora-and-memory.md, written by tools/write_docs.py): the 0.9B architecture
+# (PaddleOCRVLConfig defaults, the release's untied lm_head) on
 # a typical crop (a 120x380 vertical line: 200 image tokens, 230 tokens in all), bf16 autocast, checkpointing.
 README_MARKERS = ("<!-- memory-plan -->", "<!-- /memory-plan -->")
 
@@ -331,18 +332,18 @@ def readme_table(seq_len: int = 230, image_tokens: int = 200) -> str:
                 cells = (r.weights, r.gradients, r.optimizer, r.autocast_copies, r.activations, r.total)
                 lines.append(f"| `{r.mode}`: {r.label} | {batch} | "
                              + " | ".join(f"{b / GIB:.2f}" for b in cells) + " |")
-    note = (f"Plan (GiB), not a measurement: `python memory_plan.py README.md` for the 0.9B architecture, a "
+    note = (f"Plan (GiB), not a measurement: `python tools/write_docs.py` for the 0.9B architecture, a "
             f"crop of {image_tokens} image tokens ({seq_len} tokens in all), bf16 autocast, gradient "
             "checkpointing; the CUDA context (~0.3-0.5 GiB) and allocator fragmentation come on top.")
     return f"{README_MARKERS[0]}\n{note}\n\n" + "\n".join(lines) + f"\n{README_MARKERS[1]}"
 
 
-if __name__ == "__main__":  # python memory_plan.py README.md: rewrite the table between the markers
+if __name__ == "__main__":  # python memory_plan.py FILE.md: rewrite the table between the markers
     import re
     import sys
     from pathlib import Path
 
-    path = Path(sys.argv[1] if len(sys.argv) > 1 else "README.md")
+    path = Path(sys.argv[1] if len(sys.argv) > 1 else "docs/lora-and-memory.md")
     text = path.read_text(encoding="utf-8")
     pattern = re.escape(README_MARKERS[0]) + ".*?" + re.escape(README_MARKERS[1])
     if not re.search(pattern, text, flags=re.S):

@@ -21,43 +21,70 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-PYTHON=${PYTHON:-python}
-MODEL_PATH=${MODEL_PATH:-PaddlePaddle/PaddleOCR-VL}
-DATA_DIR=${DATA_DIR:-./data/manga109s}     # several: "./data/manga109s ./data/synth_lines:0.5" (val: the first)
+# Every setting below is an environment variable; its comment is its row in docs/training.md's table
+# (written by tools/write_docs.py: keep one beside or above each).
+
+PYTHON=${PYTHON:-python}               # interpreter with requirements.txt installed
+MODEL_PATH=${MODEL_PATH:-PaddlePaddle/PaddleOCR-VL}   # hub id or folder to fine-tune
+# output of prepare_manga109_data.py (train.jsonl, val.jsonl); several folders, space-separated, each
+# optionally FOLDER:WEIGHT, train on a mix ("./data/manga109s ./data/synth_lines:0.5"; val: the first)
+DATA_DIR=${DATA_DIR:-./data/manga109s}
+# checkpoints, the final model laid out like the base (loads with AutoModelForImageTextToText +
+# AutoProcessor), training_curves.png
 OUTPUT_DIR=${OUTPUT_DIR:-./sft_output}
-EPOCHS=${EPOCHS:-3}
-LORA_R=${LORA_R:-0}                    # > 0: train rank-R LoRA adapters instead of every weight
-LORA_ALPHA=${LORA_ALPHA:-$((2 * LORA_R))}
-LORA_DROPOUT=${LORA_DROPOUT:-0.05}
-LORA_TARGETS=${LORA_TARGETS:-language} # comma-separated: language, vision, projector
+EPOCHS=${EPOCHS:-3}                    # epochs
+# > 0: train rank-LORA_R LoRA adapters on a frozen base instead of every weight; 0: full fine-tuning
+LORA_R=${LORA_R:-0}
+LORA_ALPHA=${LORA_ALPHA:-$((2 * LORA_R))}   # adapter scale: updates x LORA_ALPHA / LORA_R
+LORA_DROPOUT=${LORA_DROPOUT:-0.05}     # dropout on the adapters' input
+# layers with adapters, comma-separated: language (decoder attention + MLP projections), vision (vision
+# encoder attention + MLP), projector
+LORA_TARGETS=${LORA_TARGETS:-language}
 if [ "$LORA_R" -gt 0 ]; then DEFAULT_LR=2e-4; else DEFAULT_LR=2e-5; fi
-LR=${LR:-$DEFAULT_LR}                     # LoRA: adapters start at zero and need a larger step
-SCHEDULER=${SCHEDULER:-cosine}
-WARMUP=${WARMUP:-0.03}                 # < 1: fraction of all steps
-WEIGHT_DECAY=${WEIGHT_DECAY:-0.01}
-MAX_GRAD_NORM=${MAX_GRAD_NORM:-1.0}
-BATCH_SIZE=${BATCH_SIZE:-1}            # per device
-GRAD_ACCUM=${GRAD_ACCUM:-16}
+# peak learning rate (LoRA: adapters start at zero and need a larger step)
+# default: 2e-5 (2e-4 with LORA_R)
+LR=${LR:-$DEFAULT_LR}
+SCHEDULER=${SCHEDULER:-cosine}         # learning-rate schedule (transformers' lr_scheduler_type)
+WARMUP=${WARMUP:-0.03}                 # warm-up steps; < 1: a fraction of all steps
+WEIGHT_DECAY=${WEIGHT_DECAY:-0.01}     # AdamW weight decay
+MAX_GRAD_NORM=${MAX_GRAD_NORM:-1.0}    # gradient clipping
+BATCH_SIZE=${BATCH_SIZE:-1}            # per-device batch (x GRAD_ACCUM 16: effective 16, as the seed project)
+GRAD_ACCUM=${GRAD_ACCUM:-16}           # gradient accumulation steps
+# longest sample in tokens (image + text); longer train and val crops are dropped before training, counted
+# per split in the log and in OUTPUT_DIR/sample_lengths.json (test crops counted), never truncated
 MAX_LENGTH=${MAX_LENGTH:-1536}
-PRECISION=${PRECISION:-auto}           # auto | fp32_master | bf16_lean
-BF16=${BF16:-auto}                     # auto: on when a CUDA GPU is present (CPU runs in fp32)
+# fp32_master (fp32 weights, bf16 autocast; weights + grads + AdamW state ~14.5 GB for 0.9B parameters) or
+# bf16_lean (bf16 weights, Kahan-summed AdamW; ~9 GB); auto: fp32_master on GPUs with >= 20 GB and on CPU,
+# bf16_lean on smaller GPUs such as 12 GB cards
+PRECISION=${PRECISION:-auto}
+BF16=${BF16:-auto}                     # bf16 autocast; auto: on when a CUDA GPU is present (CPU runs in fp32)
+# recompute activations in backward (use_reentrant=False): less memory, more time
 GRADIENT_CHECKPOINTING=${GRADIENT_CHECKPOINTING:-true}
-SAVE_STEPS=${SAVE_STEPS:-2000}
-SAVE_TOTAL_LIMIT=${SAVE_TOTAL_LIMIT:-3}
-EVAL_STEPS=${EVAL_STEPS:-$SAVE_STEPS}  # must divide SAVE_STEPS: the best checkpoint (by val CER) is kept
+SAVE_STEPS=${SAVE_STEPS:-2000}         # checkpoint interval
+SAVE_TOTAL_LIMIT=${SAVE_TOTAL_LIMIT:-3}   # checkpoints kept (the best by val CER is never deleted)
+EVAL_STEPS=${EVAL_STEPS:-$SAVE_STEPS}  # evaluation interval; must divide SAVE_STEPS (the best is kept)
+# val crops decoded for CER at each evaluation (0: loss only), drawn once with SEED and spread over every
+# val book (ids in OUTPUT_DIR/eval_sample_ids.json); the base model is evaluated at step 0
 EVAL_GENERATION_SAMPLES=${EVAL_GENERATION_SAMPLES:-200}
-LOGGING_STEPS=${LOGGING_STEPS:-10}
+LOGGING_STEPS=${LOGGING_STEPS:-10}     # log interval (train loss; learning rate)
+# dataloader worker processes (training batches, and the crops of the eval CER generation)
 NUM_WORKERS=${NUM_WORKERS:-2}
-SEED=${SEED:-42}
-NUM_GPUS=${NUM_GPUS:-auto}             # processes (GPUs) on this node; auto: every visible GPU (1 on CPU)
+SEED=${SEED:-42}                       # seed
+# processes (GPUs) on this node: auto = every visible GPU (1 process on CPU); N = the first N visible GPUs
+# (CUDA_VISIBLE_DEVICES is set to them; more than visible is an error); > 1 launches torch.distributed.run
+NUM_GPUS=${NUM_GPUS:-auto}
 NNODES=${NNODES:-1}                    # machines in the job; start train.sh on each with its NODE_RANK
-NODE_RANK=${NODE_RANK:-0}              # 0 hosts the rendezvous at MASTER_ADDR:MASTER_PORT
+NODE_RANK=${NODE_RANK:-0}              # this machine's number; 0 hosts the rendezvous
 MASTER_ADDR=${MASTER_ADDR:-}           # multi-node: an address of node 0 that every node can reach
-MASTER_PORT=${MASTER_PORT:-29500}
-RDZV_ID=${RDZV_ID:-manga-ocr-$MASTER_PORT}   # the same on every node of one job
-RESUME=${RESUME:-auto}                 # auto | none | path/to/checkpoint-N
-REPORT_TO=${REPORT_TO:-none}
-REHEARSE=${REHEARSE:-0}                # 1: rehearse these settings in OUTPUT_DIR/rehearsal and exit (= --rehearse)
+MASTER_PORT=${MASTER_PORT:-29500}      # port of the rendezvous on node 0
+RDZV_ID=${RDZV_ID:-manga-ocr-$MASTER_PORT}   # job id of the c10d rendezvous, the same on every node
+# auto: continue from the newest complete checkpoint-* in OUTPUT_DIR when there is one; none: start over;
+# or a path/to/checkpoint-N
+RESUME=${RESUME:-auto}
+REPORT_TO=${REPORT_TO:-none}           # where to log besides the console: tensorboard, wandb, ...
+# 1: rehearse these settings in OUTPUT_DIR/rehearsal and exit (the same as --rehearse)
+REHEARSE=${REHEARSE:-0}
+DRY_RUN=${DRY_RUN:-0}                  # 1: print the command and the variables train.sh sets, and exit
 
 if ! "$PYTHON" -c "import torch, transformers" 2>/dev/null; then
     hint="activate the environment that has requirements.txt installed, or set PYTHON=path/to/python"
@@ -153,7 +180,7 @@ cmd=("${launcher[@]}" sft_paddleocr_vl.py \
     "${resume_args[@]}" \
     "${lora_args[@]}" \
     "$@")
-if is_on DRY_RUN "${DRY_RUN:-0}"; then
+if is_on DRY_RUN "$DRY_RUN"; then
     for var in CUDA_VISIBLE_DEVICES PYTORCH_CUDA_ALLOC_CONF PYTORCH_ALLOC_CONF; do
         [ -n "${!var+x}" ] && printf '%s=%q ' "$var" "${!var}"
     done

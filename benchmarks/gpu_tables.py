@@ -1,6 +1,6 @@
 """Rewrite README's GPU tables from benchmarks/gpu_suite.sh's results.json, so no figure is typed by hand.
 
-    python benchmarks/gpu_tables.py gpu/results.json                  # README.md, in place
+    python benchmarks/gpu_tables.py gpu/results.json                  # docs/benchmarks.md, in place
     python benchmarks/gpu_tables.py gpu/results.json --readme X.md    # another file
 
 Each table sits between a pair of marker comments; what is between them is replaced, the rest of the file is
@@ -213,7 +213,7 @@ def replace_blocks(text: str, blocks: dict[str, str]) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("results", help="results.json written by benchmarks/gpu_suite.sh")
-    ap.add_argument("--readme", default=str(ROOT / "README.md"))
+    ap.add_argument("--readme", default=str(ROOT / "docs" / "benchmarks.md"), help="the page with the tables")
     ap.add_argument("--allow_smoke", action="store_true", help="accept a --smoke run (tests)")
     a = ap.parse_args(argv)
     try:

@@ -65,8 +65,8 @@ def test_smoke_suite_writes_results_and_readme_tables(tmp_path: Path) -> None:
     assert "== train_12gb: slot" in (out / "suite.log").read_text()
 
     # gpu_tables.py on a README copy: refuses smoke figures unless told, then rewrites only the tables, once.
-    readme = tmp_path / "README.md"
-    shutil.copy(ROOT / "README.md", readme)
+    readme = tmp_path / "benchmarks.md"
+    shutil.copy(ROOT / "docs" / "benchmarks.md", readme)
     original = readme.read_text()
     tables = [sys.executable, str(ROOT / "benchmarks" / "gpu_tables.py"), str(out / "results.json"),
               "--readme", str(readme)]

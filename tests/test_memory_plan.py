@@ -214,12 +214,12 @@ def test_sft_prints_the_plan_without_loading_weights(tiny_model: Path, prepared:
     assert any("exceeds the visible GPU's free memory, 0.0 of 80.0 GiB" in w for w in warnings), warnings
 
 
-def test_readme_memory_table_is_what_the_plan_says() -> None:
-    """README's table is written by `python memory_plan.py README.md`; a changed formula must rewrite it."""
+def test_docs_memory_table_is_what_the_plan_says() -> None:
+    """The docs' table is written by `python tools/write_docs.py`; a changed formula must rewrite it."""
     import re
 
     from memory_plan import README_MARKERS, readme_table
 
-    text = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    text = (Path(__file__).resolve().parents[1] / "docs" / "lora-and-memory.md").read_text(encoding="utf-8")
     found = re.search(re.escape(README_MARKERS[0]) + ".*?" + re.escape(README_MARKERS[1]), text, flags=re.S)
     assert found and found.group(0) == readme_table()

@@ -6,8 +6,6 @@ import base64
 import io
 import json
 import re
-import shutil
-import subprocess
 from html import escape
 from pathlib import Path
 
@@ -18,6 +16,7 @@ import evaluate_model
 from ocr_dataset import read_jsonl
 from ocr_metrics import NORMALIZATIONS, all_metrics, edit_distance, normalize
 from ocr_report import diff_lines
+from tools.write_docs import chromium, chromium_binary  # one owner of the headless-Chromium flags
 
 WORST = 4
 
@@ -113,19 +112,6 @@ def test_comparison_page_shows_fixed_and_broken(data_dir: Path, tmp_path: Path) 
     assert evaluate_model.main(["--compare", a, b, "--output_dir", str(out), "--worst", "1"]) == 0
     html = (out / "comparison.html").read_text(encoding="utf-8")
     assert len(figures(html, "fixed")) == len(figures(html, "broken")) == 1 and "1 of 2 shown" in html
-
-
-def chromium_binary() -> str | None:
-    return next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)
-
-
-def chromium(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    # The flags a root, offline, display-less machine needs: no sandbox, no GPU, no background network.
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             "--hide-scrollbars", f"--user-data-dir={cwd / 'chromium-profile'}"]
-    return subprocess.run([chromium_binary(), *flags, *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=120, check=True)
 
 
 @pytest.mark.skipif(chromium_binary() is None,

@@ -471,17 +471,20 @@ def generate(out_dir: str | os.PathLike, books: int = 2, pages: int = 10, seed: 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", required=True, help="output directory")
-    ap.add_argument("--books", type=int, default=2)
+    ap.add_argument("--out", required=True, help="output folder (books.txt, annotations/, images/)")
+    ap.add_argument("--books", type=int, default=2, help="number of books")
     ap.add_argument("--pages", type=int, default=10, help="pages per book")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--width", type=int, default=1654)
-    ap.add_argument("--height", type=int, default=1170)
-    ap.add_argument("--num_workers", type=int, default=os.cpu_count())
+    ap.add_argument("--seed", type=int, default=0,
+                    help="same seed, byte-identical files, whatever --num_workers")
+    ap.add_argument("--width", type=int, default=1654, help="page width in px (the real spread size)")
+    ap.add_argument("--height", type=int, default=1170, help="page height in px")
+    ap.add_argument("--num_workers", type=int, default=os.cpu_count(), help="processes drawing pages")
     ap.add_argument("--max_chars", type=int, default=16, help="longest text element, in characters")
-    ap.add_argument("--font", action="extend", nargs="+", default=None, help="CJK font file(s) to draw with")
+    ap.add_argument("--font", action="extend", nargs="+", default=None,
+                    help="CJK font file(s) to draw with, .ttf/.otf/.ttc (default: one found on the machine)")
     ap.add_argument("--charset", choices=list(CHARSETS), default="full",
-                    help="full (default): mixed Japanese text from CHARSET. katakana (46 basic), digits "
+                    help="full (default): mixed Japanese text from CHARSET (dialogue phrases, random runs, "
+                    "SFX, digits and Latin; 513 characters). katakana (46 basic), digits "
                     "(full-width 0-9) or katakana_digits (both, 56): every text is a random run of "
                     "1..--max_chars of them, which a tiny model learns to read in minutes on a CPU (demo)")
     ap.add_argument("--min_chars", type=int, default=1,

@@ -585,8 +585,8 @@ def main(argv: list[str] | None = None) -> int:
         help="build the tokenizer from this named charset of tools/make_synthetic_manga109.py (its "
         "--charset): full (default, its CHARSET) or a small one for the demo",
     )
-    parser.add_argument("--text_layers", type=int, default=2)
-    parser.add_argument("--vision_layers", type=int, default=2)
+    parser.add_argument("--text_layers", type=int, default=2, help="decoder layers")
+    parser.add_argument("--vision_layers", type=int, default=2, help="vision encoder layers")
     parser.add_argument(
         "--hidden", type=int, default=None, help="width, a multiple of 16 (default 64, --release_like 32)"
     )
@@ -598,8 +598,11 @@ def main(argv: list[str] | None = None) -> int:
         "template, processor config, flat config.json, bf16 weights in the release's key layout with the "
         "tensors transformers skips) instead of the character-level fixture",
     )
-    parser.add_argument("--tie_word_embeddings", action="store_true")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--tie_word_embeddings", action="store_true",
+        help="tie lm_head to the embeddings (untied in the release)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     parser.add_argument(
         "--init_std",
         type=float,
