@@ -199,6 +199,10 @@ def _converter_input(export_dir: Path, stage: Path) -> Path:
     the module docstring."""
     from export_model import _pixel_bounds
 
+    if not (export_dir / "tokenizer.model").is_file():
+        raise GGUFError(f"{export_dir} has no tokenizer.model: llama.cpp's converter reads PaddleOCR-VL's "
+                        "vocabulary from the SentencePiece model, which the release has (is the base a copy "
+                        "saved by transformers?)")
     prompt, processor = training_prompt(export_dir)
     tok = processor.tokenizer
     rewritten = {"chat_template.jinja", "chat_template.json", "tokenizer_config.json", "config.json",
@@ -258,7 +262,8 @@ def export_gguf(
     out_dir.mkdir(parents=True, exist_ok=True)
     outputs = (out_dir / f"model-{gguf_type}.gguf", out_dir / f"mmproj-{gguf_type}.gguf")
     with tempfile.TemporaryDirectory(prefix=".gguf-", dir=out_dir) as tmp:
-        stage = _converter_input(export_dir, Path(tmp) / "model")
+        # The folder's name becomes the GGUF's general.name.
+        stage = _converter_input(export_dir, Path(tmp) / export_dir.resolve().name)
         for target, extra in zip(outputs, ([], ["--mmproj"]), strict=True):
             partial = Path(tmp) / target.name
             run_converter(llama_cpp, [str(stage), "--outtype", gguf_type, "--outfile", str(partial), *extra])
