@@ -274,7 +274,7 @@ def export_gguf(
 def run_converter(llama_cpp: Path, args: list[str]) -> None:
     """convert_hf_to_gguf.py `args` with this Python; its log on failure goes into the GGUFError."""
     env = dict(os.environ)
-    site = llama_cpp.parent / "site"  # the converter's dependencies, when fetched into the cache
+    site = default_cache() / "site"  # the converter's dependencies (fetch_converter), also for LLAMA_CPP_DIR
     paths = [str(p) for p in (llama_cpp / "gguf-py", site) if p.is_dir()]
     env["PYTHONPATH"] = os.pathsep.join(paths + [env["PYTHONPATH"]] if env.get("PYTHONPATH") else paths)
     env.pop("NO_LOCAL_GGUF", None)  # the converter's own gguf-py, not an installed gguf of another version
