@@ -25,7 +25,9 @@ from tools.make_tiny_model import build_release_like
 TRAINED_PIXELS = (3136, 50176)  # not the v1.5 base's 112896 / 1003520: the mmproj must carry these
 
 
-def converter() -> Path:
+@pytest.fixture(scope="module")
+def llama_cpp() -> Path:
+    """The converter's folder; the test skips (before training anything) without one."""
     try:
         return ocr_gguf.converter_dir()
     except ocr_gguf.GGUFError as e:
@@ -143,10 +145,9 @@ print(json.dumps({"tensors": {t.name: t.tensor_type.name for t in r.tensors},
     return json.loads(done.stdout)
 
 
-def test_checkpoint_to_gguf_without_base(run_dir: Path, tmp_path: Path, capsys) -> None:
+def test_checkpoint_to_gguf_without_base(llama_cpp: Path, run_dir: Path, tmp_path: Path, capsys) -> None:
     """The checkpoint names its base; --gguf writes both files, whose tensors are what the converter maps,
     whose chat template gives our training prompt, and whose mmproj has the trained pixel bounds."""
-    llama_cpp = converter()
     out = tmp_path / "ft"
     assert export_model.main([str(run_dir / "checkpoint-1"), "--out", str(out), "--gguf"]) == 0
     model, mmproj = out / "model-f16.gguf", out / "mmproj-f16.gguf"
