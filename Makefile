@@ -29,7 +29,10 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt Makefile | $(BIN)/pyth
 	@$(BIN)/python tools/fonts.py --ensure
 	@touch $@
 
+# llama.cpp's GGUF converter (export_model.py --gguf), from the pinned llama-cpp-python sdist on PyPI, into
+# ~/.cache/paddleocr-vl-manga once (a no-op when there). Not fatal: --gguf fetches it itself, its tests skip.
 setup: $(VENV)/.installed
+	@$(BIN)/python ocr_gguf.py --fetch >/dev/null || echo "warning: no llama.cpp converter (offline?): the GGUF tests will skip"
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -1,6 +1,7 @@
 """Export a fine-tuned checkpoint as a drop-in replacement for the base model it was trained from.
 
-    python export_model.py ./sft_output/checkpoint-2000 --base PaddlePaddle/PaddleOCR-VL --out ./ft-2000
+    python export_model.py ./sft_output/checkpoint-2000 --out ./ft-2000 [--base PaddlePaddle/PaddleOCR-VL]
+    python export_model.py ./sft_output/checkpoint-2000 --out ./ft-2000 --gguf [--gguf_type q8_0]
 
 transformers loads PaddleOCR-VL without two groups of the release's tensors
 (``visual.vision_model.embeddings.packing_position_embedding.*`` and ``visual.vision_model.head.*``) and so
@@ -19,6 +20,18 @@ sft_paddleocr_vl.py exports its final model this way (in place, in --output_dir)
 intermediate ``checkpoint-N``. A checkpoint of a LoRA run (--lora_r) holds only the adapter: it is merged into
 the base first (ocr_lora.merge_lora), then exported the same way. The result still loads with
 AutoModelForImageTextToText / AutoProcessor.
+
+--base is needed only for a folder that does not say which base it was trained from: sft_paddleocr_vl.py
+writes base_model.json into every checkpoint and its output folder, and a LoRA checkpoint's
+adapter_config.json names its base (base_model_name_or_path).
+
+--gguf also writes, into --out, the files llama.cpp runs (docs/export_gguf.md): model-<type>.gguf (the
+language model) and mmproj-<type>.gguf (vision encoder and projector, with the trained pixel bounds), made by
+llama.cpp's own converter from the exported folder (ocr_gguf.py: the converter comes from the pinned
+llama-cpp-python source distribution on PyPI, fetched once into ~/.cache/paddleocr-vl-manga, or
+LLAMA_CPP_DIR). Their chat template renders llama.cpp's image marker where ours has the image, so
+llama-mtmd-cli and llama-server prompt the model exactly as training did. --gguf_type: f16 (default) or
+q8_0.
 """
 
 from __future__ import annotations
@@ -40,6 +53,8 @@ from safetensors.torch import save_file
 from transformers import AutoImageProcessor, PaddleOCRVLForConditionalGeneration
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
+from ocr_gguf import GGUF_TYPES, GGUFError, converter_dir, export_gguf
+
 logger = logging.getLogger(__name__)
 
 # What transformers skips when loading the release (regexes searched in tensor names), from transformers.
@@ -54,8 +69,35 @@ SAVED_FILES = re.compile(
 )
 
 
+# sft_paddleocr_vl.py writes this into every checkpoint: {"base_model": hub id or absolute folder}.
+BASE_FILE = "base_model.json"
+
+
 class ExportError(ValueError):
     """The checkpoint can't be exported against this base (printed as one `error: ...` line)."""
+
+
+def write_base(folder: str | Path, base: str) -> None:
+    """Record in `folder` the base it was trained from (a local folder as an absolute path)."""
+    if Path(base).expanduser().is_dir():
+        base = str(Path(base).expanduser().resolve())
+    (Path(folder) / BASE_FILE).write_text(json.dumps({"base_model": base}) + "\n", encoding="utf-8")
+
+
+def recorded_base(checkpoint: str | Path) -> str:
+    """The base a checkpoint says it was trained from: base_model.json (sft), else a LoRA adapter's
+    base_model_name_or_path; ExportError when it says neither."""
+    ckpt = Path(checkpoint)
+    for name, key in ((BASE_FILE, "base_model"), ("adapter_config.json", "base_model_name_or_path")):
+        if (ckpt / name).is_file():
+            try:
+                base = json.loads((ckpt / name).read_text(encoding="utf-8")).get(key)
+            except (json.JSONDecodeError, AttributeError) as e:
+                raise ExportError(f"{ckpt / name} is not a JSON object: {e}") from e
+            if isinstance(base, str) and base:
+                return base
+    raise ExportError(f"{ckpt} does not say which base it was trained from (no {BASE_FILE} or LoRA "
+                      "adapter_config.json with base_model_name_or_path): pass --base")
 
 
 def base_folder(base: str) -> Path:
@@ -249,10 +291,15 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("checkpoint", help="a checkpoint-N folder or a final model folder saved by training")
-    parser.add_argument("--base", required=True, help="hub id or folder of the model that was fine-tuned")
+    parser.add_argument("--base", help="hub id or folder of the model that was fine-tuned (default: the one "
+                        f"the checkpoint names in {BASE_FILE} or adapter_config.json)")
     parser.add_argument(
         "--out", required=True, help="new or empty folder for the export (or the checkpoint: in place)"
     )
+    parser.add_argument("--gguf", action="store_true",
+                        help="also write model-<type>.gguf and mmproj-<type>.gguf for llama.cpp into --out")
+    parser.add_argument("--gguf_type", default="f16", choices=GGUF_TYPES,
+                        help="weight type of both GGUF files (default f16; norms and biases stay f32)")
     args = parser.parse_args(argv)
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
     out, ckpt = Path(args.out), Path(args.checkpoint)
@@ -261,11 +308,14 @@ def main(argv: list[str] | None = None) -> int:
             raise ExportError(f"checkpoint folder {ckpt} does not exist")
         if out.exists() and any(out.iterdir()) and out.resolve() != ckpt.resolve():
             raise ExportError(f"--out {out} exists and is not empty")
-        export_model(ckpt, args.base, out)
-    except (ExportError, OSError) as e:
+        if args.gguf:
+            converter_dir(fetch=True)  # fails before the export if there is no converter (offline)
+        export_model(ckpt, args.base or recorded_base(ckpt), out)
+        written = [out, *export_gguf(out, out, args.gguf_type)] if args.gguf else [out]
+    except (ExportError, GGUFError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(out)
+    print(*written, sep="\n")
     return 0
 
 

@@ -38,7 +38,7 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.training_args import ParallelMode
 
 from custom_collator import OCRCollator, OverlongError, configure_image_size, logits_positions
-from export_model import ExportError, export_model
+from export_model import ExportError, export_model, write_base
 from ocr_dataset import DatasetError, OCRDataset, RecordCrops, mixed_train_dataset, spread_sample
 from ocr_lora import (
     ADAPTER_DIR,
@@ -262,9 +262,11 @@ class BF16Trainer(Trainer):
         lengths: list[int] | None = None,
         gen_dataset: OCRDataset | None = None,
         data_args: DataArguments | None = None,
+        base_model: str | None = None,
         **kwargs,
     ) -> None:
         super().__init__(*args, **kwargs)
+        self.base_model = base_model
         self.lengths = lengths
         self.gen_dataset = gen_dataset
         self.data_args = data_args
@@ -296,6 +298,12 @@ class BF16Trainer(Trainer):
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         self._load_weights(resume_from_checkpoint, model)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        # Every checkpoint (and the final model) names its base: export_model.py needs no --base for it.
+        super()._save(output_dir, state_dict)
+        if self.base_model and self.args.should_save:
+            write_base(output_dir or self.args.output_dir, self.base_model)
 
     def _save_rng_state(self, output_dir: str) -> None:
         # Every rank writes its own rng_state_<rank>.pth here; rank 0 writes trainer_state.json right after.
@@ -765,6 +773,7 @@ def build_trainer(
         lengths=data.splits[0].lengths,
         gen_dataset=gen_ds,
         data_args=data_args,
+        base_model=model_args.model_path,
     )
 
 
@@ -784,6 +793,7 @@ def save_final_model(trainer: BF16Trainer, base: str, output_dir: str) -> bool:
                 merged.save_pretrained(output_dir)
                 trainer.processing_class.save_pretrained(output_dir)
             export_model(output_dir, base, output_dir)
+            write_base(output_dir, base)  # a LoRA run's merged model was not saved through the trainer
         except (ExportError, OSError) as e:
             return str(e)
         return None

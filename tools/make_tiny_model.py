@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import struct
 import sys
 from pathlib import Path
 
@@ -506,8 +507,12 @@ def build_release_like(
     seed: int = 0,
     init_std: float | None = None,
     vision_init_std: float | None = None,
+    sentencepiece_model: bool = False,
 ) -> str:
-    """Save a tiny random PaddleOCR-VL laid out like the real release ``version`` (v1, v1.5, v1.6)."""
+    """Save a tiny random PaddleOCR-VL laid out like the real release ``version`` (v1, v1.5, v1.6).
+
+    ``sentencepiece_model``: also write the release's tokenizer.model (tokenizer.json's pieces), which
+    llama.cpp's converter reads (the GGUF export); transformers uses tokenizer.json either way."""
     if version not in RELEASES:
         raise ValueError(f"unknown release {version!r}; choose from {', '.join(RELEASES)}")
     out = Path(out_dir)
@@ -534,6 +539,8 @@ def build_release_like(
     # The release ships preprocessor_config.json with top-level pixel bounds (transformers 5 writes a
     # processor_config.json with a nested image processor and a `size` dict instead).
     (out / "processor_config.json").unlink()
+    if sentencepiece_model:
+        write_sentencepiece_model(out / "tokenizer.json", out / "tokenizer.model")
     ip = processor.image_processor
     _write_json(out / "preprocessor_config.json", {
         "do_convert_rgb": True, "do_normalize": True, "do_rescale": True, "do_resize": True,
@@ -544,6 +551,49 @@ def build_release_like(
         "temporal_patch_size": 1,
     })
     return str(out)
+
+
+# SentencePiece piece types (sentencepiece_model.proto) and the wire format, written by hand: the fixture
+# needs no protobuf package.
+SP_NORMAL, SP_UNKNOWN, SP_CONTROL, SP_UNUSED, SP_BYTE = 1, 2, 3, 5, 6
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
+        n >>= 7
+        if not n:
+            return bytes(out)
+
+
+def _field(number: int, value: bytes | int | float) -> bytes:
+    if isinstance(value, bytes):  # length-delimited (strings, messages)
+        return _varint(number << 3 | 2) + _varint(len(value)) + value
+    if isinstance(value, float):  # fixed32
+        return _varint(number << 3 | 5) + struct.pack("<f", value)
+    return _varint(number << 3) + _varint(value)  # varint (ints, enums, bools)
+
+
+def write_sentencepiece_model(tokenizer_json: Path, out: Path) -> None:
+    """A BPE tokenizer.model (ModelProto) with tokenizer.json's SentencePiece pieces (ids below
+    RELEASE_SP_PIECES; the added tokens above are not SentencePiece pieces, as in the release): byte fallback,
+    no dummy prefix, merge priority as score (lower id first)."""
+    vocab = json.loads(tokenizer_json.read_text(encoding="utf-8"))["model"]["vocab"]
+    pieces = sorted((i, t) for t, i in vocab.items() if i < RELEASE_SP_PIECES)
+    if [i for i, _ in pieces] != list(range(RELEASE_SP_PIECES)):
+        raise ValueError(f"{tokenizer_json}: SentencePiece ids are not 0..{RELEASE_SP_PIECES - 1}")
+    body = bytearray()
+    for i, piece in pieces:
+        kind = (SP_UNKNOWN if piece == UNK else SP_CONTROL if piece in (BOS, EOS)
+                else SP_BYTE if piece.startswith("<0x") else SP_UNUSED if piece.startswith("<unused_")
+                else SP_NORMAL)
+        body += _field(1, _field(1, piece.encode()) + _field(2, -float(i)) + _field(3, kind))
+    # TrainerSpec: model_type BPE (2), vocab_size, byte_fallback; unk/bos/eos ids are the defaults 0/1/2.
+    body += _field(2, _field(3, 2) + _field(4, RELEASE_SP_PIECES) + _field(35, 1))
+    # NormalizerSpec: no "▁" before the text (add_dummy_prefix false), spaces kept, escaped as "▁".
+    body += _field(3, _field(1, b"identity") + _field(3, 0) + _field(4, 0) + _field(5, 1))
+    out.write_bytes(bytes(body))
 
 
 def _write_json(path: Path, data: dict) -> None:

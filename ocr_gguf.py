@@ -1,0 +1,306 @@
+"""GGUF files for llama.cpp from an exported model folder (export_model.py --gguf), made by llama.cpp's own
+converter.
+
+    from ocr_gguf import export_gguf
+    model_gguf, mmproj_gguf = export_gguf("./ft-2000", "./ft-2000", "q8_0")
+
+The converter is not copied into this repo: it comes from the source distribution of llama-cpp-python on PyPI
+(pinned below), which vendors llama.cpp with convert_hf_to_gguf.py, its model classes (conversion/) and the
+matching gguf library (gguf-py/). `make setup` (or the first --gguf export) downloads it once into
+~/.cache/paddleocr-vl-manga/llama.cpp-<pin>; LLAMA_CPP_DIR points at any other llama.cpp checkout instead.
+
+The converter reads the exported folder through a staging folder of links that changes only what llama.cpp
+needs differently from transformers (the exported folder itself stays the base's, loadable by transformers):
+
+- the chat template: the release's renders the image as `<|IMAGE_START|><|IMAGE_PLACEHOLDER|><|IMAGE_END|>`,
+  which llama.cpp's mtmd never sees: it looks for its media marker (`<__media__>`, or the marker llama-server
+  puts into the message text) and inserts `<|IMAGE_START|>` + the image embeddings + `<|IMAGE_END|>` there.
+  With the released template llama-server fails with "number of bitmaps (1) does not match number of markers
+  (0)" (llama.cpp PR #19799, PaddleOCR PR #17729). Ours renders the marker, and the prompt it renders, with
+  the marker replaced by what mtmd inserts, is our training prompt (custom_collator.generation_prompt);
+- tokenizer_config.json: `add_bos_token` and `add_prefix_space` as transformers tokenizes the training prompt
+  (llama.cpp's SentencePiece defaults are the opposite: a `<s>` first and a "▁" after every special token),
+  and every added token (the converter names and types the ids above the SentencePiece pieces, the image
+  markers among them, only from this file's `added_tokens_decoder`);
+- preprocessor_config.json: top-level min_pixels/max_pixels (the mmproj's pixel bounds) as the exported
+  processor resizes, wherever the export keeps them;
+- config.json: `vision_config.architectures` = PaddleOCRVisionModel when missing (the converter picks its
+  mmproj class by it; the release has it, a config saved by transformers does not).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+# llama-cpp-python 0.3.36 vendors a llama.cpp whose converter knows PaddleOCR-VL (PaddleOCRModel and the
+# mmproj PaddleOCRVisionModel with the image processor's pixel bounds). The converter needs sentencepiece (it
+# reads the release's tokenizer.model); the version is in the range of the converter's own requirements file.
+LLAMA_CPP_PYTHON = "0.3.36"
+CONVERTER_DEPS = ("sentencepiece==0.2.1",)
+GGUF_TYPES = ("f16", "q8_0")
+ARCHITECTURE = "PaddleOCRVLForConditionalGeneration"  # what a converter must register to convert our models
+VISION_ARCHITECTURE = "PaddleOCRVisionModel"  # the converter's mmproj class for PaddleOCR-VL
+MEDIA_MARKER = "<__media__>"  # mtmd_default_marker() in llama.cpp's tools/mtmd/mtmd.cpp
+# What the converter needs from the sdist's vendor/llama.cpp (the rest is C++ sources).
+CONVERTER_PARTS = ("convert_hf_to_gguf.py", "conversion", "gguf-py", "LICENSE")
+
+
+class GGUFError(ValueError):
+    """The GGUF files can't be made (printed as one `error: ...` line)."""
+
+
+def default_cache() -> Path:
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return root / "paddleocr-vl-manga" / f"llama.cpp-{LLAMA_CPP_PYTHON}"
+
+
+def converter_dir(fetch: bool = False) -> Path:
+    """The llama.cpp folder whose convert_hf_to_gguf.py converts PaddleOCR-VL: LLAMA_CPP_DIR if set, else the
+    cache (downloaded first when `fetch`). Raises GGUFError when there is none or it lacks PaddleOCR-VL."""
+    if os.environ.get("LLAMA_CPP_DIR"):
+        return check_converter(Path(os.environ["LLAMA_CPP_DIR"]).expanduser())
+    cache = default_cache()
+    if not (cache / "llama.cpp" / "convert_hf_to_gguf.py").is_file():
+        if not fetch:
+            raise GGUFError(f"llama.cpp's converter is not in {cache}: run `make setup` (or python "
+                            "ocr_gguf.py --fetch), or set LLAMA_CPP_DIR to a llama.cpp checkout")
+        fetch_converter(cache)
+    return check_converter(cache / "llama.cpp")
+
+
+def check_converter(llama_cpp: Path) -> Path:
+    """`llama_cpp` if its converter registers PaddleOCR-VL, else GGUFError."""
+    script = llama_cpp / "convert_hf_to_gguf.py"
+    if not script.is_file():
+        raise GGUFError(f"{llama_cpp} has no convert_hf_to_gguf.py: not a llama.cpp checkout")
+    # Newer converters keep a name -> module table in conversion/__init__.py; older ones register every
+    # class in the script itself.
+    sources = [script, *sorted((llama_cpp / "conversion").glob("*.py"))]
+    if not any(f'"{ARCHITECTURE}"' in p.read_text(encoding="utf-8") for p in sources):
+        raise GGUFError(f"the converter in {llama_cpp} does not know PaddleOCR-VL ({ARCHITECTURE} is not "
+                        f"registered): use llama-cpp-python=={LLAMA_CPP_PYTHON}'s (unset LLAMA_CPP_DIR) or a "
+                        "newer llama.cpp checkout")
+    return llama_cpp
+
+
+def fetch_converter(cache: Path) -> Path:
+    """Download the pinned llama-cpp-python sdist with pip and keep only the converter's files (and its
+    Python dependencies, in `site/`) in `cache`."""
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".fetch-", dir=cache.parent) as tmp:
+        pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+        spec = f"llama-cpp-python=={LLAMA_CPP_PYTHON}"
+        logger.info("downloading llama.cpp's converter (%s source distribution, ~75 MB)", spec)
+        for cmd, what in (
+            (pip + ["download", "--no-deps", "--no-binary", ":all:", spec, "-d", tmp], spec),
+            (pip + ["install", "--no-deps", "--target", f"{tmp}/stage/site", *CONVERTER_DEPS],
+             " ".join(CONVERTER_DEPS)),
+        ):
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode:
+                last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+                raise GGUFError(f"could not download {what} with pip (offline?): {last}")
+        sdist = next(Path(tmp).glob("*.tar.gz"))
+        prefix = f"{sdist.name[:-len('.tar.gz')]}/vendor/llama.cpp/"
+        with tarfile.open(sdist) as tar:
+            members = [m for m in tar.getmembers() if (m.isfile() or m.isdir()) and m.name.startswith(prefix)
+                       and m.name[len(prefix):].split("/")[0] in CONVERTER_PARTS]
+            for m in members:
+                m.name = "stage/llama.cpp/" + m.name[len(prefix):]
+            tar.extractall(tmp, members=members, filter="data")
+        check_converter(Path(tmp) / "stage" / "llama.cpp")
+        shutil.rmtree(cache, ignore_errors=True)
+        os.replace(Path(tmp) / "stage", cache)
+    return cache
+
+
+def gguf_chat_template(training_prompt: str, eos_token: str) -> str:
+    """A chat template for llama.cpp whose generation prompt for an image and the OCR prompt, once mtmd puts
+    the image (with its start/end markers) where the media marker is, is `training_prompt`.
+
+    The release's layout: cls, "User: ", the images, then the texts, "\\n", the assistant prefix. Message
+    content may be a string (llama-cli, and llama-server once media are in it, give "<marker>OCR:") or typed
+    parts: "text" and llama-server's "media_marker" parts carry their text, HF-style "image" parts become
+    mtmd's default marker.
+    """
+    from custom_collator import BOS_TEXT, IMAGE_TRIPLET, PROMPT
+
+    head, tail = f"{BOS_TEXT}User: {IMAGE_TRIPLET}", f"{PROMPT}\n"
+    if not (training_prompt.startswith(head + tail) and len(training_prompt) > len(head + tail)):
+        raise GGUFError(f"unexpected training prompt {training_prompt!r}: it should start {head + tail!r}")
+    assistant = training_prompt[len(head + tail):]
+
+    def lit(text: str) -> str:  # a Jinja string literal (json escapes are Jinja's escapes)
+        return json.dumps(text, ensure_ascii=False)
+
+    return f"""{{#- Made by export_model.py --gguf: the release's layout with llama.cpp's media marker. -#}}
+{{%- if not add_generation_prompt is defined -%}}
+    {{%- set add_generation_prompt = false -%}}
+{{%- endif -%}}
+{{{{- {lit(BOS_TEXT)} -}}}}
+{{%- for message in messages -%}}
+    {{%- if message["role"] == "user" -%}}
+        {{{{- "User: " -}}}}
+    {{%- elif message["role"] == "assistant" -%}}
+        {{{{- {lit(assistant)} -}}}}
+    {{%- endif -%}}
+    {{%- if message["content"] is string -%}}
+        {{{{- message["content"] -}}}}
+    {{%- else -%}}
+        {{%- for part in message["content"] -%}}
+            {{%- if part["type"] == "image" -%}}
+                {{{{- {lit(MEDIA_MARKER)} -}}}}
+            {{%- elif part["type"] == "media_marker" -%}}
+                {{{{- part["text"] -}}}}
+            {{%- endif -%}}
+        {{%- endfor -%}}
+        {{%- for part in message["content"] -%}}
+            {{%- if part["type"] == "text" -%}}
+                {{{{- part["text"] -}}}}
+            {{%- endif -%}}
+        {{%- endfor -%}}
+    {{%- endif -%}}
+    {{%- if message["role"] == "assistant" -%}}
+        {{{{- {lit(eos_token)} -}}}}
+    {{%- else -%}}
+        {{{{- "\\n" -}}}}
+    {{%- endif -%}}
+{{%- endfor -%}}
+{{%- if add_generation_prompt -%}}
+    {{{{- {lit(assistant)} -}}}}
+{{%- endif -%}}
+"""
+
+
+def training_prompt(export_dir: Path):
+    """(the generation prompt training used, the processor) of an exported folder, loaded as training does."""
+    from custom_collator import PromptError, generation_prompt
+    from ocr_model import ModelLoadError, load_config_and_processor
+
+    try:
+        processor = load_config_and_processor(str(export_dir)).processor
+        return generation_prompt(processor), processor
+    except (ModelLoadError, PromptError) as e:
+        raise GGUFError(str(e)) from e
+
+
+def _converter_input(export_dir: Path, stage: Path) -> Path:
+    """`stage` filled with links to the exported files, and llama.cpp's versions of the few files listed in
+    the module docstring."""
+    from export_model import _pixel_bounds
+
+    if not (export_dir / "tokenizer.model").is_file():
+        raise GGUFError(f"{export_dir} has no tokenizer.model: llama.cpp's converter reads PaddleOCR-VL's "
+                        "vocabulary from the SentencePiece model, which the release has (is the base a copy "
+                        "saved by transformers?)")
+    prompt, processor = training_prompt(export_dir)
+    tok = processor.tokenizer
+    rewritten = {"chat_template.jinja", "chat_template.json", "tokenizer_config.json", "config.json",
+                 "preprocessor_config.json", "processor_config.json"}
+    stage.mkdir()
+    for path in export_dir.iterdir():
+        if path.is_file() and path.name not in rewritten and not path.name.endswith(".gguf"):
+            (stage / path.name).symlink_to(path.resolve())
+
+    def read(name: str) -> dict:
+        path = export_dir / name
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+    (stage / "chat_template.jinja").write_text(gguf_chat_template(prompt, tok.eos_token), encoding="utf-8")
+    tokenizer_config = read("tokenizer_config.json")
+    tokenizer_config.pop("chat_template", None)  # the converter prefers it to chat_template.jinja
+    ids = tok("User", add_special_tokens=True)["input_ids"]
+    tokenizer_config["add_bos_token"] = bool(ids) and ids[0] == tok.bos_token_id
+    pieces = tok.convert_ids_to_tokens(tok("User", add_special_tokens=False)["input_ids"])
+    tokenizer_config["add_prefix_space"] = pieces[0].startswith("▁")
+    # The converter types and names the tokens above the SentencePiece pieces (the image markers) only from
+    # added_tokens_decoder, which a tokenizer_config.json saved by transformers 5 no longer lists.
+    tokenizer_config["added_tokens_decoder"] = {
+        str(i): {"content": t.content, "special": t.special} for i, t in tok.added_tokens_decoder.items()
+    }
+    _write_json(stage / "tokenizer_config.json", tokenizer_config)
+
+    config = read("config.json")
+    vision = config.get("vision_config")
+    if isinstance(vision, dict) and not vision.get("architectures"):
+        vision["architectures"] = [VISION_ARCHITECTURE]
+    _write_json(stage / "config.json", config)
+
+    bounds = _pixel_bounds(export_dir)
+    if bounds is None:
+        raise GGUFError(f"{export_dir} has no image processor config with pixel bounds")
+    image_processor = (read("preprocessor_config.json")
+                       or read("processor_config.json").get("image_processor", {}))
+    image_processor.update(min_pixels=bounds[0], max_pixels=bounds[1])
+    _write_json(stage / "preprocessor_config.json", image_processor)
+    return stage
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+
+
+def export_gguf(
+    export_dir: str | Path, out_dir: str | Path, gguf_type: str = "f16", llama_cpp: Path | None = None
+) -> tuple[Path, Path]:
+    """Convert an exported model folder (the base's layout) to `out_dir`/model-<type>.gguf (the language
+    model) and `out_dir`/mmproj-<type>.gguf (vision encoder and projector), both at `gguf_type`."""
+    if gguf_type not in GGUF_TYPES:
+        raise GGUFError(f"--gguf_type {gguf_type!r}: choose one of {', '.join(GGUF_TYPES)}")
+    export_dir, out_dir = Path(export_dir), Path(out_dir)
+    llama_cpp = check_converter(llama_cpp) if llama_cpp else converter_dir(fetch=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    outputs = (out_dir / f"model-{gguf_type}.gguf", out_dir / f"mmproj-{gguf_type}.gguf")
+    with tempfile.TemporaryDirectory(prefix=".gguf-", dir=out_dir) as tmp:
+        # The folder's name becomes the GGUF's general.name.
+        stage = _converter_input(export_dir, Path(tmp) / export_dir.resolve().name)
+        for target, extra in zip(outputs, ([], ["--mmproj"]), strict=True):
+            partial = Path(tmp) / target.name
+            run_converter(llama_cpp, [str(stage), "--outtype", gguf_type, "--outfile", str(partial), *extra])
+            os.replace(partial, target)
+    return outputs
+
+
+def run_converter(llama_cpp: Path, args: list[str]) -> None:
+    """convert_hf_to_gguf.py `args` with this Python; its log on failure goes into the GGUFError."""
+    env = dict(os.environ)
+    site = default_cache() / "site"  # the converter's dependencies (fetch_converter), also for LLAMA_CPP_DIR
+    paths = [str(p) for p in (llama_cpp / "gguf-py", site) if p.is_dir()]
+    env["PYTHONPATH"] = os.pathsep.join(paths + [env["PYTHONPATH"]] if env.get("PYTHONPATH") else paths)
+    env.pop("NO_LOCAL_GGUF", None)  # the converter's own gguf-py, not an installed gguf of another version
+    cmd = [sys.executable, str(llama_cpp / "convert_hf_to_gguf.py"), *args]
+    logger.info("running %s", " ".join(cmd))
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if done.returncode:
+        log = (done.stderr + done.stdout).strip().splitlines()
+        raise GGUFError(f"llama.cpp's converter failed ({' '.join(cmd)}): {log[-1] if log else 'no output'}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Fetch llama.cpp's converter into the cache (make setup).")
+    parser.add_argument("--fetch", action="store_true",
+                        help=f"download llama-cpp-python=={LLAMA_CPP_PYTHON}'s converter unless it is cached")
+    args = parser.parse_args(argv)
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    try:
+        print(converter_dir(fetch=args.fetch))
+    except GGUFError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,237 @@
+"""export_model.py --gguf: llama.cpp's converter (ocr_gguf) on an export of a release-like checkpoint, the
+chat template's image marker, and --base read from the checkpoint.
+
+The conversion tests need the converter in the cache (`make setup`, or `python ocr_gguf.py --fetch`) or
+LLAMA_CPP_DIR; they skip without it (no network in tests). The rest runs anywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jinja2
+import pytest
+
+import export_model
+import ocr_gguf
+import sft_paddleocr_vl as sft
+from custom_collator import IMAGE_TRIPLET, PROMPT
+from tools.make_tiny_model import build_release_like
+
+TRAINED_PIXELS = (3136, 50176)  # not the v1.5 base's 112896 / 1003520: the mmproj must carry these
+
+
+@pytest.fixture(scope="module")
+def llama_cpp() -> Path:
+    """The converter's folder; the test skips (before training anything) without one."""
+    try:
+        return ocr_gguf.converter_dir()
+    except ocr_gguf.GGUFError as e:
+        pytest.skip(f"no llama.cpp converter: {e}")
+
+
+@pytest.fixture(scope="module")
+def gguf_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A release-like v1.5 base with the release's tokenizer.model, and 3 vision layers: the converter maps
+    the projector's mlp_AR.linear_{1,2} through its per-layer table, which needs as many encoder layers."""
+    out = tmp_path_factory.mktemp("gguf_base")
+    return Path(build_release_like(out, "v1.5", vision_layers=3, sentencepiece_model=True))
+
+
+@pytest.fixture(scope="module")
+def run_dir(gguf_base: Path, prepared: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One training step from gguf_base at other pixel bounds, saved as checkpoint-1 (read-only)."""
+    out = tmp_path_factory.mktemp("gguf_sft") / "run"
+    rc = sft.main([
+        "--model_path", str(gguf_base), "--data_dir", str(prepared), "--output_dir", str(out),
+        "--max_steps", "1", "--max_train_samples", "2", "--eval_strategy", "no", "--save_strategy", "steps",
+        "--save_steps", "1", "--report_to", "none", "--disable_tqdm", "true", "--learning_rate", "1e-2",
+        "--min_pixels", str(TRAINED_PIXELS[0]), "--max_pixels", str(TRAINED_PIXELS[1]),
+    ])
+    assert rc == 0
+    return out
+
+
+def render(template: str, content, **env) -> str:
+    """The generation prompt for one user turn, as llama.cpp's jinja would render it (whitespace control
+    in the template is explicit, so trim_blocks/lstrip_blocks must not matter)."""
+    return jinja2.Environment(**env).from_string(template).render(
+        messages=[{"role": "user", "content": content}], add_generation_prompt=True,
+        bos_token="<s>", eos_token="</s>",
+    )
+
+
+def check_template(template: str, prompt: str) -> None:
+    """Every way llama.cpp hands over an image gives our training prompt once mtmd replaces the marker by
+    <|IMAGE_START|> (embeddings) <|IMAGE_END|> (the embeddings stand where <|IMAGE_PLACEHOLDER|> is)."""
+    server = "<__media_1a2b__>"  # llama-server's per-process random marker
+    cases = {
+        "llama-mtmd-cli": (ocr_gguf.MEDIA_MARKER + PROMPT, ocr_gguf.MEDIA_MARKER),
+        "llama-server, parts joined": (server + PROMPT, server),
+        "llama-server, typed parts": ([{"type": "media_marker", "text": server},
+                                       {"type": "text", "text": PROMPT}], server),
+        "HF-style messages": ([{"type": "image"}, {"type": "text", "text": PROMPT}], ocr_gguf.MEDIA_MARKER),
+        "text before image": ([{"type": "text", "text": PROMPT}, {"type": "image"}], ocr_gguf.MEDIA_MARKER),
+    }
+    for env in ({}, {"trim_blocks": True, "lstrip_blocks": True}):
+        for case, (content, marker) in cases.items():
+            rendered = render(template, content, **env)
+            assert rendered.count(marker) == 1, (case, rendered)
+            assert rendered.replace(marker, IMAGE_TRIPLET) == prompt, (case, env)
+
+
+@pytest.mark.parametrize("version", ["v1", "v1.5"])
+def test_gguf_template_renders_the_training_prompt(release_model, version: str) -> None:
+    prompt, processor = ocr_gguf.training_prompt(Path(release_model(version)))
+    assert prompt.endswith("Assistant: " if version == "v1" else "Assistant:\n")
+    template = ocr_gguf.gguf_chat_template(prompt, processor.tokenizer.eos_token)
+    check_template(template, prompt)
+    # A whole exchange ends the answer with eos, as training labels it.
+    messages = [{"role": "user", "content": ocr_gguf.MEDIA_MARKER + PROMPT},
+                {"role": "assistant", "content": "テスト"}]
+    full = jinja2.Environment().from_string(template).render(messages=messages)
+    assert full.replace(ocr_gguf.MEDIA_MARKER, IMAGE_TRIPLET) == prompt + "テスト</s>"
+
+
+def expected_tensors(llama_cpp: Path, folder: Path) -> dict[str, list[str]]:
+    """{"model": names, "mmproj": names}: the GGUF names the converter's own classes and tensor tables give
+    the folder's safetensors (in a subprocess: the converter's `gguf` and `conversion` packages)."""
+    script = """
+import json, sys
+from pathlib import Path
+from safetensors import safe_open
+import gguf
+from conversion.ernie import PaddleOCRModel, PaddleOCRVisionModel
+folder = Path(sys.argv[1])
+config = json.loads((folder / "config.json").read_text())
+with safe_open(str(folder / "model.safetensors"), "pt") as f:
+    names = list(f.keys())
+out = {}
+for key, cls, blocks in (("model", PaddleOCRModel, config["num_hidden_layers"]),
+                         ("mmproj", PaddleOCRVisionModel, config["vision_config"]["num_hidden_layers"])):
+    table = gguf.get_tensor_name_map(cls.model_arch, blocks)
+    kept = [cls.filter_tensors((n, None)) for n in names]
+    out[key] = sorted(table.get_name(k[0], try_suffixes=(".weight", ".bias")) for k in kept if k)
+print(json.dumps(out))
+"""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(llama_cpp / "gguf-py"), str(llama_cpp)]))
+    done = subprocess.run([sys.executable, "-c", script, str(folder)], env=env, capture_output=True,
+                          text=True, check=True)
+    return json.loads(done.stdout)
+
+
+def read_gguf(llama_cpp: Path, path: Path) -> dict:
+    """Tensor names and types and the metadata this test checks, read with the converter's gguf library."""
+    script = """
+import json, sys
+from gguf import GGUFReader
+r = GGUFReader(sys.argv[1])
+fields = {k: f.contents() for k, f in r.fields.items()
+          if k != "tokenizer.ggml.scores" and not k.startswith("GGUF.")}
+tokens = fields.pop("tokenizer.ggml.tokens", None)
+types = fields.pop("tokenizer.ggml.token_type", None)
+if tokens:
+    fields["tokens"] = {str(i): [tokens[i], types[i]] for i in (0, 1, 2, 23, 100273, 100295, 101305, 101306)}
+print(json.dumps({"tensors": {t.name: t.tensor_type.name for t in r.tensors},
+                  "row": {t.name: int(t.shape[0]) for t in r.tensors}, "fields": fields}))
+"""
+    env = dict(os.environ, PYTHONPATH=str(llama_cpp / "gguf-py"))
+    done = subprocess.run([sys.executable, "-c", script, str(path)], env=env, capture_output=True, text=True,
+                          check=True)
+    return json.loads(done.stdout)
+
+
+def test_checkpoint_to_gguf_without_base(llama_cpp: Path, run_dir: Path, tmp_path: Path, capsys) -> None:
+    """The checkpoint names its base; --gguf writes both files, whose tensors are what the converter maps,
+    whose chat template gives our training prompt, and whose mmproj has the trained pixel bounds."""
+    out = tmp_path / "ft"
+    assert export_model.main([str(run_dir / "checkpoint-1"), "--out", str(out), "--gguf"]) == 0
+    model, mmproj = out / "model-f16.gguf", out / "mmproj-f16.gguf"
+    assert capsys.readouterr().out.split() == [str(out), str(model), str(mmproj)]
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no staging left behind
+
+    want = expected_tensors(llama_cpp, out)
+    lm, mm = read_gguf(llama_cpp, model), read_gguf(llama_cpp, mmproj)
+    assert sorted(lm["tensors"]) == want["model"] and len(want["model"]) == 3 + 2 * 9
+    assert sorted(mm["tensors"]) == want["mmproj"] and len(want["mmproj"]) > 3 * 16
+    assert {t for t in lm["tensors"].values()} == {"F16", "F32"}  # norms stay F32
+
+    assert (mm["fields"]["clip.vision.image_min_pixels"], mm["fields"]["clip.vision.image_max_pixels"]) \
+        == TRAINED_PIXELS
+    assert mm["fields"]["clip.projector_type"] == "paddleocr"
+
+    f = lm["fields"]
+    prompt, _ = ocr_gguf.training_prompt(out)
+    check_template(f["tokenizer.chat_template"], prompt)
+    # As transformers tokenizes the prompt: no <s> first, no "▁" before text after a special token.
+    assert (f["tokenizer.ggml.add_bos_token"], f["tokenizer.ggml.add_space_prefix"]) == (False, False)
+    control, byte = 3, 6  # gguf.TokenType
+    assert f["tokens"] == {"0": ["<unk>", control], "1": ["<s>", control], "2": ["</s>", control],
+                           "23": ["<0x0A>", byte], "100273": ["<|begin_of_sentence|>", control],
+                           "100295": ["<|IMAGE_PLACEHOLDER|>", control],
+                           "101305": ["<|IMAGE_START|>", control], "101306": ["<|IMAGE_END|>", control]}
+    assert f["general.name"] == "Ft"
+
+    # q8_0: the same tensors; every F16 one whose rows split into 32-value blocks is Q8_0, the rest stay
+    # (the converter falls back per tensor: the 14-wide patch embedding here, at full size also the vision
+    # MLP's 4304-wide rows).
+    q8 = ocr_gguf.export_gguf(out, tmp_path / "q8", "q8_0")
+    assert [p.name for p in q8] == ["model-q8_0.gguf", "mmproj-q8_0.gguf"]
+    lm8, mm8 = (read_gguf(llama_cpp, p) for p in q8)
+    assert lm8["tensors"].keys() == lm["tensors"].keys() and mm8["tensors"].keys() == mm["tensors"].keys()
+    for f16, q in ((lm, lm8), (mm, mm8)):
+        assert {name for name, t in q["tensors"].items() if t == "Q8_0"} == \
+            {name for name, t in f16["tensors"].items() if t == "F16" and f16["row"][name] % 32 == 0}
+    assert mm8["tensors"]["v.patch_embd.weight"] != "Q8_0" and "Q8_0" in mm8["tensors"].values()
+
+
+def test_export_without_base_uses_the_recorded_one(run_dir: Path, gguf_base: Path, tmp_path: Path) -> None:
+    recorded = json.loads((run_dir / "checkpoint-1" / export_model.BASE_FILE).read_text())
+    assert recorded == {"base_model": str(gguf_base.resolve())}
+    assert export_model.recorded_base(run_dir) == str(gguf_base.resolve())  # the final model too
+    assert export_model.main([str(run_dir / "checkpoint-1"), "--out", str(tmp_path / "a")]) == 0
+    assert export_model.main([str(run_dir / "checkpoint-1"), "--base", str(gguf_base),
+                              "--out", str(tmp_path / "b")]) == 0
+    for p in (tmp_path / "b").iterdir():
+        assert (tmp_path / "a" / p.name).read_bytes() == p.read_bytes(), p.name
+
+
+def test_lora_checkpoint_names_its_base(tmp_path: Path) -> None:
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "org/base"}))
+    assert export_model.recorded_base(tmp_path) == "org/base"
+
+
+def test_folder_without_base_fails_clearly(release_model, tmp_path: Path, error_line) -> None:
+    rc = export_model.main([str(release_model("v1")), "--out", str(tmp_path / "x")])
+    line = error_line(rc)
+    assert "does not say which base it was trained from" in line and line.endswith("pass --base")
+
+
+def test_converter_without_paddleocr_fails_clearly(run_dir: Path, tmp_path: Path, monkeypatch,
+                                                   error_line) -> None:
+    old = tmp_path / "llama.cpp"
+    (old / "conversion").mkdir(parents=True)
+    (old / "convert_hf_to_gguf.py").write_text("# a converter from before PaddleOCR-VL\n")
+    (old / "conversion" / "__init__.py").write_text('TEXT_MODEL_MAP = {"LlamaForCausalLM": "llama"}\n')
+    monkeypatch.setenv("LLAMA_CPP_DIR", str(old))
+    out = tmp_path / "out"
+    rc = export_model.main([str(run_dir / "checkpoint-1"), "--out", str(out), "--gguf"])
+    assert "does not know PaddleOCR-VL" in error_line(rc)
+    assert not out.exists()  # checked before exporting anything
+
+
+def test_base_without_tokenizer_model_fails_clearly(release_model, tmp_path: Path) -> None:
+    fake = tmp_path / "llama.cpp"
+    fake.mkdir()
+    (fake / "convert_hf_to_gguf.py").write_text(f'# "{ocr_gguf.ARCHITECTURE}"\n')
+    with pytest.raises(ocr_gguf.GGUFError, match="no tokenizer.model"):
+        ocr_gguf.export_gguf(release_model("v1"), tmp_path / "out", llama_cpp=fake)
+
+
+def test_unknown_gguf_type_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ocr_gguf.GGUFError, match="choose one of f16, q8_0"):
+        ocr_gguf.export_gguf(tmp_path, tmp_path, "q4_0")
