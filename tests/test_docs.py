@@ -34,7 +34,7 @@ def test_a_stale_table_is_rewritten() -> None:
     stale = "intro\n<!-- flags:export_model.py -->\n| flag | default | meaning |\n| `--old` | 1 | gone |\n" \
             "<!-- /flags -->\nafter `<!-- flags:predict.py -->` in prose is left alone\n"
     new = wd.render(stale)
-    assert "`--old`" not in new and "| `--base` | (required) | hub id or folder of the model that was" in new
+    assert "`--old`" not in new and "| `--out` | (required) | new or empty folder for the export" in new
     assert new.startswith("intro\n") and new.endswith("in prose is left alone\n") and wd.render(new) == new
 
 
