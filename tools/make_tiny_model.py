@@ -304,6 +304,7 @@ RELEASE_PIECES = {"‚ñÅw": 296, "CR": 2497, "User": 2969, "Assistant": 92267, "‚ñ
 RELEASE_SP_PIECES = 100295  # SentencePiece pieces 0..100294; added tokens from 100295 (1019 of them)
 RELEASE_ADDED_END = 101314
 RELEASE_VOCAB_SIZE = 103424  # embedding rows (more than the tokenizer's 101314 ids, as in the release)
+RELEASE_MROPE_SECTION = [16, 24, 24]  # (t, h, w) rotary frequencies of head_dim 128
 BYTE_FALLBACK_START = 13  # <0x00>..<0xFF> at 13..268, so "\n" = <0x0A> = 23
 # Tensors in the released model.safetensors that transformers skips on load (and so never saves).
 PACKING_POSITIONS = 32768
@@ -459,7 +460,9 @@ def _flat_config(nested: dict) -> dict:
     for key in ("model_type", "tie_word_embeddings", "dtype"):
         text.pop(key, None)
     config.update(text)
-    config["rope_scaling"] = {"mrope_section": rope["mrope_section"], "rope_type": "default",
+    # A config without mrope_section (PaddleOCRVLConfig()'s) gets transformers' default, the release's value.
+    section = rope.get("mrope_section", RELEASE_MROPE_SECTION)
+    config["rope_scaling"] = {"mrope_section": section, "rope_type": "default",
                               "type": "default"}
     config["rope_theta"] = rope["rope_theta"]
     config.update(tie_word_embeddings=False, use_cache=False, torch_dtype="bfloat16")
@@ -527,10 +530,30 @@ def build_release_like(
         vocab_size=RELEASE_VOCAB_SIZE, ids=ids, hidden=hidden, text_layers=text_layers,
         vision_layers=vision_layers, tie_word_embeddings=False, seed=seed, init_std=init_std,
         vision_init_std=vision_init_std,
-    ).to(torch.bfloat16)
-    model.save_pretrained(out, safe_serialization=True)  # the release's key names (mlp_AR.*, visual.*, ...)
-    weights = load_file(str(out / "model.safetensors")) | _dropped_tensors(hidden, seed)
-    save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
+    )
+    save_release_layout(model, processor, out, version, extra_tensors=_dropped_tensors(hidden, seed),
+                        sentencepiece_model=sentencepiece_model)
+    return str(out)
+
+
+def save_release_layout(
+    model: PaddleOCRVLForConditionalGeneration,
+    processor: PaddleOCRVLProcessor,
+    out: Path,
+    version: str = "v1",
+    *,
+    extra_tensors: dict[str, torch.Tensor] | None = None,
+    sentencepiece_model: bool = False,
+) -> None:
+    """Write `model` (left as it is in memory) and `processor` to `out` in the release's file layout: bf16
+    weights under the release's key names plus `extra_tensors`, its flat config.json, generation config,
+    tokenizer (and tokenizer.model when `sentencepiece_model`) and top-level-bounds preprocessor_config.json.
+
+    ``sentencepiece_model``: also write the release's tokenizer.model (tokenizer.json's pieces), which
+    llama.cpp's converter reads (the GGUF export); transformers uses tokenizer.json either way."""
+    model.save_pretrained(out, safe_serialization=True, max_shard_size="100GB")  # the release's key names
+    weights = {k: v.to(torch.bfloat16) for k, v in load_file(str(out / "model.safetensors")).items()}
+    save_file(weights | (extra_tensors or {}), str(out / "model.safetensors"), metadata={"format": "pt"})
     config = json.loads((out / "config.json").read_text())
     _write_json(out / "config.json", _flat_config(config))
     _write_json(out / "generation_config.json", {"eos_token_id": 2, "pad_token_id": 0, "use_cache": False})
@@ -550,8 +573,6 @@ def build_release_like(
         "processor_class": "PaddleOCRVLProcessor", "resample": 3, "rescale_factor": 1 / 255,
         "temporal_patch_size": 1,
     })
-    return str(out)
-
 
 # SentencePiece piece types (sentencepiece_model.proto) and the wire format, written by hand: the fixture
 # needs no protobuf package.
