@@ -205,6 +205,22 @@ def test_lora_checkpoint_names_its_base(tmp_path: Path) -> None:
     assert export_model.recorded_base(tmp_path) == "org/base"
 
 
+def test_recorded_base_folder_missing_here_fails_clearly(tmp_path: Path, error_line) -> None:
+    # A checkpoint copied from another machine: its base_model.json names a folder that is not here.
+    ckpt = tmp_path / "checkpoint-1"
+    ckpt.mkdir()
+    (ckpt / export_model.BASE_FILE).write_text(json.dumps({"base_model": "/home/alice/PaddleOCR-VL"}))
+    line = error_line(export_model.main([str(ckpt), "--out", str(tmp_path / "x")]))
+    assert "names the base /home/alice/PaddleOCR-VL, which is not a folder here" in line
+    assert line.endswith("pass --base")
+    # A LoRA adapter's base_model_name_or_path relative to the directory training ran in.
+    lora = tmp_path / "lora"
+    lora.mkdir()
+    (lora / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "./no-such-base"}))
+    with pytest.raises(export_model.ExportError, match="not a folder here"):
+        export_model.recorded_base(lora)
+
+
 def test_folder_without_base_fails_clearly(release_model, tmp_path: Path, error_line) -> None:
     rc = export_model.main([str(release_model("v1")), "--out", str(tmp_path / "x")])
     line = error_line(rc)
