@@ -240,6 +240,19 @@ def test_converter_without_paddleocr_fails_clearly(run_dir: Path, tmp_path: Path
     assert not out.exists()  # checked before exporting anything
 
 
+def test_unwritable_cache_fails_clearly(tmp_path: Path, monkeypatch, capsys) -> None:
+    # No write access to ~/.cache (here: a cache "folder" under a file): one error line naming the way out,
+    # from `make setup` (ocr_gguf.py --fetch) and from export_model.py --gguf alike, before any download.
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "file" / "cache"))
+    monkeypatch.delenv("LLAMA_CPP_DIR", raising=False)
+    monkeypatch.setattr(ocr_gguf.subprocess, "run", None)  # no pip
+    assert ocr_gguf.main(["--fetch"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.startswith("error: could not write llama.cpp's converter into")
+    assert "XDG_CACHE_HOME" in err
+
+
 def test_base_without_tokenizer_model_fails_clearly(release_model, tmp_path: Path) -> None:
     fake = tmp_path / "llama.cpp"
     fake.mkdir()
