@@ -97,6 +97,21 @@ def test_gguf_template_renders_the_training_prompt(release_model, version: str) 
     assert full.replace(ocr_gguf.MEDIA_MARKER, IMAGE_TRIPLET) == prompt + "テスト</s>"
 
 
+def test_documented_mtmd_cli_commands_use_jinja() -> None:
+    # llama-mtmd-cli defaults to --no-jinja (common/arg.cpp, LLAMA_EXAMPLE_MTMD), and llama.cpp's built-in
+    # template detection (src/llama-chat.cpp) knows no PaddleOCR-VL layout: without --jinja it refuses the
+    # GGUF's template ("this custom template is not supported, try using --jinja").
+    root = Path(__file__).resolve().parent.parent
+    commands = []
+    for page in [root / "README.md", *sorted((root / "docs").glob("*.md"))]:
+        text = page.read_text(encoding="utf-8").replace("\\\n", " ")
+        lines = text.splitlines()
+        commands += [(page.name, line) for line in lines if line.lstrip().startswith("llama-mtmd-cli")]
+    assert commands
+    for page, line in commands:
+        assert " --jinja" in line, (page, line)
+
+
 def expected_tensors(llama_cpp: Path, folder: Path) -> dict[str, list[str]]:
     """{"model": names, "mmproj": names}: the GGUF names the converter's own classes and tensor tables give
     the folder's safetensors (in a subprocess: the converter's `gguf` and `conversion` packages)."""
