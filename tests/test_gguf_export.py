@@ -268,6 +268,19 @@ def test_unwritable_cache_fails_clearly(tmp_path: Path, monkeypatch, capsys) -> 
     assert "XDG_CACHE_HOME" in err
 
 
+def test_demo_does_not_fetch_the_converter(tmp_path: Path) -> None:
+    # `make demo` makes no GGUF: the converter's download (75 MB sdist, ~2 min on the 2-core dev VM) must not
+    # count against its time; `make setup` and `make test` (the GGUF tests) still fetch it.
+    root = Path(__file__).resolve().parent.parent
+
+    def plan(target: str) -> str:
+        return subprocess.run(["make", "-n", target, f"VENV={tmp_path / 'venv'}"], cwd=root, check=True,
+                              capture_output=True, text=True).stdout
+
+    assert "ocr_gguf.py --fetch" not in plan("demo") and "tools/demo.sh" in plan("demo")
+    assert "ocr_gguf.py --fetch" in plan("test") and "ocr_gguf.py --fetch" in plan("setup")
+
+
 def test_base_without_tokenizer_model_fails_clearly(release_model, tmp_path: Path) -> None:
     fake = tmp_path / "llama.cpp"
     fake.mkdir()
