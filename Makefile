@@ -8,7 +8,7 @@ BIN     := $(VENV)/bin
 TORCH   ?= torch==2.13.0
 DEMO_DIR ?= demo_output
 
-.PHONY: setup test lint demo docs docs-images
+.PHONY: setup gguf-converter test lint demo docs docs-images
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -31,8 +31,11 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt Makefile | $(BIN)/pyth
 
 # llama.cpp's GGUF converter (export_model.py --gguf), from the pinned llama-cpp-python sdist on PyPI, into
 # ~/.cache/paddleocr-vl-manga once (a no-op when there). Not fatal: --gguf fetches it itself, its tests skip.
-setup: $(VENV)/.installed
+# Not part of the demo, which makes no GGUF: the first fetch took 2 min (75 s CPU) on the 2-core dev VM.
+gguf-converter: $(VENV)/.installed
 	@$(BIN)/python ocr_gguf.py --fetch >/dev/null || echo "warning: no llama.cpp converter (offline?): the GGUF tests will skip"
+
+setup: $(VENV)/.installed gguf-converter
 
 test: setup
 	$(BIN)/python -m pytest -q
@@ -40,7 +43,7 @@ test: setup
 lint: setup
 	$(BIN)/ruff check .
 
-demo: setup
+demo: $(VENV)/.installed
 	PYTHON=$(abspath $(BIN)/python) bash tools/demo.sh
 
 docs: setup

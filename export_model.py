@@ -95,6 +95,11 @@ def recorded_base(checkpoint: str | Path) -> str:
             except (json.JSONDecodeError, AttributeError) as e:
                 raise ExportError(f"{ckpt / name} is not a JSON object: {e}") from e
             if isinstance(base, str) and base:
+                # A folder recorded on another machine (or relative to another directory) would otherwise be
+                # looked up on the hub as a repo id, with an error that does not say where it came from.
+                if base.startswith(("/", ".", "~")) and not Path(base).expanduser().is_dir():
+                    raise ExportError(f"{ckpt / name} names the base {base}, which is not a folder here (a "
+                                      "checkpoint from another machine or directory?): pass --base")
                 return base
     raise ExportError(f"{ckpt} does not say which base it was trained from (no {BASE_FILE} or LoRA "
                       "adapter_config.json with base_model_name_or_path): pass --base")

