@@ -97,32 +97,50 @@ def check_converter(llama_cpp: Path) -> Path:
     return llama_cpp
 
 
+def download_sdist(dest: Path) -> Path:
+    """The pinned llama-cpp-python source distribution (it vendors llama.cpp), downloaded by pip into dest."""
+    spec = f"llama-cpp-python=={LLAMA_CPP_PYTHON}"
+    logger.info("downloading %s's source distribution (~75 MB) for llama.cpp", spec)
+    _pip(["download", "--no-deps", "--no-binary", ":all:", spec, "-d", str(dest)], spec)
+    return next(Path(dest).glob("*.tar.gz"))
+
+
+def extract_llama_cpp(sdist: Path, dest: Path, parts: tuple[str, ...] | None = None) -> Path:
+    """Unpack the sdist's vendor/llama.cpp (only these top-level `parts` when given) as `dest`: regular files
+    and folders only, no name leaving the tree (what tarfile's "data" filter enforces, on every Python)."""
+    prefix = f"{sdist.name[:-len('.tar.gz')]}/vendor/llama.cpp/"
+    with tarfile.open(sdist) as tar:
+        members = []
+        for m in tar.getmembers():
+            rel = m.name[len(prefix):]
+            if not (m.name.startswith(prefix) and (m.isfile() or m.isdir()) and rel):
+                continue
+            if ".." in Path(rel).parts or Path(rel).is_absolute():
+                raise GGUFError(f"{sdist.name} holds an unsafe path {m.name!r}")
+            if parts is None or rel.split("/")[0] in parts:
+                m.name = rel
+                members.append(m)
+        tar.extractall(dest, members=members)
+    return dest
+
+
+def _pip(args: list[str], what: str) -> None:
+    done = subprocess.run([sys.executable, "-m", "pip", "--disable-pip-version-check", "-q", *args],
+                          capture_output=True, text=True)
+    if done.returncode:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise GGUFError(f"could not download {what} with pip (offline?): {last}")
+
+
 def fetch_converter(cache: Path) -> Path:
     """Download the pinned llama-cpp-python sdist with pip and keep only the converter's files (and its
     Python dependencies, in `site/`) in `cache`."""
     cache.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".fetch-", dir=cache.parent) as tmp:
-        pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
-        spec = f"llama-cpp-python=={LLAMA_CPP_PYTHON}"
-        logger.info("downloading llama.cpp's converter (%s source distribution, ~75 MB)", spec)
-        for cmd, what in (
-            (pip + ["download", "--no-deps", "--no-binary", ":all:", spec, "-d", tmp], spec),
-            (pip + ["install", "--no-deps", "--target", f"{tmp}/stage/site", *CONVERTER_DEPS],
-             " ".join(CONVERTER_DEPS)),
-        ):
-            done = subprocess.run(cmd, capture_output=True, text=True)
-            if done.returncode:
-                last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-                raise GGUFError(f"could not download {what} with pip (offline?): {last}")
-        sdist = next(Path(tmp).glob("*.tar.gz"))
-        prefix = f"{sdist.name[:-len('.tar.gz')]}/vendor/llama.cpp/"
-        with tarfile.open(sdist) as tar:
-            members = [m for m in tar.getmembers() if (m.isfile() or m.isdir()) and m.name.startswith(prefix)
-                       and m.name[len(prefix):].split("/")[0] in CONVERTER_PARTS]
-            for m in members:
-                m.name = "stage/llama.cpp/" + m.name[len(prefix):]
-            tar.extractall(tmp, members=members, filter="data")
-        check_converter(Path(tmp) / "stage" / "llama.cpp")
+        sdist = download_sdist(Path(tmp))
+        deps = list(CONVERTER_DEPS)
+        _pip(["install", "--no-deps", "--target", f"{tmp}/stage/site", *deps], " ".join(deps))
+        check_converter(extract_llama_cpp(sdist, Path(tmp) / "stage" / "llama.cpp", CONVERTER_PARTS))
         shutil.rmtree(cache, ignore_errors=True)
         os.replace(Path(tmp) / "stage", cache)
     return cache

@@ -27,6 +27,7 @@ import json
 import logging
 import math
 import os
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import closing
 from itertools import islice
@@ -365,12 +366,22 @@ def pin_memory(model: Any, num_workers: int) -> bool:
     return next(model.parameters()).device.type == "cuda" and num_workers > 0
 
 
-def _ignore_sigint(worker_id: int) -> None:
-    """Ctrl-C reaches the whole process group: a worker it interrupted mid-send printed a traceback (fd
-    sharing). The main process alone handles it and shuts the workers down."""
+def _quiet_worker(worker_id: int) -> None:
+    """Ctrl-C reaches the whole process group: the main process alone handles it and shuts the workers down.
+    A worker it interrupted mid-send printed a traceback (fd sharing), so workers ignore SIGINT; and when the
+    main process leaves in the middle of fetching a batch's file descriptors, the worker's resource_sharer
+    thread fails to accept that connection and prints it through sys.excepthook: nothing the user can act on."""
     import signal
+    from multiprocessing import AuthenticationError
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    report = sys.excepthook
+
+    def hook(kind: type[BaseException], value: BaseException, tb: Any) -> None:
+        if not issubclass(kind, (ConnectionError, EOFError, AuthenticationError)):
+            report(kind, value, tb)
+
+    sys.excepthook = hook
 
 
 def _as_is(item: Any) -> Any:  # collate_fn: items already are batches (a module function: spawn pickles it)
@@ -477,7 +488,7 @@ def crop_chunks(
     dataset = _Batches(processor, crops, [batch for chunk in plan for batch in chunk])
     loader = DataLoader(
         dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory, collate_fn=_as_is,
-        worker_init_fn=_ignore_sigint,
+        worker_init_fn=_quiet_worker,
     )
     batches = _raise_worker_errors(iter(loader))
     for chunk in plan:

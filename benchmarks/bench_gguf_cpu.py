@@ -48,7 +48,6 @@ import re
 import shutil
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 from dataclasses import dataclass
@@ -79,7 +78,15 @@ from benchmarks.bench_compat_cpu import (  # noqa: E402
 from benchmarks.bench_eval import full_size_random  # noqa: E402
 from custom_collator import IMAGE_TRIPLET, configure_image_size, generation_prompt, num_image_tokens  # noqa: E402
 from ocr_dataset import PROMPT  # noqa: E402
-from ocr_gguf import GGUF_TYPES, LLAMA_CPP_PYTHON, MEDIA_MARKER, GGUFError, default_cache, export_gguf  # noqa: E402
+from ocr_gguf import (  # noqa: E402
+    GGUF_TYPES,
+    MEDIA_MARKER,
+    GGUFError,
+    default_cache,
+    download_sdist,
+    export_gguf,
+    extract_llama_cpp,
+)
 from ocr_model import ImageList, crop_chunks, load_model_and_processor  # noqa: E402
 from tools.make_synthetic_manga109 import CHARSET  # noqa: E402
 from tools.make_tiny_model import RELEASES, build_release_like, save_release_layout  # noqa: E402
@@ -122,21 +129,8 @@ def fetch_source(cache: Path) -> Path:
     """llama.cpp's source as vendored in the pinned llama-cpp-python sdist (pip download), into cache/src."""
     cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".fetch-", dir=cache) as tmp:
-        spec = f"llama-cpp-python=={LLAMA_CPP_PYTHON}"
-        print(f"downloading {spec}'s source distribution (~75 MB) for llama.cpp's source", file=sys.stderr)
-        done = subprocess.run([sys.executable, "-m", "pip", "--disable-pip-version-check", "-q", "download",
-                               "--no-deps", "--no-binary", ":all:", spec, "-d", tmp],
-                              capture_output=True, text=True)
-        if done.returncode:
-            last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-            raise BenchError(f"could not download {spec} with pip (offline?): {last}")
-        sdist = next(Path(tmp).glob("*.tar.gz"))
-        prefix = f"{sdist.name[:-len('.tar.gz')]}/vendor/llama.cpp/"
-        with tarfile.open(sdist) as tar:
-            members = [m for m in tar.getmembers() if m.name.startswith(prefix) and (m.isfile() or m.isdir())]
-            for m in members:
-                m.name = "src/" + m.name[len(prefix):]
-            tar.extractall(tmp, members=members, filter="data")
+        print("downloading llama-cpp-python's source distribution (~75 MB) for llama.cpp", file=sys.stderr)
+        extract_llama_cpp(download_sdist(Path(tmp)), Path(tmp) / "src")
         shutil.rmtree(cache / "src", ignore_errors=True)
         os.replace(Path(tmp) / "src", cache / "src")
     return cache / "src"
