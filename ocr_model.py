@@ -370,7 +370,7 @@ def _quiet_worker(worker_id: int) -> None:
     """Ctrl-C reaches the whole process group: the main process alone handles it and shuts the workers down.
     A worker it interrupted mid-send printed a traceback (fd sharing), so workers ignore SIGINT; and when the
     main process leaves in the middle of fetching a batch's file descriptors, the worker's resource_sharer
-    thread fails to accept that connection and prints it through sys.excepthook: nothing the user can act on."""
+    thread fails to accept that connection and prints it through sys.excepthook: nothing a user can act on."""
     import signal
     from multiprocessing import AuthenticationError
 
