@@ -86,6 +86,7 @@ class FullRun(NamedTuple):
     split_lines: list[str]
     plan_verdict: str
     resume_from: str | None
+    answer_tokens: str = ""  # the first train answer's labelled tokens on the user's tokenizer
 
 
 class Probe(TrainerCallback):
@@ -271,7 +272,7 @@ def prepare(
         eval_batches=batches(loss_crops, args.per_device_eval_batch_size, world),
         generation_batches=generation_batches(gen_crops, data_args.generation_batch_size, world),
         split_lines=[s.line(used=s.split != "test") for s in data.splits],
-        plan_verdict=plan.splitlines()[-1], resume_from=resume,
+        plan_verdict=plan.splitlines()[-1], resume_from=resume, answer_tokens=data.answer_tokens,
     )
 
 
@@ -414,6 +415,7 @@ def summary(result: dict[str, Any], out: Path, world: int, elapsed: float) -> st
         f"of {full['train_crops']:,} train crops; batch {full['batch']:,} x accumulation "
         f"{full['accumulation']:,} x {world:,} process{'es' if world > 1 else ''} = "
         f"{full['batch'] * full['accumulation'] * world:,} crops a step)",
+        f"labels: {full['answer_tokens']}",
         "crops over max_length (full data):",
         *(f"  {line}" for line in full["split_lines"]),
     ]

@@ -37,7 +37,15 @@ from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
 from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.training_args import ParallelMode
 
-from custom_collator import OCRCollator, OverlongError, configure_image_size, logits_positions
+from custom_collator import (
+    OCRCollator,
+    OverlongError,
+    answer_ids,
+    answer_tokens_line,
+    configure_image_size,
+    logits_positions,
+    whitespace_start,
+)
 from export_model import ExportError, export_model, write_base
 from ocr_dataset import DatasetError, OCRDataset, RecordCrops, mixed_train_dataset, spread_sample
 from ocr_lora import (
@@ -600,6 +608,36 @@ class TrainData(NamedTuple):
     mix: list[dict]
     checked: CheckedModel
     splits: list[SplitLengths]  # train, then val and test where present
+    answer_tokens: str = ""  # the first train answer's labelled tokens (check_answer_tokens)
+
+
+class AnswerTokenError(DatasetError):
+    """A train answer's labels would start with a whitespace-only token."""
+
+
+def check_answer_tokens(tokenizer: Any, records: list[dict]) -> str:
+    """One line with the first train answer's labelled ids and pieces on this (the user's) tokenizer, after
+    checking every train answer: raises AnswerTokenError if any label starts with a whitespace-only piece.
+
+    The prompt ends in its own "▁" (v1) or "\n" (1.5/1.6); a label starting with "▁" would teach the model
+    to emit a second space there, on every crop if the tokenizer puts it before each text (add_prefix_space,
+    which answer_ids turns off: this is the check that it did, on the files the run really loads)."""
+    texts = [r["text"] for r in records]
+    labels = answer_ids(tokenizer, texts)
+    firsts = {ids[0] for ids in labels}  # a few thousand distinct first tokens: each checked once
+    blank = {i for i in firsts if whitespace_start(tokenizer, [i])}
+    bad = [k for k, ids in enumerate(labels) if ids[0] in blank]
+    if bad:
+        k = bad[0]
+        cause = ("its text starts with whitespace: strip it in the JSONL" if texts[k][:1].isspace() else
+                 "the tokenizer puts a space before the text that answer_ids did not remove")
+        raise AnswerTokenError(
+            f"{len(bad)} of {len(texts)} train answers would be labelled starting with a whitespace-only "
+            f"token, the first {records[k].get('id', k)!r} {texts[k]!r} -> pieces "
+            f"{tokenizer.convert_ids_to_tokens(labels[k])}: the model would learn to emit a space after the "
+            f"prompt's own; {cause}"
+        )
+    return answer_tokens_line(tokenizer, texts[0])
 
 
 def train_data(model_args: ModelArguments, data_args: DataArguments, args: TrainingArguments) -> TrainData:
@@ -619,6 +657,8 @@ def train_data(model_args: ModelArguments, data_args: DataArguments, args: Train
     checked = load_config_and_processor(model_args.model_path, trust_remote_code=model_args.trust_remote_code)
     configure_image_size(checked.processor, data_args.min_pixels, data_args.max_pixels)
     limit, processor = data_args.max_length, checked.processor
+    answer_tokens = check_answer_tokens(processor.tokenizer, train_ds.records)
+    logger.info("%s", answer_tokens)
     results = [filter_split("train", train_ds, processor, limit, augment=data_args.augment)]
     if "val" in present:
         results.append(filter_split("val", present["val"], processor, limit))
@@ -632,7 +672,7 @@ def train_data(model_args: ModelArguments, data_args: DataArguments, args: Train
     if "val" in present and not len(present["val"]):
         logger.warning("every val crop is over --max_length %d: no evaluation", limit)
         del present["val"]
-    return TrainData(train_ds, present.get("val"), mix, checked, results)
+    return TrainData(train_ds, present.get("val"), mix, checked, results, answer_tokens)
 
 
 def run_memory_plan(

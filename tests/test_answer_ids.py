@@ -85,3 +85,85 @@ def test_whitespace_start_spots_a_bare_space_label(tokenizers) -> None:
     naive = tok(["あ"], add_special_tokens=False)["input_ids"][0]  # what tokenizing on its own gives
     assert whitespace_start(tok, naive)
     assert not whitespace_start(tok, answer_ids(tok, ["あ"])[0])
+
+
+# ---------------------------------------------------------------- checked at training start, rehearsal
+
+
+def with_first_text(prepared: Path, dst: Path, text: str, n: int = 6) -> Path:
+    """A data folder of n train records (absolute image paths) whose first text is `text`, with val."""
+    import json
+
+    dst.mkdir(parents=True, exist_ok=True)
+    for split in ("train", "val"):
+        recs = [json.loads(line) for line in (prepared / f"{split}.jsonl").read_text().splitlines()][:n]
+        if split == "train":
+            recs[0]["text"] = text
+        rows = [json.dumps({**r, "image": str(prepared / r["image"])}, ensure_ascii=False) for r in recs]
+        (dst / f"{split}.jsonl").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    return dst
+
+
+def sft_argv(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    return ["--model_path", str(model), "--data_dir", str(data), "--output_dir", str(out),
+            "--report_to", "none", "--disable_tqdm", "true", "--max_steps", "1",
+            "--eval_generation_samples", "2", *extra]
+
+
+def test_training_start_logs_first_answer_ids_and_pieces(tiny_model: Path, prepared: Path, tmp_path: Path,
+                                                         caplog: pytest.LogCaptureFixture) -> None:
+    import sft_paddleocr_vl as sft
+    from ocr_model import load_config_and_processor
+
+    data = with_first_text(prepared, tmp_path / "d", "OK魔王")
+    tok = load_config_and_processor(str(tiny_model)).processor.tokenizer
+    want = tok("OK魔王", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    with caplog.at_level("INFO", logger="sft"):
+        sft.train_data(*sft.parse_args(sft_argv(tiny_model, data, tmp_path / "o")))
+    lines = [r.getMessage() for r in caplog.records if "answer tokens" in r.getMessage()]
+    assert len(lines) == 1 and "\n" not in lines[0]
+    assert "'OK魔王'" in lines[0] and str(want) in lines[0]
+    assert str(tok.convert_ids_to_tokens(want)) in lines[0]
+
+
+@pytest.mark.parametrize("rehearse", [False, True])
+def test_label_starting_with_a_space_stops_before_training(tiny_model: Path, prepared: Path, tmp_path: Path,
+                                                           error_line, rehearse: bool) -> None:
+    import sft_paddleocr_vl as sft
+
+    data = with_first_text(prepared, tmp_path / "d", " 魔王")  # the text itself starts with a space
+    out = tmp_path / "o"
+    rc = sft.main(sft_argv(tiny_model, data, out, *(["--rehearse", "true"] if rehearse else [])))
+    line = error_line(rc)
+    assert "1 of 6 train answers would be labelled starting with a whitespace-only token" in line
+    assert "' 魔王'" in line and "strip it" in line
+    if rehearse:
+        assert line.startswith("error: rehearsal failed at setup")
+    assert not list(out.rglob("checkpoint-*")) and not (out / "model.safetensors").exists()
+
+
+def test_prefix_space_the_labels_kept_would_be_caught(tokenizers, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Had answer_ids kept the tokenizer's prefix space, the start-of-training check would stop the run."""
+    import sft_paddleocr_vl as sft
+
+    tok = tokenizers[True]
+    records = [{"id": f"r{i}", "text": t} for i, t in enumerate(TEXTS)]
+    assert "pieces ['あ', '</s>']" in sft.check_answer_tokens(tok, records)
+
+    def naive(tokenizer, texts):
+        plain = tokenizer(texts, add_special_tokens=False)["input_ids"]
+        return [ids + [tokenizer.eos_token_id] for ids in plain]
+
+    monkeypatch.setattr(sft, "answer_ids", naive)
+    with pytest.raises(sft.AnswerTokenError, match=r"^\d of 6 .* 'r0' 'あ' -> pieces \['▁', 'あ'"):
+        sft.check_answer_tokens(tok, records)
+
+
+def test_rehearsal_reports_first_answer_tokens(tiny_model: Path, prepared: Path, tmp_path: Path) -> None:
+    import rehearsal
+    import sft_paddleocr_vl as sft
+
+    data = with_first_text(prepared, tmp_path / "d", "OK魔王")
+    m, d, a = sft.parse_args(sft_argv(tiny_model, data, tmp_path / "o"))
+    full = rehearsal.prepare(m, d, a, tmp_path / "o" / rehearsal.FOLDER)
+    assert full.answer_tokens.startswith("answer tokens of 'OK魔王' on this tokenizer: ids [")
