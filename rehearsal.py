@@ -232,6 +232,11 @@ def prepare(
     model_args: sft.ModelArguments, data_args: sft.DataArguments, args: TrainingArguments, out: Path
 ) -> FullRun:
     """Rank 0: measure the full data as the full run will, forecast the run, and write the sample."""
+    resume = args.resume_from_checkpoint
+    if resume == "auto":
+        resume = sft.latest_complete_checkpoint(args.output_dir)
+    # the full run's checkpoint must fit its precision and optimizer (raises ResumeMismatch, one line)
+    sft.resume_notes(resume, sft.run_setup(model_args, args), model_args.reset_optimizer_on_resume)
     data = sft.train_data(model_args, data_args, args)
     plan = sft.run_memory_plan(model_args, data_args, args, data)
     n_train = len(data.train)
@@ -243,9 +248,6 @@ def prepare(
     evals = evals if val is not None else 0  # build_trainer turns evaluation off without val
     loss_crops = n_val if data_args.max_eval_samples is None else min(n_val, data_args.max_eval_samples)
     gen_crops = min(n_val, data_args.eval_generation_samples)
-    resume = args.resume_from_checkpoint
-    if resume == "auto":
-        resume = sft.latest_complete_checkpoint(args.output_dir)
 
     if out.exists():  # an earlier rehearsal's checkpoints would be picked up by the resume stage
         shutil.rmtree(out)
