@@ -143,7 +143,8 @@ def test_label_starting_with_a_space_stops_before_training(tiny_model: Path, pre
 
 
 def test_prefix_space_the_labels_kept_would_be_caught(tokenizers, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Had answer_ids kept the tokenizer's prefix space, the start-of-training check would stop the run."""
+    """Had answer_ids kept the tokenizer's prefix space, the start-of-training check would stop the run: on
+    all 6 answers, bare ("▁", "あ") or merged ("▁O", "K")."""
     import sft_paddleocr_vl as sft
 
     tok = tokenizers[True]
@@ -155,7 +156,7 @@ def test_prefix_space_the_labels_kept_would_be_caught(tokenizers, monkeypatch: p
         return [ids + [tokenizer.eos_token_id] for ids in plain]
 
     monkeypatch.setattr(sft, "answer_ids", naive)
-    with pytest.raises(sft.AnswerTokenError, match=r"^\d of 6 .* 'r0' 'あ' -> pieces \['▁', 'あ'"):
+    with pytest.raises(sft.AnswerTokenError, match=r"^6 of 6 .* 'r0' 'あ' -> pieces \['▁', 'あ'"):
         sft.check_answer_tokens(tok, records)
 
 
