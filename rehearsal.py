@@ -10,7 +10,9 @@ model, precision, LoRA, batch, accumulation, max_length, workers and processes, 
   setup       the full data measured and filtered as the full run does (crops dropped per split), then a
               sample in OUTPUT_DIR/rehearsal/data: the train crops of STEPS optimizer steps and a few val
               and test crops, spread over the books, the longest kept crops first (sequential batches make
-              them the first micro-batch, so the measured peak memory is the worst the full run meets)
+              them the first micro-batch, so the measured peak memory is the worst the full run meets);
+              the first train answer's label tokens logged and every label checked, and the checkpoint the
+              full run would resume checked against its precision and optimizer (sft.resume_notes)
   evaluation  the base at step 0 (as --eval_base), then after every step, with CER generation when on
   save        a checkpoint after every step, so the best one always exists to be loaded at the end
   resume      the first trainer ends right after checkpoint-KILLED_AT, as if killed; a second one is built

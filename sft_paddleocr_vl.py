@@ -516,8 +516,9 @@ def _crops_a_step(setup: dict[str, Any]) -> int:
 def resume_notes(checkpoint: str | None, setup: dict[str, Any], reset_optimizer: bool) -> list[str]:
     """Check a checkpoint's recorded setup against this run's before anything is loaded; the lines to log
     (warnings). Raises ResumeMismatch, one line naming both settings and the two ways on, where the
-    precision or the optimizer differs: the saved optimizer state would not fit (optimi's AdamW given torch's
-    state finds no kahan_comp and silently zeroes the moments), unless reset_optimizer accepts a fresh one."""
+    precision or the optimizer differs: the saved optimizer state would not fit (torch-optimi 0.3.3 handed
+    torch's AdamW state crashes at the first step, KeyError 'kahan_sum', after the weights have loaded),
+    unless reset_optimizer accepts a fresh one."""
     if not checkpoint:
         return []
     name, notes = Path(checkpoint).name, []
@@ -542,7 +543,7 @@ def resume_notes(checkpoint: str | None, setup: dict[str, Any], reset_optimizer:
                 "learning-rate schedule resume; Adam's moments start from zero)"
             )
         layout = ("world_size", "per_device_train_batch_size", "gradient_accumulation_steps")
-        if any(saved.get(k) != setup[k] for k in layout):
+        if all(k in saved for k in layout) and any(saved[k] != setup[k] for k in layout):
             notes.append(_layout_change(checkpoint, saved, setup))
     if reset_optimizer:
         notes.append(f"--reset_optimizer_on_resume: {name}'s weights and learning-rate schedule resume; its "
