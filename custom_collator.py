@@ -16,13 +16,16 @@ by sft's answer_loss; a batch that goes to `model(**batch)` directly must drop t
 
 from __future__ import annotations
 
+import json
 import math
 from itertools import accumulate
 from types import SimpleNamespace
 from typing import Any
+from weakref import WeakKeyDictionary
 
 import torch
 from jinja2 import TemplateError
+from tokenizers import Tokenizer
 from transformers.models.paddleocr_vl.modeling_paddleocr_vl import PaddleOCRVLModel
 
 try:  # the PIL image-processor module needs no torchvision; fall back for releases without it
@@ -89,8 +92,77 @@ def prompt_ids(processor: Any) -> list[int]:
 
 
 def answer_ids(tokenizer: Any, texts: list[str]) -> list[list[int]]:
-    """Each answer tokenized on its own (as generated after the prompt), then eos: the labelled tokens."""
-    return [ids + [tokenizer.eos_token_id] for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    """Each answer tokenized on its own, with no space added before it, then eos: the labelled tokens.
+
+    Generation continues after the prompt's standalone "▁", so the answer's tokens are the text's own. A
+    tokenizer with add_prefix_space (transformers 5's default for Llama-style SentencePiece tokenizers) would
+    start every answer on its own with "▁" ("あ" -> "▁", "あ") or merge it into the first piece ("OK" -> "▁O",
+    "K"): a token the model must never emit there. So the answer goes through a copy of the tokenizer's
+    backend with that prefix turned off (answer_backend), which gives the same ids on either setting.
+    """
+    plain = answer_backend(tokenizer)
+    if plain is not None:
+        ids = [e.ids for e in plain.encode_batch(texts, add_special_tokens=False)]
+    else:  # no tokenizers backend to copy: drop a bare "▁" the tokenizer put before the text
+        ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+        ids = [a[1:] if a and not t[:1].isspace() and tokenizer.convert_ids_to_tokens(a[0]) == "▁" else a
+               for a, t in zip(ids, texts, strict=True)]
+    return [a + [tokenizer.eos_token_id] for a in ids]
+
+
+_ANSWER_BACKENDS: WeakKeyDictionary = WeakKeyDictionary()  # tokenizer -> answer_backend(tokenizer)
+
+
+def answer_backend(tokenizer: Any) -> Tokenizer | None:
+    """A copy of `tokenizer`'s tokenizers backend that adds no prefix space (Metaspace prepend_scheme
+    "never", no Prepend normalizer, add_prefix_space off), or None where the tokenizer adds none already
+    (its own backend is used as it is) or has no backend. Built once per tokenizer and process."""
+    if tokenizer in _ANSWER_BACKENDS:
+        return _ANSWER_BACKENDS[tokenizer]
+    backend, plain = getattr(tokenizer, "backend_tokenizer", None), None
+    if backend is not None:
+        spec = json.loads(backend.to_str())
+        rules = {k: spec.get(k) for k in ("normalizer", "pre_tokenizer")}
+        fixed = {k: _without_prefix_space(v) for k, v in rules.items()}
+        if fixed != rules:
+            plain = Tokenizer.from_str(json.dumps({**spec, **fixed}))
+            plain.no_padding()  # as the tokenizer's own call without padding/truncation
+            plain.no_truncation()
+            plain.encode_special_tokens = backend.encode_special_tokens
+    _ANSWER_BACKENDS[tokenizer] = plain
+    return plain
+
+
+def _without_prefix_space(node: Any) -> Any:
+    """A tokenizers normalizer/pre-tokenizer spec with every rule that puts "▁" before a text turned off."""
+    if isinstance(node, list):
+        kept = [n for n in node if not (isinstance(n, dict) and n.get("type") == "Prepend")]
+        return [_without_prefix_space(n) for n in kept]
+    if not isinstance(node, dict):
+        return node
+    if node.get("type") == "Prepend":  # older SentencePiece conversions: a normalizer prepending "▁"
+        return None
+    node = {k: _without_prefix_space(v) for k, v in node.items()}
+    if node.get("type") == "Metaspace":
+        node["prepend_scheme"] = "never"
+    if node.get("add_prefix_space"):  # Metaspace in older files, ByteLevel
+        node["add_prefix_space"] = False
+    return node
+
+
+def whitespace_start(tokenizer: Any, ids: list[int]) -> bool:
+    """Whether a label sequence starts with a piece that is only whitespace ("▁", "▁▁", a space byte)."""
+    if not ids or ids[0] == tokenizer.eos_token_id:
+        return False
+    piece = tokenizer.convert_ids_to_tokens(ids[0])
+    return not piece.replace("▁", " ").strip() or not tokenizer.decode(ids[:1]).strip()
+
+
+def answer_tokens_line(tokenizer: Any, text: str) -> str:
+    """One line: an answer's labelled tokens on this tokenizer, ids and pieces (logged at training start)."""
+    ids = answer_ids(tokenizer, [text])[0]
+    pieces = tokenizer.convert_ids_to_tokens(ids)
+    return f"answer tokens of {text!r} on this tokenizer: ids {ids}, pieces {pieces}"
 
 
 def configure_image_size(processor: Any, min_pixels: int | None = None, max_pixels: int | None = None):

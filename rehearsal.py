@@ -10,7 +10,9 @@ model, precision, LoRA, batch, accumulation, max_length, workers and processes, 
   setup       the full data measured and filtered as the full run does (crops dropped per split), then a
               sample in OUTPUT_DIR/rehearsal/data: the train crops of STEPS optimizer steps and a few val
               and test crops, spread over the books, the longest kept crops first (sequential batches make
-              them the first micro-batch, so the measured peak memory is the worst the full run meets)
+              them the first micro-batch, so the measured peak memory is the worst the full run meets);
+              the first train answer's label tokens logged and every label checked, and the checkpoint the
+              full run would resume checked against its precision and optimizer (sft.resume_notes)
   evaluation  the base at step 0 (as --eval_base), then after every step, with CER generation when on
   save        a checkpoint after every step, so the best one always exists to be loaded at the end
   resume      the first trainer ends right after checkpoint-KILLED_AT, as if killed; a second one is built
@@ -86,6 +88,7 @@ class FullRun(NamedTuple):
     split_lines: list[str]
     plan_verdict: str
     resume_from: str | None
+    answer_tokens: str = ""  # the first train answer's labelled tokens on the user's tokenizer
 
 
 class Probe(TrainerCallback):
@@ -231,6 +234,11 @@ def prepare(
     model_args: sft.ModelArguments, data_args: sft.DataArguments, args: TrainingArguments, out: Path
 ) -> FullRun:
     """Rank 0: measure the full data as the full run will, forecast the run, and write the sample."""
+    resume = args.resume_from_checkpoint
+    if resume == "auto":
+        resume = sft.latest_complete_checkpoint(args.output_dir)
+    # the full run's checkpoint must fit its precision and optimizer (raises ResumeMismatch, one line)
+    sft.resume_notes(resume, sft.run_setup(model_args, args), model_args.reset_optimizer_on_resume)
     data = sft.train_data(model_args, data_args, args)
     plan = sft.run_memory_plan(model_args, data_args, args, data)
     n_train = len(data.train)
@@ -242,9 +250,6 @@ def prepare(
     evals = evals if val is not None else 0  # build_trainer turns evaluation off without val
     loss_crops = n_val if data_args.max_eval_samples is None else min(n_val, data_args.max_eval_samples)
     gen_crops = min(n_val, data_args.eval_generation_samples)
-    resume = args.resume_from_checkpoint
-    if resume == "auto":
-        resume = sft.latest_complete_checkpoint(args.output_dir)
 
     if out.exists():  # an earlier rehearsal's checkpoints would be picked up by the resume stage
         shutil.rmtree(out)
@@ -271,7 +276,7 @@ def prepare(
         eval_batches=batches(loss_crops, args.per_device_eval_batch_size, world),
         generation_batches=generation_batches(gen_crops, data_args.generation_batch_size, world),
         split_lines=[s.line(used=s.split != "test") for s in data.splits],
-        plan_verdict=plan.splitlines()[-1], resume_from=resume,
+        plan_verdict=plan.splitlines()[-1], resume_from=resume, answer_tokens=data.answer_tokens,
     )
 
 
@@ -414,6 +419,7 @@ def summary(result: dict[str, Any], out: Path, world: int, elapsed: float) -> st
         f"of {full['train_crops']:,} train crops; batch {full['batch']:,} x accumulation "
         f"{full['accumulation']:,} x {world:,} process{'es' if world > 1 else ''} = "
         f"{full['batch'] * full['accumulation'] * world:,} crops a step)",
+        f"labels: {full['answer_tokens']}",
         "crops over max_length (full data):",
         *(f"  {line}" for line in full["split_lines"]),
     ]

@@ -34,10 +34,20 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
+from transformers.trainer import SCHEDULER_NAME
 from transformers.trainer_pt_utils import LengthGroupedSampler
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.training_args import ParallelMode
 
-from custom_collator import OCRCollator, OverlongError, configure_image_size, logits_positions
+from custom_collator import (
+    OCRCollator,
+    OverlongError,
+    answer_ids,
+    answer_tokens_line,
+    configure_image_size,
+    logits_positions,
+    whitespace_start,
+)
 from export_model import ExportError, export_model, write_base
 from ocr_dataset import DatasetError, OCRDataset, RecordCrops, mixed_train_dataset, spread_sample
 from ocr_lora import (
@@ -119,6 +129,16 @@ class ModelArguments:
     )
     trust_remote_code: bool = field(
         default=False, metadata={"help": "Allow code from the model repo (not needed: transformers>=5)."}
+    )
+    reset_optimizer_on_resume: bool = field(
+        default=False,
+        metadata={
+            "help": "On resume, load the checkpoint's weights and learning-rate schedule but start the "
+            "optimizer state (Adam's moments, bf16_lean's Kahan buffers) fresh. Needed to resume a "
+            "checkpoint saved with another precision or optimizer (its run_setup.json says which), e.g. one "
+            "made with fp32_master on a large GPU resumed with bf16_lean on a 12 GB card: that state does "
+            "not fit."
+        },
     )
 
 
@@ -263,10 +283,14 @@ class BF16Trainer(Trainer):
         gen_dataset: OCRDataset | None = None,
         data_args: DataArguments | None = None,
         base_model: str | None = None,
+        run_setup: dict | None = None,
+        fresh_optimizer: bool = False,
         **kwargs,
     ) -> None:
         super().__init__(*args, **kwargs)
         self.base_model = base_model
+        self.run_setup = run_setup  # written into every checkpoint (resume_notes reads it back)
+        self.fresh_optimizer = fresh_optimizer  # --reset_optimizer_on_resume
         self.lengths = lengths
         self.gen_dataset = gen_dataset
         self.data_args = data_args
@@ -298,6 +322,28 @@ class BF16Trainer(Trainer):
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         self._load_weights(resume_from_checkpoint, model)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        # The record goes in first: trainer_state.json, written last, stays the checkpoint's commit mark.
+        if self.run_setup is not None and self.args.should_save:
+            step = self.state.global_step
+            folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{step}"
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / RUN_SETUP_FILE).write_text(json.dumps(self.run_setup, indent=1) + "\n")
+        super()._save_checkpoint(model, trial)
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        if checkpoint is None or not self.fresh_optimizer:
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        # --reset_optimizer_on_resume: the schedule only; optimizer.pt is never read, so every optimizer
+        # initialises its state at the first step (optimi's AdamW: moments and Kahan buffers; its step too).
+        path = Path(checkpoint) / SCHEDULER_NAME
+        if path.is_file():
+            self.lr_scheduler.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+            # optimizer.pt would also have restored each group's lr as of the checkpoint; the scheduler sets
+            # it only at its next step(), so the first step would otherwise use the lr of step 0 (0 in warmup)
+            for group, lr in zip(self.optimizer.param_groups, self.lr_scheduler.get_last_lr(), strict=True):
+                group["lr"] = lr
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         # Every checkpoint (and the final model) names its base: export_model.py needs no --base for it.
@@ -431,6 +477,96 @@ def latest_complete_checkpoint(output_dir: str) -> str | None:
         except (OSError, ValueError):
             logger.warning("ignoring incomplete checkpoint %s", path)
     return max(found)[1] if found else None
+
+
+RUN_SETUP_FILE = "run_setup.json"  # in every checkpoint-N: what its optimizer state and steps depend on
+
+
+class ResumeMismatch(ValueError):
+    """The checkpoint's optimizer state was made with another precision or optimizer than this run's."""
+
+
+def run_setup(model_args: ModelArguments, args: TrainingArguments) -> dict[str, Any]:
+    """This run's precision, optimizer and batch layout, as recorded in each checkpoint (RUN_SETUP_FILE)."""
+    lean_optimizer_used = model_args.precision == "bf16_lean" and not model_args.lora_r
+    optim = getattr(args.optim, "value", str(args.optim))
+    return {
+        "precision": model_args.precision,
+        "lora_r": model_args.lora_r,
+        # torch's AdamW variants (adamw_torch, _fused) share one state layout; optimi's adds kahan_comp
+        "optimizer": "optimi.AdamW" if lean_optimizer_used else
+                     "torch.optim.AdamW" if optim.startswith("adamw_torch") else optim,
+        "kahan_sum": lean_optimizer_used,
+        "optim": optim,
+        "world_size": args.world_size,
+        "per_device_train_batch_size": args.per_device_train_batch_size,
+        "gradient_accumulation_steps": args.gradient_accumulation_steps,
+    }
+
+
+def _describe(setup: dict[str, Any]) -> str:
+    kahan = " with Kahan summation" if setup.get("kahan_sum") else ""
+    return f"{setup.get('precision')} ({setup.get('optimizer')}{kahan})"
+
+
+def _crops_a_step(setup: dict[str, Any]) -> int:
+    return setup["world_size"] * setup["per_device_train_batch_size"] * setup["gradient_accumulation_steps"]
+
+
+def resume_notes(checkpoint: str | None, setup: dict[str, Any], reset_optimizer: bool) -> list[str]:
+    """Check a checkpoint's recorded setup against this run's before anything is loaded; the lines to log
+    (warnings). Raises ResumeMismatch, one line naming both settings and the two ways on, where the
+    precision or the optimizer differs: the saved optimizer state would not fit (torch-optimi 0.3.3 handed
+    torch's AdamW state crashes at the first step, KeyError 'kahan_sum', after the weights have loaded),
+    unless reset_optimizer accepts a fresh one."""
+    if not checkpoint:
+        return []
+    name, notes = Path(checkpoint).name, []
+    try:
+        saved = json.loads((Path(checkpoint) / RUN_SETUP_FILE).read_text())
+    except FileNotFoundError:
+        saved = None
+        notes.append(f"{name} has no {RUN_SETUP_FILE} (saved before checkpoints recorded it): its precision, "
+                     "optimizer and world size are not checked; resuming it as saved")
+    if saved is not None:
+        # LoRA's adapters are fp32 with torch's AdamW in either precision: there only the optimizer matters
+        full = not saved.get("lora_r") and not setup["lora_r"]
+        differs = [k for k in (("precision",) if full else ()) + ("optimizer", "kahan_sum")
+                   if saved.get(k) != setup[k]]
+        if differs and not reset_optimizer:
+            way = (f"PRECISION={saved['precision']} for train.sh (--precision {saved['precision']})"
+                   if "precision" in differs else f"--optim {saved.get('optim')}")
+            raise ResumeMismatch(
+                f"{checkpoint} was saved by a {_describe(saved)} run but this run is {_describe(setup)}: its "
+                f"optimizer state does not fit. Either resume with the checkpoint's settings, {way}, or "
+                "accept a fresh optimizer state with --reset_optimizer_on_resume true (weights and "
+                "learning-rate schedule resume; Adam's moments start from zero)"
+            )
+        layout = ("world_size", "per_device_train_batch_size", "gradient_accumulation_steps")
+        if all(k in saved for k in layout) and any(saved[k] != setup[k] for k in layout):
+            notes.append(_layout_change(checkpoint, saved, setup))
+    if reset_optimizer:
+        notes.append(f"--reset_optimizer_on_resume: {name}'s weights and learning-rate schedule resume; its "
+                     "optimizer state is not loaded, the optimizer starts fresh (Adam's moments from zero)")
+    return notes
+
+
+def _layout_change(checkpoint: str, saved: dict[str, Any], setup: dict[str, Any]) -> str:
+    """One line: how a checkpoint's steps map to samples when processes, batch or accumulation changed."""
+    try:
+        step = json.loads((Path(checkpoint) / "trainer_state.json").read_text())["global_step"]
+    except (OSError, ValueError, KeyError):
+        step = int(Path(checkpoint).name.rsplit("-", 1)[-1])
+    old, new = _crops_a_step(saved), _crops_a_step(setup)
+
+    def layout(x: dict[str, Any]) -> str:
+        return (f"{x['world_size']} process{'es' if x['world_size'] > 1 else ''} x batch "
+                f"{x['per_device_train_batch_size']} x accumulation {x['gradient_accumulation_steps']}")
+
+    return (f"{Path(checkpoint).name} was saved by {layout(saved)} = {old} crops a step, this run has "
+            f"{layout(setup)} = {new}: global step {step} = {step} x {old} = {step * old:,} crops seen; the "
+            f"run goes on from step {step} at {new} crops a step (max_steps and the schedule count steps), "
+            f"its data order resuming {step * new:,} crops in")
 
 
 def main_process_decides(args: TrainingArguments, decide: Callable[[], Any]) -> Any:
@@ -576,6 +712,20 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
     return model_args, data_args, args
 
 
+def check_resume(args: TrainingArguments, setup: dict[str, Any], reset_optimizer: bool) -> None:
+    """Before any data or weights are read: exit 2 with one line (rank 0 prints it) where the checkpoint to
+    resume was saved with another precision or optimizer; log how it maps otherwise (resume_notes)."""
+    try:
+        notes = resume_notes(args.resume_from_checkpoint, setup, reset_optimizer)
+    except ResumeMismatch as e:
+        if args.process_index == 0:
+            print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    if args.process_index == 0:
+        for note in notes:
+            logger.warning("%s", note)
+
+
 def refuse_data_parallel(args: TrainingArguments) -> None:
     """Exit 2 with one line where the Trainer would wrap the model in nn.DataParallel: one process that sees
     several GPUs (TrainingArguments sets n_gpu = torch.cuda.device_count() outside torchrun). DataParallel
@@ -600,6 +750,40 @@ class TrainData(NamedTuple):
     mix: list[dict]
     checked: CheckedModel
     splits: list[SplitLengths]  # train, then val and test where present
+    answer_tokens: str = ""  # the first train answer's labelled tokens (check_answer_tokens)
+
+
+class AnswerTokenError(DatasetError):
+    """A train answer's labels would start with a whitespace-only token."""
+
+
+def check_answer_tokens(tokenizer: Any, records: list[dict]) -> str:
+    """One line with the first train answer's labelled ids and pieces on this (the user's) tokenizer, after
+    checking every train answer: raises AnswerTokenError if any label starts with a whitespace-only piece, or
+    with a piece that merges in a space the text does not start with.
+
+    The prompt ends in its own "▁" (v1) or "\n" (1.5/1.6); a label starting with "▁" would teach the model
+    to emit a second space there, on every crop if the tokenizer puts it before each text (add_prefix_space,
+    which answer_ids turns off: this is the check that it did, on the files the run really loads)."""
+    texts = [r["text"] for r in records]
+    labels = answer_ids(tokenizer, texts)
+    firsts = {ids[0] for ids in labels}  # a few thousand distinct first tokens: each checked once
+    blank = {i for i in firsts if whitespace_start(tokenizer, [i])}
+    # a space merged into the first piece ("▁O" for "OK") is as wrong, unless the text starts with one
+    spaced = {i for i in firsts if str(tokenizer.convert_ids_to_tokens(i)).startswith("▁")}
+    bad = [k for k, ids in enumerate(labels)
+           if ids[0] in blank or (ids[0] in spaced and not texts[k][:1].isspace())]
+    if bad:
+        k = bad[0]
+        cause = ("its text starts with whitespace: strip it in the JSONL" if texts[k][:1].isspace() else
+                 "the tokenizer puts a space before the text that answer_ids did not remove")
+        raise AnswerTokenError(
+            f"{len(bad)} of {len(texts)} train answers would be labelled starting with a whitespace-only "
+            f"token or a space the text does not have, the first {records[k].get('id', k)!r} {texts[k]!r} -> "
+            f"pieces {tokenizer.convert_ids_to_tokens(labels[k])}: the model would learn to emit a space "
+            f"after the prompt's own; {cause}"
+        )
+    return answer_tokens_line(tokenizer, texts[0])
 
 
 def train_data(model_args: ModelArguments, data_args: DataArguments, args: TrainingArguments) -> TrainData:
@@ -619,6 +803,8 @@ def train_data(model_args: ModelArguments, data_args: DataArguments, args: Train
     checked = load_config_and_processor(model_args.model_path, trust_remote_code=model_args.trust_remote_code)
     configure_image_size(checked.processor, data_args.min_pixels, data_args.max_pixels)
     limit, processor = data_args.max_length, checked.processor
+    answer_tokens = check_answer_tokens(processor.tokenizer, train_ds.records)
+    logger.info("%s", answer_tokens)
     results = [filter_split("train", train_ds, processor, limit, augment=data_args.augment)]
     if "val" in present:
         results.append(filter_split("val", present["val"], processor, limit))
@@ -632,7 +818,7 @@ def train_data(model_args: ModelArguments, data_args: DataArguments, args: Train
     if "val" in present and not len(present["val"]):
         logger.warning("every val crop is over --max_length %d: no evaluation", limit)
         del present["val"]
-    return TrainData(train_ds, present.get("val"), mix, checked, results)
+    return TrainData(train_ds, present.get("val"), mix, checked, results, answer_tokens)
 
 
 def run_memory_plan(
@@ -692,6 +878,8 @@ def build_trainer(
             args, lambda: latest_complete_checkpoint(args.output_dir)
         )
         logger.info("resume: %s", args.resume_from_checkpoint or "no checkpoint yet, starting fresh")
+    setup = run_setup(model_args, args)
+    check_resume(args, setup, model_args.reset_optimizer_on_resume)
     args.remove_unused_columns = False  # the collator needs image/text, which forward() doesn't take
     if not torch.accelerator.is_available():
         args.dataloader_pin_memory = False  # pinning needs an accelerator; torch warns per loader otherwise
@@ -774,6 +962,8 @@ def build_trainer(
         gen_dataset=gen_ds,
         data_args=data_args,
         base_model=model_args.model_path,
+        run_setup=setup,
+        fresh_optimizer=bool(args.resume_from_checkpoint) and model_args.reset_optimizer_on_resume,
     )
 
 

@@ -382,8 +382,12 @@ def _merge_chain(word: str) -> list[tuple[str, str]]:
     return [(word[: i - 1], word[i - 1]) for i in range(2, len(word) + 1)]
 
 
-def build_release_tokenizer(charset: str = CHARSET) -> TokenizersBackend:
+def build_release_tokenizer(charset: str = CHARSET, *, add_prefix_space: bool = False) -> TokenizersBackend:
     """A SentencePiece-style tokenizer with the release's ids: spaces as "▁", byte fallback, "▁"+Latin merges.
+
+    ``add_prefix_space``: also put a "▁" before the start of a text, as transformers 5's Llama-style
+    SentencePiece tokenizers do by default (Metaspace, prepend_scheme "first": not after a special token,
+    so the prompt, which starts with one, is tokenized the same; a text on its own starts with "▁").
 
     Every character of ``charset`` (and printable ASCII) is a piece of its own, so training can learn it; the
     pieces whose ids are known sit at those ids, the rest of the 100295 SentencePiece ids are unused fillers.
@@ -426,8 +430,13 @@ def build_release_tokenizer(charset: str = CHARSET) -> TokenizersBackend:
             "merges": [list(m) for m in merges],
         },
     }
+    if add_prefix_space:  # what transformers 5's LlamaTokenizer builds with add_prefix_space=True
+        spec["pre_tokenizer"] = {"type": "Metaspace", "replacement": "▁", "prepend_scheme": "first",
+                                 "split": False}
+        spec["decoder"]["decoders"].append({"type": "Strip", "content": " ", "start": 1, "stop": 0})
     return TokenizersBackend(
         tokenizer_object=Tokenizer.from_str(json.dumps(spec)),
+        add_prefix_space=add_prefix_space,
         bos_token=BOS,
         eos_token=EOS,
         unk_token=UNK,
@@ -442,12 +451,14 @@ def build_release_tokenizer(charset: str = CHARSET) -> TokenizersBackend:
     )
 
 
-def release_processor(version: str = "v1", charset: str = CHARSET) -> PaddleOCRVLProcessor:
+def release_processor(
+    version: str = "v1", charset: str = CHARSET, *, add_prefix_space: bool = False
+) -> PaddleOCRVLProcessor:
     """The release-like processor (tokenizer, chat template, image bounds) in memory, without a model."""
     template, min_pixels, max_pixels = RELEASES[version]
     return PaddleOCRVLProcessor(
         image_processor=_image_processor(min_pixels, max_pixels),
-        tokenizer=build_release_tokenizer(charset),
+        tokenizer=build_release_tokenizer(charset, add_prefix_space=add_prefix_space),
         chat_template=template,
     )
 
@@ -511,16 +522,18 @@ def build_release_like(
     init_std: float | None = None,
     vision_init_std: float | None = None,
     sentencepiece_model: bool = False,
+    add_prefix_space: bool = False,
 ) -> str:
     """Save a tiny random PaddleOCR-VL laid out like the real release ``version`` (v1, v1.5, v1.6).
 
     ``sentencepiece_model``: also write the release's tokenizer.model (tokenizer.json's pieces), which
-    llama.cpp's converter reads (the GGUF export); transformers uses tokenizer.json either way."""
+    llama.cpp's converter reads (the GGUF export); transformers uses tokenizer.json either way.
+    ``add_prefix_space``: a tokenizer that puts "▁" before a text's start (build_release_tokenizer)."""
     if version not in RELEASES:
         raise ValueError(f"unknown release {version!r}; choose from {', '.join(RELEASES)}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    processor = release_processor(version, charset)
+    processor = release_processor(version, charset, add_prefix_space=add_prefix_space)
     ids = {
         "pad": 0, "bos": 1, "eos": 2, "image": RELEASE_SPECIAL_IDS[IMAGE_TOKEN],
         "video": RELEASE_SPECIAL_IDS[VIDEO_TOKEN], "vision_start": RELEASE_SPECIAL_IDS[IMAGE_START],
