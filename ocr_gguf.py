@@ -30,6 +30,7 @@ needs differently from transformers (the exported folder itself stays the base's
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -222,9 +223,11 @@ def _converter_input(export_dir: Path, stage: Path) -> Path:
     from export_model import _pixel_bounds
 
     if not (export_dir / "tokenizer.model").is_file():
-        raise GGUFError(f"{export_dir} has no tokenizer.model: llama.cpp's converter reads PaddleOCR-VL's "
-                        "vocabulary from the SentencePiece model, which the release has (is the base a copy "
-                        "saved by transformers?)")
+        # The export carries the base's files, so the base lacks it: a folder written by save_pretrained
+        # (transformers 5 writes tokenizer.json only), or a tiny stand-in made without it.
+        raise GGUFError("the base has no tokenizer.model, the SentencePiece vocabulary llama.cpp's converter "
+                        "reads: use a base that has the release's files (the hub's PaddlePaddle/PaddleOCR-VL "
+                        "does, and so does a stand-in made by tools/make_tiny_model.py --release_like v1)")
     prompt, processor = training_prompt(export_dir)
     tok = processor.tokenizer
     rewritten = {"chat_template.jinja", "chat_template.json", "tokenizer_config.json", "config.json",
@@ -273,10 +276,14 @@ def _write_json(path: Path, data: dict) -> None:
 
 
 def export_gguf(
-    export_dir: str | Path, out_dir: str | Path, gguf_type: str = "f16", llama_cpp: Path | None = None
+    export_dir: str | Path, out_dir: str | Path, gguf_type: str = "f16", llama_cpp: Path | None = None,
+    name: str | None = None,
 ) -> tuple[Path, Path]:
     """Convert an exported model folder (the base's layout) to `out_dir`/model-<type>.gguf (the language
-    model) and `out_dir`/mmproj-<type>.gguf (vision encoder and projector), both at `gguf_type`."""
+    model) and `out_dir`/mmproj-<type>.gguf (vision encoder and projector), both at `gguf_type`.
+
+    `name`: the folder name the GGUF's general.name is made from (default: `export_dir`'s; export_model
+    passes the final folder's, since it converts in a staging folder)."""
     if gguf_type not in GGUF_TYPES:
         raise GGUFError(f"--gguf_type {gguf_type!r}: choose one of {', '.join(GGUF_TYPES)}")
     export_dir, out_dir = Path(export_dir), Path(out_dir)
@@ -285,7 +292,7 @@ def export_gguf(
     outputs = (out_dir / f"model-{gguf_type}.gguf", out_dir / f"mmproj-{gguf_type}.gguf")
     with tempfile.TemporaryDirectory(prefix=".gguf-", dir=out_dir) as tmp:
         # The folder's name becomes the GGUF's general.name.
-        stage = _converter_input(export_dir, Path(tmp) / export_dir.resolve().name)
+        stage = _converter_input(export_dir, Path(tmp) / (name or export_dir.resolve().name))
         for target, extra in zip(outputs, ([], ["--mmproj"]), strict=True):
             partial = Path(tmp) / target.name
             run_converter(llama_cpp, [str(stage), "--outtype", gguf_type, "--outfile", str(partial), *extra])
@@ -305,6 +312,12 @@ def run_converter(llama_cpp: Path, args: list[str]) -> None:
     done = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if done.returncode:
         log = (done.stderr + done.stdout).strip().splitlines()
+        no_room = [f"[Errno {n}]" for n in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)]
+        if any(code in line for line in log[-5:] for code in no_room):
+            outfile = Path(args[args.index("--outfile") + 1]).name
+            raise GGUFError(f"llama.cpp's converter could not write {outfile}: the disk is full or a "
+                            "file-size limit (ulimit -f) stopped the write; make room and run the same "
+                            "command again")
         raise GGUFError(f"llama.cpp's converter failed ({' '.join(cmd)}): {log[-1] if log else 'no output'}")
 
 
