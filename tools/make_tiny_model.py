@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import struct
 import sys
 from pathlib import Path
@@ -702,7 +704,31 @@ def main(argv: list[str] | None = None) -> int:
         help=f"image processor max_pixels (default {TINY_MAX_PIXELS}: at most 64 image tokens per crop)",
     )
     args = parser.parse_args(argv)
+    final = Path(args.out)
+    if final.exists() and not final.is_dir():
+        parser.error(f"--out {final} is a file, not a folder")
+    # Built whole in a staging folder beside --out, then moved into place: a Ctrl-C or a full disk never
+    # leaves a half-made model where a test or train.sh would load it.
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = final.parent / f".{final.name}.partial"
+    shutil.rmtree(staging, ignore_errors=True)  # left by a killed run
+    try:
+        _build(args, parser, staging)
+        if final.exists():  # rebuilding into an existing folder replaces its files, as before
+            for path in sorted(staging.iterdir()):
+                os.replace(path, final / path.name)
+        else:
+            os.rename(staging, final)
+    except OSError as e:
+        print(f"error: could not write {e.filename or final}: {e.strerror or e}", file=sys.stderr)
+        return 2
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    print(final)
+    return 0
 
+
+def _build(args: argparse.Namespace, parser: argparse.ArgumentParser, out: Path) -> None:
     common = {
         "charset": CHARSETS[args.charset], "text_layers": args.text_layers,
         "vision_layers": args.vision_layers, "seed": args.seed, "init_std": args.init_std,
@@ -712,18 +738,18 @@ def main(argv: list[str] | None = None) -> int:
         fixed = [f for f in ("min_pixels", "max_pixels", "tie_word_embeddings") if getattr(args, f)]
         if fixed:
             parser.error(f"--{fixed[0]}: a release-like model has the release's (untied, its pixel bounds)")
-        out = build_release_like(args.out, args.release_like, hidden=args.hidden or 32, **common)
+        # With the release's tokenizer.model, as the release ships it: export_model.py --gguf needs it.
+        build_release_like(out, args.release_like, hidden=args.hidden or 32, sentencepiece_model=True,
+                           **common)
     else:
-        out = build_tiny_model(
-            args.out,
+        build_tiny_model(
+            out,
             hidden=args.hidden or 64,
             tie_word_embeddings=args.tie_word_embeddings,
             min_pixels=args.min_pixels or TINY_MIN_PIXELS,
             max_pixels=args.max_pixels or TINY_MAX_PIXELS,
             **common,
         )
-    print(out)
-    return 0
 
 
 if __name__ == "__main__":
