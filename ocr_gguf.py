@@ -51,6 +51,9 @@ CONVERTER_DEPS = ("sentencepiece==0.2.1",)
 GGUF_TYPES = ("f16", "q8_0")
 ARCHITECTURE = "PaddleOCRVLForConditionalGeneration"  # what a converter must register to convert our models
 VISION_ARCHITECTURE = "PaddleOCRVisionModel"  # the converter's mmproj class for PaddleOCR-VL
+# convert_hf_to_gguf.py names the projector's linear_1/linear_2 like encoder blocks 1 and 2 ("Can not map
+# tensor 'mlp_AR.linear_2.bias'" with 2 encoder layers).
+MIN_VISION_LAYERS = 3
 MEDIA_MARKER = "<__media__>"  # mtmd_default_marker() in llama.cpp's tools/mtmd/mtmd.cpp
 # What the converter needs from the sdist's vendor/llama.cpp (the rest is C++ sources).
 CONVERTER_PARTS = ("convert_hf_to_gguf.py", "conversion", "gguf-py", "LICENSE")
@@ -228,6 +231,13 @@ def _converter_input(export_dir: Path, stage: Path) -> Path:
         raise GGUFError("the base has no tokenizer.model, the SentencePiece vocabulary llama.cpp's converter "
                         "reads: use a base that has the release's files (the hub's PaddlePaddle/PaddleOCR-VL "
                         "does, and so does a stand-in made by tools/make_tiny_model.py --release_like v1)")
+    vision_layers = json.loads((export_dir / "config.json").read_text(encoding="utf-8")).get(
+        "vision_config", {}).get("num_hidden_layers", MIN_VISION_LAYERS)
+    if vision_layers < MIN_VISION_LAYERS:
+        raise GGUFError(f"the model's vision encoder has {vision_layers} layers; llama.cpp's converter "
+                        "maps the projector's mlp_AR.linear_1/2 through the encoder's per-layer table, so it "
+                        f"needs at least {MIN_VISION_LAYERS} (the release has 27; a tiny stand-in: "
+                        "tools/make_tiny_model.py --release_like v1 makes 3)")
     prompt, processor = training_prompt(export_dir)
     tok = processor.tokenizer
     rewritten = {"chat_template.jinja", "chat_template.json", "tokenizer_config.json", "config.json",

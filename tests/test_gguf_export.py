@@ -365,3 +365,24 @@ def test_full_disk_during_export_is_one_line_and_leaves_no_folder(base_copy_chec
 def test_unknown_gguf_type_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ocr_gguf.GGUFError, match="choose one of f16, q8_0"):
         ocr_gguf.export_gguf(tmp_path, tmp_path, "q4_0")
+
+
+def test_stand_in_from_the_command_line_reaches_gguf(llama_cpp: Path, tmp_path: Path, capsys) -> None:
+    """README's stand-in path: a release-like tiny model made on the command line exports to GGUF (it once
+    had no tokenizer.model, and with 2 vision layers the converter cannot map the projector)."""
+    import shutil
+
+    from tools.make_tiny_model import main as make_tiny_model
+
+    assert make_tiny_model(["--out", str(tmp_path / "base"), "--release_like", "v1"]) == 0
+    shutil.copytree(tmp_path / "base", tmp_path / "checkpoint-1")
+    out = tmp_path / "ft"
+    assert export_model.main([str(tmp_path / "checkpoint-1"), "--base", str(tmp_path / "base"), "--out",
+                              str(out), "--gguf"]) == 0
+    assert (out / "model-f16.gguf").stat().st_size > 0 and (out / "mmproj-f16.gguf").stat().st_size > 0
+
+    config = json.loads((out / "config.json").read_text())
+    config["vision_config"]["num_hidden_layers"] = 2
+    (out / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ocr_gguf.GGUFError, match="vision encoder has 2 layers.*at least 3"):
+        ocr_gguf.export_gguf(out, tmp_path / "two_layers", llama_cpp=llama_cpp)

@@ -659,7 +659,11 @@ def main(argv: list[str] | None = None) -> int:
         "--charset): full (default, its CHARSET) or a small one for the demo",
     )
     parser.add_argument("--text_layers", type=int, default=2, help="decoder layers")
-    parser.add_argument("--vision_layers", type=int, default=2, help="vision encoder layers")
+    parser.add_argument(
+        "--vision_layers", type=int, default=None,
+        help="vision encoder layers (default 2, --release_like 3: llama.cpp's converter maps the projector's "
+        "two layers through the encoder's per-layer table, so export_model.py --gguf needs at least 3)",
+    )
     parser.add_argument(
         "--hidden", type=int, default=None, help="width, a multiple of 16 (default 64, --release_like 32)"
     )
@@ -731,8 +735,8 @@ def main(argv: list[str] | None = None) -> int:
 def _build(args: argparse.Namespace, parser: argparse.ArgumentParser, out: Path) -> None:
     common = {
         "charset": CHARSETS[args.charset], "text_layers": args.text_layers,
-        "vision_layers": args.vision_layers, "seed": args.seed, "init_std": args.init_std,
-        "vision_init_std": args.vision_init_std,
+        "vision_layers": args.vision_layers or (3 if args.release_like else 2), "seed": args.seed,
+        "init_std": args.init_std, "vision_init_std": args.vision_init_std,
     }
     if args.release_like:
         fixed = [f for f in ("min_pixels", "max_pixels", "tie_word_embeddings") if getattr(args, f)]
