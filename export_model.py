@@ -318,7 +318,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="also write model-<type>.gguf and mmproj-<type>.gguf for llama.cpp into --out")
     parser.add_argument("--gguf_type", default="f16", choices=GGUF_TYPES,
                         help="weight type of both GGUF files (default f16; norms and biases stay f32)")
-    args = parser.parse_args(argv)
+    # argparse's errors as one line, not its 15-line usage with the useful line last.
+    parser.error = lambda message: parser.exit(2, f"error: {message} (--help lists the flags)\n")
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # a bad flag (one line printed) or --help
+        return int(e.code or 0)
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
     out, ckpt = Path(args.out), Path(args.checkpoint)
     try:
@@ -331,6 +336,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ExportError(f"--out {out} exists and is not empty")
         if args.gguf:
             converter_dir(fetch=True)  # fails before the export if there is no converter (offline)
+        if args.base and args.base.startswith(("/", ".", "~")) and not Path(args.base).expanduser().is_dir():
+            raise ExportError(f"--base {args.base} is not a folder")  # a path, not a hub id: no hub lookup
         base = args.base or recorded_base(ckpt)
         written = export_whole(ckpt, base, out, args.gguf_type if args.gguf else None, in_place=in_place)
     except (ExportError, GGUFError) as e:

@@ -9,6 +9,7 @@ crops are reused and the result is identical to an uninterrupted run.
 
 from __future__ import annotations
 
+import argparse
 import codecs
 import errno
 import json
@@ -22,6 +23,7 @@ from concurrent.futures import ProcessPoolExecutor
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import NoReturn
 
 from dotenv import load_dotenv
 from lxml import etree
@@ -346,7 +348,10 @@ def _fraction_count(n: int, frac: float) -> int:
 
 
 def _read_list(path: str, known: list[str]) -> list[str]:
-    titles = [t.strip() for t in Path(path).read_text(encoding="utf-8").splitlines() if t.strip()]
+    try:
+        titles = [t.strip() for t in Path(path).read_text(encoding="utf-8").splitlines() if t.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise PrepareError(f"{path}: {getattr(e, 'strerror', None) or e}") from None
     unknown = sorted(set(titles) - set(known))
     if unknown:
         raise PrepareError(f"{path}: titles not in this release: {', '.join(unknown)}")
@@ -429,6 +434,8 @@ def prepare_output_dir(out: Path, root: Path, args: PrepareArguments) -> None:
         "crop_format": "png",
     }
     state_path = out / STATE_FILE
+    if out.exists() and not out.is_dir():
+        raise PrepareError(f"--output_dir {out} is a file, not a folder")
     if args.overwrite and out.exists():
         import shutil
 
@@ -455,6 +462,9 @@ def run(args: PrepareArguments) -> dict:
     titles = read_titles(root)
     if not titles:
         raise PrepareError(f"{root / 'books.txt'} lists no titles.")
+    for listed in (args.val_books, args.test_books):  # checked again at the split; here, before any write
+        if listed:
+            _read_list(listed, titles)
     prepare_output_dir(out, root, args)
     scan = scan_release(root, titles, args)
 
@@ -554,11 +564,45 @@ def print_summary(m: dict, out_dir: str) -> None:
         print(f"    ... {len(m['problems']) - 10} more")
 
 
-def main(argv: list[str] | None = None) -> int:
+def one_line_usage_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """`parser` with argparse's errors as one `error:` line (exit 2) instead of the usage, which for these
+    commands is 20-40 lines with the useful line last."""
+    def error(message: str) -> NoReturn:
+        parser.exit(2, f"error: {message} (--help lists the flags)\n")
+
+    parser.error = error  # type: ignore[method-assign]
+    return parser
+
+
+def parse_dataclass_args(dataclass_type: type, argv: list[str] | None):
+    """HfArgumentParser over `dataclass_type` with one-line errors; SystemExit(2) on bad flags."""
     from transformers import HfArgumentParser
 
-    (args,) = HfArgumentParser(PrepareArguments).parse_args_into_dataclasses(args=argv)
+    parser = one_line_usage_errors(HfArgumentParser(dataclass_type))
+    args, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    if unknown:  # HfArgumentParser raises a ValueError (a traceback) for these
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    return args
+
+
+def check_arguments(args: PrepareArguments) -> None:
+    """Values no run can use, refused before anything is read or written."""
+    for name in ("test_fraction", "val_fraction"):
+        value = getattr(args, name)
+        if value is not None and not 0 <= value < 1:  # NaN fails too
+            raise PrepareError(f"--{name} {value}: a fraction of books (or crops), from 0 to below 1")
+    for name, low in (("margin", 0), ("min_size", 1)):
+        if getattr(args, name) < low:
+            raise PrepareError(f"--{name} {getattr(args, name)}: need at least {low} (pixels)")
+
+
+def main(argv: list[str] | None = None) -> int:
     try:
+        args = parse_dataclass_args(PrepareArguments, argv)
+    except SystemExit as e:  # a bad flag (one line printed) or --help
+        return int(e.code or 0)
+    try:
+        check_arguments(args)
         manifest = run(args)
     except PrepareError as e:
         print(f"error: {e}", file=sys.stderr)
