@@ -386,3 +386,23 @@ def test_stand_in_from_the_command_line_reaches_gguf(llama_cpp: Path, tmp_path: 
     (out / "config.json").write_text(json.dumps(config))
     with pytest.raises(ocr_gguf.GGUFError, match="vision encoder has 2 layers.*at least 3"):
         ocr_gguf.export_gguf(out, tmp_path / "two_layers", llama_cpp=llama_cpp)
+
+
+def test_in_place_export_with_failed_gguf_leaves_the_checkpoint_as_it_was(
+        base_copy_checkpoint: list[str], tmp_path: Path, monkeypatch, error_line) -> None:
+    ckpt = Path(base_copy_checkpoint[0])
+    (ckpt / "trainer_state.json").write_text("{}")  # what a checkpoint has and the base does not
+    config = json.loads((ckpt / "config.json").read_text()) | {"written_by": "save_pretrained"}
+    (ckpt / "config.json").write_text(json.dumps(config))  # what an export in place replaces by the base's
+    before = {p.name: p.read_bytes() for p in ckpt.iterdir()}
+    monkeypatch.setenv("LLAMA_CPP_DIR", str(fake_converter(tmp_path / "llama.cpp")))
+
+    def fail(llama_cpp: Path, args: list[str]) -> None:
+        raise ocr_gguf.GGUFError("llama.cpp's converter failed (test): boom")
+
+    monkeypatch.setattr(ocr_gguf, "run_converter", fail)
+    assert "boom" in error_line(export_model.main([*base_copy_checkpoint, "--out", str(ckpt), "--gguf"]))
+    assert {p.name: p.read_bytes() for p in ckpt.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-1", "llama.cpp"]  # no staging
+    assert export_model.main([*base_copy_checkpoint, "--out", str(ckpt)]) == 0  # in place, no GGUF
+    assert (ckpt / "trainer_state.json").is_file() and "written_by" not in (ckpt / "config.json").read_text()
