@@ -406,3 +406,14 @@ def test_in_place_export_with_failed_gguf_leaves_the_checkpoint_as_it_was(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-1", "llama.cpp"]  # no staging
     assert export_model.main([*base_copy_checkpoint, "--out", str(ckpt)]) == 0  # in place, no GGUF
     assert (ckpt / "trainer_state.json").is_file() and "written_by" not in (ckpt / "config.json").read_text()
+
+
+def test_converter_out_of_room_is_named_as_such(tmp_path: Path) -> None:
+    # The converter is a subprocess: its "[Errno 28] No space left on device" must not read as a bug of ours.
+    fake = fake_converter(tmp_path / "llama.cpp")
+    (fake / "convert_hf_to_gguf.py").write_text('import errno, os\n# "PaddleOCRVLForConditionalGeneration"\n'
+                                                'raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))\n')
+    with pytest.raises(ocr_gguf.GGUFError) as failed:
+        ocr_gguf.run_converter(fake, [str(tmp_path), "--outfile", str(tmp_path / "model-f16.gguf")])
+    message = "llama.cpp's converter could not write model-f16.gguf: the disk is full"
+    assert str(failed.value).startswith(message)
