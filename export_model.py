@@ -355,19 +355,20 @@ def export_whole(ckpt: Path, base: str, out: Path, gguf_type: str | None, *, in_
     (same file system, so the last step is a rename), then moved into place. A failure anywhere, a failed
     GGUF conversion or a full disk included, leaves `out` as it was, so the same command can simply be run
     again; a killed run's staging folder is removed by the next run."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.parent / f".{out.name}.export-partial"
+    target = out.resolve()  # `--out .` has no name of its own to put the staging folder beside
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.parent / f".{target.name}.export-partial"
     shutil.rmtree(staging, ignore_errors=True)  # left by a killed run
     staging.mkdir()
     try:
         export_model(ckpt, base, staging)
-        ggufs = list(export_gguf(staging, staging, gguf_type, name=out.resolve().name)) if gguf_type else []
-        if in_place:
-            move_into(staging, out)
+        ggufs = list(export_gguf(staging, staging, gguf_type, name=target.name)) if gguf_type else []
+        if in_place or target == Path.cwd():  # a folder someone stands in stays: its files are moved in
+            move_into(staging, target)
         else:
-            if out.exists():
-                out.rmdir()  # empty (checked by main); rename() cannot replace a folder on every system
-            os.rename(staging, out)
+            if target.exists():
+                target.rmdir()  # empty (checked by main); rename() cannot replace a folder on every system
+            os.rename(staging, target)
     except OSError as e:  # name the file the user will look for, not its staging copy
         where = Path(e.filename) if e.filename else None
         if where is not None and staging in where.parents:
