@@ -21,6 +21,10 @@ intermediate ``checkpoint-N``. A checkpoint of a LoRA run (--lora_r) holds only 
 the base first (ocr_lora.merge_lora), then exported the same way. The result still loads with
 AutoModelForImageTextToText / AutoProcessor.
 
+--out is written whole or not at all: everything (the GGUF files too) is made in a staging folder beside it,
+.<name>.export-partial, then renamed into place, so a failure (a failed conversion, a full disk) leaves no
+--out and the same command can be run again.
+
 --base is needed only for a folder that does not say which base it was trained from: sft_paddleocr_vl.py
 writes base_model.json into every checkpoint and its output folder, and a LoRA checkpoint's
 adapter_config.json names its base (base_model_name_or_path).
