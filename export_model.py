@@ -21,6 +21,10 @@ intermediate ``checkpoint-N``. A checkpoint of a LoRA run (--lora_r) holds only 
 the base first (ocr_lora.merge_lora), then exported the same way. The result still loads with
 AutoModelForImageTextToText / AutoProcessor.
 
+--out is written whole or not at all: everything (the GGUF files too) is made in a staging folder beside it,
+.<name>.export-partial, then renamed into place, so a failure (a failed conversion, a full disk) leaves no
+--out and the same command can be run again.
+
 --base is needed only for a folder that does not say which base it was trained from: sft_paddleocr_vl.py
 writes base_model.json into every checkpoint and its output folder, and a LoRA checkpoint's
 adapter_config.json names its base (base_model_name_or_path).
@@ -37,6 +41,7 @@ q8_0.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -48,7 +53,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from transformers import AutoImageProcessor, PaddleOCRVLForConditionalGeneration
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
@@ -225,17 +230,23 @@ def export_model(checkpoint: str | Path, base: str, out: str | Path) -> Path:
                 logger.warning("not exporting %s: it holds the base's weights in another format", name)
             else:
                 shutil.copyfile(base_dir / name, staging / name)
-        carried = [n for n in names if not n.endswith(OTHER_WEIGHTS)]
         if bounds and bounds != base_bounds:
             _write_pixel_bounds(staging, bounds)
-        for name in carried:
-            os.replace(staging / name, out / name)
-        for stale in out.iterdir():  # what save_pretrained wrote and the base does not have
-            if stale.is_file() and SAVED_FILES.fullmatch(stale.name) and stale.name not in carried:
-                stale.unlink()
+        move_into(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out
+
+
+def move_into(staging: Path, out: Path) -> None:
+    """Move the files of `staging` into `out` (replacing), then remove what save_pretrained wrote into `out`
+    that the staged export does not have (a model saved in place by training)."""
+    carried = {p.name for p in staging.iterdir() if p.is_file()}
+    for name in sorted(carried):
+        os.replace(staging / name, out / name)
+    for stale in out.iterdir():
+        if stale.is_file() and SAVED_FILES.fullmatch(stale.name) and stale.name not in carried:
+            stale.unlink()
 
 
 def merge_adapter(ckpt: Path, base: str, dst: Path) -> Path:
@@ -273,7 +284,13 @@ def _write_weights(dst: Path, base_file: Path, names: list[str], ckpt: Path, whe
                 opened[where[name]] = stack.enter_context(safe_open(str(ckpt / where[name]), framework="pt"))
             tensors[name] = opened[where[name]].get_tensor(name).to(_DTYPES[f.get_slice(name).get_dtype()])
         metadata = f.metadata()
-    save_file(tensors, str(dst), metadata=metadata)
+    try:
+        save_file(tensors, str(dst), metadata=metadata)
+    except SafetensorError as e:  # its I/O errors are not OSErrors: "I/O error: File too large (os error 27)"
+        code = re.search(r"os error (\d+)", str(e))
+        if not code:
+            raise
+        raise OSError(int(code[1]), os.strerror(int(code[1])), str(dst)) from None
 
 
 def _write_pixel_bounds(staging: Path, bounds: tuple[int, int]) -> None:
@@ -305,23 +322,73 @@ def main(argv: list[str] | None = None) -> int:
                         help="also write model-<type>.gguf and mmproj-<type>.gguf for llama.cpp into --out")
     parser.add_argument("--gguf_type", default="f16", choices=GGUF_TYPES,
                         help="weight type of both GGUF files (default f16; norms and biases stay f32)")
-    args = parser.parse_args(argv)
+    # argparse's errors as one line, not its 15-line usage with the useful line last.
+    parser.error = lambda message: parser.exit(2, f"error: {message} (--help lists the flags)\n")
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # a bad flag (one line printed) or --help
+        return int(e.code or 0)
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
     out, ckpt = Path(args.out), Path(args.checkpoint)
     try:
         if not ckpt.is_dir():
             raise ExportError(f"checkpoint folder {ckpt} does not exist")
-        if out.exists() and any(out.iterdir()) and out.resolve() != ckpt.resolve():
+        if out.exists() and not out.is_dir():
+            raise ExportError(f"--out {out} is a file, not a folder")
+        in_place = out.exists() and out.resolve() == ckpt.resolve()
+        if out.exists() and any(out.iterdir()) and not in_place:
             raise ExportError(f"--out {out} exists and is not empty")
         if args.gguf:
             converter_dir(fetch=True)  # fails before the export if there is no converter (offline)
-        export_model(ckpt, args.base or recorded_base(ckpt), out)
-        written = [out, *export_gguf(out, out, args.gguf_type)] if args.gguf else [out]
-    except (ExportError, GGUFError, OSError) as e:
+        if args.base and args.base.startswith(("/", ".", "~")) and not Path(args.base).expanduser().is_dir():
+            raise ExportError(f"--base {args.base} is not a folder")  # a path, not a hub id: no hub lookup
+        base = args.base or recorded_base(ckpt)
+        written = export_whole(ckpt, base, out, args.gguf_type if args.gguf else None, in_place=in_place)
+    except (ExportError, GGUFError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"error: {write_failed(e.filename or out, e)}", file=sys.stderr)
         return 2
     print(*written, sep="\n")
     return 0
+
+
+def export_whole(ckpt: Path, base: str, out: Path, gguf_type: str | None, *, in_place: bool) -> list[Path]:
+    """The export (and its GGUF files) written whole or not at all: made in a staging folder beside `out`
+    (same file system, so the last step is a rename), then moved into place. A failure anywhere, a failed
+    GGUF conversion or a full disk included, leaves `out` as it was, so the same command can simply be run
+    again; a killed run's staging folder is removed by the next run."""
+    target = out.resolve()  # `--out .` has no name of its own to put the staging folder beside
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.parent / f".{target.name}.export-partial"
+    shutil.rmtree(staging, ignore_errors=True)  # left by a killed run
+    staging.mkdir()
+    try:
+        export_model(ckpt, base, staging)
+        ggufs = list(export_gguf(staging, staging, gguf_type, name=target.name)) if gguf_type else []
+        if in_place or target == Path.cwd():  # a folder someone stands in stays: its files are moved in
+            move_into(staging, target)
+        else:
+            if target.exists():
+                target.rmdir()  # empty (checked by main); rename() cannot replace a folder on every system
+            os.rename(staging, target)
+    except OSError as e:  # name the file the user will look for, not its staging copy
+        where = Path(e.filename) if e.filename else None
+        if where is not None and staging in where.parents:
+            raise OSError(e.errno, e.strerror, str(out / where.name)) from None
+        raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return [out, *(out / p.name for p in ggufs)]
+
+
+def write_failed(path: str | Path, e: OSError) -> str:
+    """One line for an OSError while writing `path`: full disk and size limits named as such."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return (f"could not write {path}: the disk is full or a file-size limit (ulimit -f) stopped the "
+                f"write ({e.strerror}); nothing was exported: make room and run the same command again")
+    return f"{path}: {e.strerror or e}"
 
 
 if __name__ == "__main__":

@@ -27,8 +27,9 @@ from ocr_metrics import manga_ocr_post_process as post_process
 __all__ = ["MangaOcr", "post_process"]
 
 DEFAULT_MODEL = "PaddlePaddle/PaddleOCR-VL"
-# What tools pass when the user changed nothing. That checkpoint is manga-ocr's own VisionEncoderDecoder,
-# which this class cannot run, so it means "the default model": $MANGA_OCR_COMPAT_MODEL, else DEFAULT_MODEL.
+# What tools pass when the user changed nothing, and manga-ocr's own default argument, so `MangaOcr()` means
+# it too. That checkpoint is manga-ocr's VisionEncoderDecoder, which this class cannot run, so it means "the
+# default model": $MANGA_OCR_COMPAT_MODEL, else DEFAULT_MODEL.
 MANGA_OCR_DEFAULT = "kha-white/manga-ocr-base"
 ImageInput = str | Path | Image.Image
 
@@ -53,7 +54,7 @@ class MangaOcr:
 
     def __init__(
         self,
-        pretrained_model_name_or_path: str | Path = DEFAULT_MODEL,
+        pretrained_model_name_or_path: str | Path = MANGA_OCR_DEFAULT,
         force_cpu: bool = False,
         *,
         raw: bool = False,

@@ -30,6 +30,7 @@ needs differently from transformers (the exported folder itself stays the base's
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -50,6 +51,9 @@ CONVERTER_DEPS = ("sentencepiece==0.2.1",)
 GGUF_TYPES = ("f16", "q8_0")
 ARCHITECTURE = "PaddleOCRVLForConditionalGeneration"  # what a converter must register to convert our models
 VISION_ARCHITECTURE = "PaddleOCRVisionModel"  # the converter's mmproj class for PaddleOCR-VL
+# convert_hf_to_gguf.py names the projector's linear_1/linear_2 like encoder blocks 1 and 2 ("Can not map
+# tensor 'mlp_AR.linear_2.bias'" with 2 encoder layers).
+MIN_VISION_LAYERS = 3
 MEDIA_MARKER = "<__media__>"  # mtmd_default_marker() in llama.cpp's tools/mtmd/mtmd.cpp
 # What the converter needs from the sdist's vendor/llama.cpp (the rest is C++ sources).
 CONVERTER_PARTS = ("convert_hf_to_gguf.py", "conversion", "gguf-py", "LICENSE")
@@ -222,9 +226,18 @@ def _converter_input(export_dir: Path, stage: Path) -> Path:
     from export_model import _pixel_bounds
 
     if not (export_dir / "tokenizer.model").is_file():
-        raise GGUFError(f"{export_dir} has no tokenizer.model: llama.cpp's converter reads PaddleOCR-VL's "
-                        "vocabulary from the SentencePiece model, which the release has (is the base a copy "
-                        "saved by transformers?)")
+        # The export carries the base's files, so the base lacks it: a folder written by save_pretrained
+        # (transformers 5 writes tokenizer.json only), or a tiny stand-in made without it.
+        raise GGUFError("the base has no tokenizer.model, the SentencePiece vocabulary llama.cpp's converter "
+                        "reads: use a base that has the release's files (the hub's PaddlePaddle/PaddleOCR-VL "
+                        "does, and so does a stand-in made by tools/make_tiny_model.py --release_like v1)")
+    vision_layers = json.loads((export_dir / "config.json").read_text(encoding="utf-8")).get(
+        "vision_config", {}).get("num_hidden_layers", MIN_VISION_LAYERS)
+    if vision_layers < MIN_VISION_LAYERS:
+        raise GGUFError(f"the model's vision encoder has {vision_layers} layers; llama.cpp's converter "
+                        "maps the projector's mlp_AR.linear_1/2 through the encoder's per-layer table, so it "
+                        f"needs at least {MIN_VISION_LAYERS} (the release has 27; a tiny stand-in: "
+                        "tools/make_tiny_model.py --release_like v1 makes 3)")
     prompt, processor = training_prompt(export_dir)
     tok = processor.tokenizer
     rewritten = {"chat_template.jinja", "chat_template.json", "tokenizer_config.json", "config.json",
@@ -273,10 +286,14 @@ def _write_json(path: Path, data: dict) -> None:
 
 
 def export_gguf(
-    export_dir: str | Path, out_dir: str | Path, gguf_type: str = "f16", llama_cpp: Path | None = None
+    export_dir: str | Path, out_dir: str | Path, gguf_type: str = "f16", llama_cpp: Path | None = None,
+    name: str | None = None,
 ) -> tuple[Path, Path]:
     """Convert an exported model folder (the base's layout) to `out_dir`/model-<type>.gguf (the language
-    model) and `out_dir`/mmproj-<type>.gguf (vision encoder and projector), both at `gguf_type`."""
+    model) and `out_dir`/mmproj-<type>.gguf (vision encoder and projector), both at `gguf_type`.
+
+    `name`: the folder name the GGUF's general.name is made from (default: `export_dir`'s; export_model
+    passes the final folder's, since it converts in a staging folder)."""
     if gguf_type not in GGUF_TYPES:
         raise GGUFError(f"--gguf_type {gguf_type!r}: choose one of {', '.join(GGUF_TYPES)}")
     export_dir, out_dir = Path(export_dir), Path(out_dir)
@@ -285,7 +302,7 @@ def export_gguf(
     outputs = (out_dir / f"model-{gguf_type}.gguf", out_dir / f"mmproj-{gguf_type}.gguf")
     with tempfile.TemporaryDirectory(prefix=".gguf-", dir=out_dir) as tmp:
         # The folder's name becomes the GGUF's general.name.
-        stage = _converter_input(export_dir, Path(tmp) / export_dir.resolve().name)
+        stage = _converter_input(export_dir, Path(tmp) / (name or export_dir.resolve().name))
         for target, extra in zip(outputs, ([], ["--mmproj"]), strict=True):
             partial = Path(tmp) / target.name
             run_converter(llama_cpp, [str(stage), "--outtype", gguf_type, "--outfile", str(partial), *extra])
@@ -305,6 +322,12 @@ def run_converter(llama_cpp: Path, args: list[str]) -> None:
     done = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if done.returncode:
         log = (done.stderr + done.stdout).strip().splitlines()
+        no_room = [f"[Errno {n}]" for n in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)]
+        if any(code in line for line in log[-5:] for code in no_room):
+            outfile = Path(args[args.index("--outfile") + 1]).name
+            raise GGUFError(f"llama.cpp's converter could not write {outfile}: the disk is full or a "
+                            "file-size limit (ulimit -f) stopped the write; make room and run the same "
+                            "command again")
         raise GGUFError(f"llama.cpp's converter failed ({' '.join(cmd)}): {log[-1] if log else 'no output'}")
 
 

@@ -9,9 +9,13 @@ crops are reused and the result is identical to an uninterrupted run.
 
 from __future__ import annotations
 
+import argparse
+import codecs
+import errno
 import json
 import os
 import random
+import re
 import sys
 import time
 from collections import Counter
@@ -19,6 +23,7 @@ from concurrent.futures import ProcessPoolExecutor
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import NoReturn
 
 from dotenv import load_dotenv
 from lxml import etree
@@ -36,6 +41,19 @@ MAX_ASPECT = 150  # settings that change crop pixels; a mismatch needs --overwri
 
 class PrepareError(Exception):
     """A problem that stops the run (bad root, or any bad item under --strict); printed without traceback."""
+
+
+# errno values of a write that ran out of room: a full disk, a quota, or a file-size limit (`ulimit -f`,
+# with SIGXFSZ ignored; otherwise the kernel kills the process before Python sees anything).
+NO_ROOM = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
+def write_failed(path: str | Path, e: OSError) -> str:
+    """One line for an OSError while writing `path`: full disk and size limits named as such."""
+    if e.errno in NO_ROOM:
+        return (f"could not write {path}: the disk is full or a file-size limit (ulimit -f) stopped the "
+                f"write ({e.strerror}); make room and run the same command again")
+    return f"could not write {path}: {e.strerror or e}"
 
 
 @dataclass
@@ -161,6 +179,46 @@ def read_titles(root: Path) -> list[str]:
     return sorted({t.strip() for t in lines if t.strip()})
 
 
+# `<?xml ... encoding="..."?>` at the start of an annotation file (ASCII in every encoding Manga109 uses).
+XML_ENCODING = re.compile(rb'^(?:\xef\xbb\xbf)?\s*<\?xml[^>]*?encoding\s*=\s*["\']([A-Za-z0-9._-]+)["\']')
+# Names Japanese editors write that neither libxml2 nor Python's codecs know.
+ENCODING_ALIASES = {"windows-31j": "cp932", "x-sjis": "shift_jis", "sjis": "shift_jis"}
+
+
+class AnnotationError(ValueError):
+    """An annotation file that can't be read: args are (skip reason, detail)."""
+
+
+def read_annotation(path: Path) -> etree._Element:
+    """The XML's root, read in the encoding it declares (UTF-8 when it declares none).
+
+    libxml2 reads UTF-8, UTF-16 and, through iconv, Shift_JIS; names it does not know (Windows-31J, cp932 on
+    some builds) are decoded by Python's codecs instead. Bytes that are not in the declared encoding (a
+    Shift-JIS file under a UTF-8 declaration) are an AnnotationError, never a guess: a wrong guess would
+    train on garbled text."""
+    parser = etree.XMLParser(resolve_entities=False, no_network=True)
+    data = path.read_bytes()
+    try:
+        return etree.fromstring(data, parser)
+    except etree.XMLSyntaxError as e:
+        first_error = e
+    match = XML_ENCODING.match(data)
+    declared = match.group(1).decode("ascii") if match else "utf-8"
+    try:
+        text = data.decode(codecs.lookup(ENCODING_ALIASES.get(declared.lower(), declared)).name)
+    except LookupError:
+        raise AnnotationError("unknown_encoding", f"{path}: declares encoding {declared!r}, which is not "
+                              "known; save it as UTF-8") from None
+    except UnicodeDecodeError as e:
+        raise AnnotationError("undecodable_xml", f"{path}: byte {e.start} is not {declared} (saved in "
+                              "another encoding, e.g. Shift-JIS? declare it in <?xml ... encoding=...?> or "
+                              "save it as UTF-8)") from None
+    try:  # lxml refuses a str that still carries an encoding declaration
+        return etree.fromstring(re.sub(r"^\ufeff?\s*<\?xml[^>]*\?>", "", text), parser)
+    except etree.XMLSyntaxError:
+        raise AnnotationError("malformed_xml", f"{path}: {first_error}") from None
+
+
 def _int_attr(el, name: str) -> int:
     value = el.get(name)
     if value is None or not value.strip().lstrip("-").isdigit():
@@ -188,9 +246,12 @@ def scan_release(root: Path, titles: list[str], args: PrepareArguments) -> Scan:
             skip(scan.skipped_books, "missing_annotation", str(xml_path))
             continue
         try:
-            tree = etree.parse(str(xml_path), etree.XMLParser(resolve_entities=False, no_network=True))
-        except etree.XMLSyntaxError as e:
-            skip(scan.skipped_books, "malformed_xml", f"{xml_path}: {e}")
+            tree = read_annotation(xml_path)
+        except AnnotationError as e:
+            skip(scan.skipped_books, *e.args)
+            continue
+        except OSError as e:  # unreadable file (permissions, I/O error)
+            skip(scan.skipped_books, "unreadable_annotation", f"{xml_path}: {e.strerror or e}")
             continue
         for page_el in tree.iterfind(".//pages/page"):
             texts = page_el.findall("text")
@@ -244,27 +305,39 @@ def _check_box(t, title: str, page: int, width: int, height: int, args: PrepareA
 # ---------------------------------------------------------------- cutting crops (runs in workers)
 
 
-def cut_page(job: PageJob, out_dir: str) -> str | None:
-    """Open the page once and save every missing crop; returns an error reason instead of raising."""
+def cut_page(job: PageJob, out_dir: str) -> tuple[str | None, int]:
+    """Open the page once and save every missing crop: (error reason or None, crops written). Bad pages
+    are returned, not raised; a failed write raises PrepareError and leaves no partial file."""
     todo = [b for b in job.boxes if not os.path.exists(os.path.join(out_dir, b.crop_rel))]
     if not todo:
-        return None
+        return None, 0
     if not os.path.isfile(job.image_path):
-        return "missing_image"
+        return "missing_image", 0
     try:
         with Image.open(job.image_path) as im:
             im.load()
             page = im
     except Exception:  # PIL raises many types for corrupt or truncated files
-        return "unreadable_image"
+        return "unreadable_image", 0
     for b in todo:
         dst = os.path.join(out_dir, b.crop_rel)
-        os.makedirs(os.path.dirname(dst), exist_ok=True)
         tmp = f"{dst}.tmp{os.getpid()}"
-        # PNG keeps crops pixel-exact; compress_level 1 is ~5x faster to write than the default.
-        page.crop(b.bbox).save(tmp, format="PNG", compress_level=1)
-        os.replace(tmp, dst)  # a crop file that exists is always complete
-    return None
+        try:
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            # PNG keeps crops pixel-exact; compress_level 1 is ~5x faster to write than the default.
+            page.crop(b.bbox).save(tmp, format="PNG", compress_level=1)
+            os.replace(tmp, dst)  # a crop file that exists is always complete
+        except OSError as e:
+            _remove(tmp)
+            raise PrepareError(write_failed(dst, e)) from None
+    return None, len(todo)
+
+
+def _remove(path: str | Path) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
 
 
 # ---------------------------------------------------------------- splits and outputs
@@ -275,7 +348,10 @@ def _fraction_count(n: int, frac: float) -> int:
 
 
 def _read_list(path: str, known: list[str]) -> list[str]:
-    titles = [t.strip() for t in Path(path).read_text(encoding="utf-8").splitlines() if t.strip()]
+    try:
+        titles = [t.strip() for t in Path(path).read_text(encoding="utf-8").splitlines() if t.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise PrepareError(f"{path}: {getattr(e, 'strerror', None) or e}") from None
     unknown = sorted(set(titles) - set(known))
     if unknown:
         raise PrepareError(f"{path}: titles not in this release: {', '.join(unknown)}")
@@ -318,12 +394,18 @@ def split_random(records: list[dict], args: PrepareArguments) -> list[str]:
 
 
 def write_atomic(path: Path, text: str) -> None:
+    """Write `path` whole or not at all (temp file + rename); a failed write raises PrepareError (one line)
+    and leaves neither the temp file nor a changed `path`."""
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")  # per process: shards may share a folder
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        _remove(tmp)
+        raise PrepareError(write_failed(path, e)) from None
 
 
 def make_record(b: Box) -> dict:
@@ -352,6 +434,8 @@ def prepare_output_dir(out: Path, root: Path, args: PrepareArguments) -> None:
         "crop_format": "png",
     }
     state_path = out / STATE_FILE
+    if out.exists() and not out.is_dir():
+        raise PrepareError(f"--output_dir {out} is a file, not a folder")
     if args.overwrite and out.exists():
         import shutil
 
@@ -365,9 +449,9 @@ def prepare_output_dir(out: Path, root: Path, args: PrepareArguments) -> None:
         )
     try:
         out.mkdir(parents=True, exist_ok=True)
-        write_atomic(state_path, json.dumps(state, indent=1))
     except OSError as e:
         raise PrepareError(f"cannot write to output folder {out}: {e}") from e
+    write_atomic(state_path, json.dumps(state, indent=1))
     for stale in (out / "crops").glob("*/*.tmp*"):  # leftovers of a killed run
         stale.unlink(missing_ok=True)
 
@@ -378,10 +462,14 @@ def run(args: PrepareArguments) -> dict:
     titles = read_titles(root)
     if not titles:
         raise PrepareError(f"{root / 'books.txt'} lists no titles.")
+    for listed in (args.val_books, args.test_books):  # checked again at the split; here, before any write
+        if listed:
+            _read_list(listed, titles)
     prepare_output_dir(out, root, args)
     scan = scan_release(root, titles, args)
 
     failed: dict[tuple[str, int], str] = {}
+    cut = 0  # crops written by this run; the others were reused from an earlier (killed or finished) run
     workers = max(1, args.num_workers)
     n_boxes = sum(len(j.boxes) for j in scan.jobs)
     out_dirs = [str(out)] * len(scan.jobs)
@@ -395,7 +483,8 @@ def run(args: PrepareArguments) -> dict:
             else map(cut_page, scan.jobs, out_dirs)
         )
         try:
-            for job, error in zip(scan.jobs, results, strict=True):
+            for job, (error, written) in zip(scan.jobs, results, strict=True):
+                cut += written
                 if error:
                     where = f"{job.image_path} (book {job.book}, page {job.page})"
                     if args.strict:
@@ -444,18 +533,28 @@ def run(args: PrepareArguments) -> dict:
     for key in ("num_workers", "overwrite"):  # they don't change the result; keeps manifests comparable
         del manifest["arguments"][key]
     write_atomic(out / "manifest.json", json.dumps(manifest, ensure_ascii=False, indent=1) + "\n")
-    manifest["seconds"] = time.time() - t0
+    manifest["seconds"] = time.time() - t0  # these keys after the write: reruns give identical manifests
+    manifest["crops_cut"] = cut
     manifest["problems"] = scan.problems
     return manifest
 
 
+def _count(n: int, noun: str, plural: str = "") -> str:
+    return f"{n:,} {noun if n == 1 else plural or noun + 's'}"
+
+
 def print_summary(m: dict, out_dir: str) -> None:
-    print(
-        f"\n{m['crops']} crops from {m['texts_in_annotations']} text boxes in {m['num_titles']} books "
-        f"({m['seconds']:.1f} s, {m['crops'] / max(m['seconds'], 1e-9):.0f} crops/s) -> {out_dir}"
-    )
+    cut, reused = m["crops_cut"], m["crops"] - m["crops_cut"]
+    # Speed only over crops cut in this run: reused ones cost a stat() each, not a crop (a rerun that
+    # reused all 10,841 crops of a release once printed "10,841 crops/s").
+    speed = f", {cut / max(m['seconds'], 1e-9):,.0f} crops/s" if cut else ""
+    work = ("all reused from an earlier run" if not cut else
+            f"{cut:,} cut, {reused:,} reused from an earlier run" if reused else "all cut in this run")
+    boxes = _count(m["texts_in_annotations"], "text box", "text boxes")
+    print(f"\n{_count(m['crops'], 'crop')} ({work}) from {boxes} in {_count(m['num_titles'], 'book')} "
+          f"({m['seconds']:.1f} s{speed}) -> {out_dir}")
     for s, v in m["splits"].items():
-        print(f"  {s:5s}: {v['crops']:7d} crops, {len(v['books'])} books")
+        print(f"  {s:5s}: {_count(v['crops'], 'crop'):>12}, {_count(len(v['books']), 'book')}")
     for unit, reasons in m["skipped"].items():
         for reason, n in reasons.items():
             print(f"  skipped {n} {unit} ({reason})")
@@ -465,14 +564,51 @@ def print_summary(m: dict, out_dir: str) -> None:
         print(f"    ... {len(m['problems']) - 10} more")
 
 
-def main(argv: list[str] | None = None) -> int:
+def one_line_usage_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """`parser` with argparse's errors as one `error:` line (exit 2) instead of the usage, which for these
+    commands is 20-40 lines with the useful line last."""
+    def error(message: str) -> NoReturn:
+        parser.exit(2, f"error: {message} (--help lists the flags)\n")
+
+    parser.error = error  # type: ignore[method-assign]
+    return parser
+
+
+def parse_dataclass_args(dataclass_type: type, argv: list[str] | None):
+    """HfArgumentParser over `dataclass_type` with one-line errors; SystemExit(2) on bad flags."""
     from transformers import HfArgumentParser
 
-    (args,) = HfArgumentParser(PrepareArguments).parse_args_into_dataclasses(args=argv)
+    parser = one_line_usage_errors(HfArgumentParser(dataclass_type))
+    args, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    if unknown:  # HfArgumentParser raises a ValueError (a traceback) for these
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    return args
+
+
+def check_arguments(args: PrepareArguments) -> None:
+    """Values no run can use, refused before anything is read or written."""
+    for name in ("test_fraction", "val_fraction"):
+        value = getattr(args, name)
+        if value is not None and not 0 <= value < 1:  # NaN fails too
+            raise PrepareError(f"--{name} {value}: a fraction of books (or crops), from 0 to below 1")
+    for name, low in (("margin", 0), ("min_size", 1)):
+        if getattr(args, name) < low:
+            raise PrepareError(f"--{name} {getattr(args, name)}: need at least {low} (pixels)")
+
+
+def main(argv: list[str] | None = None) -> int:
     try:
+        args = parse_dataclass_args(PrepareArguments, argv)
+    except SystemExit as e:  # a bad flag (one line printed) or --help
+        return int(e.code or 0)
+    try:
+        check_arguments(args)
         manifest = run(args)
     except PrepareError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # anything else the file system refuses (a books.txt without read access, ...)
+        print(f"error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
         return 2
     print_summary(manifest, manifest["arguments"]["output_dir"])
     return 0

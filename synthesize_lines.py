@@ -36,7 +36,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont, ImageOps
 from tqdm import tqdm
 
-from prepare_manga109_data import write_atomic
+from prepare_manga109_data import PrepareError, parse_dataclass_args, write_atomic, write_failed
 from tools.fonts import ELSEWHERE_HINT, find_manga_fonts
 from tools.make_synthetic_manga109 import draw_screentone
 
@@ -95,7 +95,8 @@ class SynthArguments:
     )
     preview: bool = field(default=False, metadata={"help": "Also write DIR/preview.png, a contact sheet."})
     vertical_share: float | None = field(
-        default=None, metadata={"help": "Share of vertical lines (default: Manga109 train's, else 0.7)."}
+        default=None,
+        metadata={"help": "Share of vertical lines, 0 to 1 (default: Manga109 train's, else 0.7)."},
     )
     overwrite: bool = field(default=False, metadata={"help": "Delete earlier output in --out first."})
 
@@ -274,7 +275,19 @@ def read_manga109(prepared: Path) -> tuple[list[str], dict[int, float], float, l
     path = prepared / "train.jsonl"
     if not path.is_file():
         raise SynthError(f"{path} not found: pass the output folder of prepare_manga109_data.py")
-    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise SynthError(f"{path}: byte {e.start} is not UTF-8, which prepare_manga109_data.py writes") \
+            from None
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            if line.strip():
+                records.append(json.loads(line))
+                str(records[-1]["text"])
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise SynthError(f"{path}:{number}: not a record of prepare_manga109_data.py ({e})") from None
     texts = [t for r in records if (t := _clean(r["text"]))]
     if not texts:
         raise SynthError(f"{path} has no texts")
@@ -601,8 +614,12 @@ def render_chunk(chunk: int) -> int:
         img, font_path, settings = got
         rel = f"crops/{chunk:05d}/{i:03d}.png"
         tmp = out / f"{rel}.tmp{os.getpid()}"
-        img.save(tmp, format="PNG", compress_level=1)
-        os.replace(tmp, out / rel)  # a crop file that exists is always complete
+        try:
+            img.save(tmp, format="PNG", compress_level=1)
+            os.replace(tmp, out / rel)  # a crop file that exists is always complete
+        except OSError as e:  # a full disk: one line, and no partial crop left behind
+            tmp.unlink(missing_ok=True)
+            raise SynthError(write_failed(out / rel, e)) from None
         w, h = img.size
         lines.append(json.dumps({
             "id": f"synth{c['seed']}/{chunk:05d}/{i:03d}", "image": rel, "text": text, "book": "synthetic",
@@ -660,7 +677,12 @@ def run(args: SynthArguments) -> dict:
     k, n_shards = parse_shard(args.shard)
     if args.num_lines < 1:
         raise SynthError("--num_lines must be >= 1")
+    # A share is a probability: 2 once ran as 1 without a word (every line vertical).
+    if args.vertical_share is not None and not 0 <= args.vertical_share <= 1:
+        raise SynthError(f"--vertical_share {args.vertical_share}: a share of lines, from 0 to 1")
     out = Path(args.out).expanduser().resolve()
+    if out.exists() and not out.is_dir():
+        raise SynthError(f"--out {out} is a file, not a folder: choose a folder for the crops and JSONL")
     if args.overwrite and out.exists():
         import shutil
 
@@ -762,13 +784,17 @@ def write_preview(records: list[dict], out: Path, dst: Path, cols: int = 8, cell
 
 
 def main(argv: list[str] | None = None) -> int:
-    from transformers import HfArgumentParser
-
-    (args,) = HfArgumentParser(SynthArguments).parse_args_into_dataclasses(args=argv)
+    try:
+        args = parse_dataclass_args(SynthArguments, argv)
+    except SystemExit as e:  # a bad flag (one line printed) or --help
+        return int(e.code or 0)
     try:
         s = run(args)
-    except SynthError as e:
+    except (SynthError, PrepareError) as e:  # PrepareError: write_atomic's failed write
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # e.g. --out below a file, or a folder without write access
+        print(f"error: {e.filename or args.out}: {e.strerror or e}", file=sys.stderr)
         return 2
     rate = s["lines_made"] / max(s["seconds"], 1e-9)
     print(f"\nmade {s['lines_made']} lines in {s['seconds']:.1f} s ({rate:.0f} lines/s) -> {s['out']}")

@@ -81,3 +81,22 @@ def test_shim_package_on_pythonpath(tiny_model: Path, crops: list[str], tmp_path
     where, text = proc.stdout.strip().splitlines()[-2:]
     assert Path(where) == REPO / "compat" / "manga_ocr" / "__init__.py"
     assert text == repr(MangaOcr(tiny_model, force_cpu=True, max_new_tokens=8)(crops[0]))
+
+
+@pytest.mark.parametrize("args", [(), ("kha-white/manga-ocr-base",)], ids=["no_argument", "manga_ocr_id"])
+def test_manga_ocr_default_follows_the_environment(args: tuple, monkeypatch: pytest.MonkeyPatch) -> None:
+    # `MangaOcr()` is manga-ocr's usual call: it must load $MANGA_OCR_COMPAT_MODEL, never the hub's base.
+    import ocr_model  # MangaOcr imports load_for_inference from here when called
+
+    asked: list[str] = []
+
+    def load(path: str, **kwargs: object) -> tuple[None, None, None]:
+        asked.append(path)
+        return None, None, None
+
+    monkeypatch.setattr(ocr_model, "load_for_inference", load)
+    monkeypatch.setenv("MANGA_OCR_COMPAT_MODEL", "/models/fine-tuned")
+    MangaOcr(*args)
+    monkeypatch.delenv("MANGA_OCR_COMPAT_MODEL")
+    MangaOcr(*args)
+    assert asked == ["/models/fine-tuned", manga_ocr_compat.DEFAULT_MODEL]

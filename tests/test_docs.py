@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import textwrap
@@ -165,3 +166,57 @@ def test_images_from_a_demo_output(tmp_path: Path) -> None:
     with Image.open(out / "report.png") as shot:
         assert shot.size == wd.REPORT_WINDOW
         assert ImageStat.Stat(shot.convert("L")).stddev[0] > 20  # the page, not a blank or error screen
+
+
+def _demo_defaults() -> dict[str, str]:
+    """tools/demo.sh's settings: NAME=${DEMO_X:-default} lines, $VARS in them expanded."""
+    found = dict(re.findall(r"^([A-Z_]+)=\$\{DEMO_[A-Z_]+:-(.*)\}$", (ROOT / "tools/demo.sh").read_text(),
+                            flags=re.M))
+    return {k: re.sub(r"\$([A-Z_]+)", lambda m: found[m[1]], v) for k, v in found.items()}
+
+
+def _flags(words: list[str]) -> dict[str, str]:
+    return {w: words[i + 1] for i, w in enumerate(words[:-1]) if w.startswith("--")}
+
+
+def _readme_command(script: str) -> list[str]:
+    commands = [w for code in wd.commands_in(ROOT / "README.md") for w in wd.simple_commands(code)]
+    found = [w for w in commands if script in w]
+    assert found, f"README runs no {script}"
+    return found[0]
+
+
+def test_readme_stand_in_is_the_model_the_demo_trains() -> None:
+    # A new user without weights must find the tiny model command, with the flags that make it learn.
+    demo = _demo_defaults()
+    wanted = _flags(demo["TINY_ARGS"].split() + ["--end"])
+    assert _flags(_readme_command("tools/make_tiny_model.py")).items() >= wanted.items()
+
+
+def test_readme_synthetic_release_has_the_charset_the_demo_trains() -> None:
+    # With the default full charset, a short run left 125 of 209 answers empty and looked like progress.
+    demo, readme = _demo_defaults(), _flags(_readme_command("tools/make_synthetic_manga109.py"))
+    assert (readme.get("--charset"), readme.get("--max_chars")) == (demo["CHARSET"], demo["MAX_CHARS"])
+
+
+def test_documented_output_folders_are_ignored_by_git() -> None:
+    outputs = set()
+    for page in wd.doc_files():
+        for code in wd.commands_in(page):
+            for words in wd.simple_commands(code):
+                flags = _flags(words)
+                outputs |= {flags[f] for f in ("--out", "--output_dir") if f in flags}
+                outputs |= {w.split("=", 1)[1] for w in words if w.startswith("OUTPUT_DIR=")}
+    relative = sorted(p for p in outputs if p and not p.startswith(("/", "$", "-")) and "$" not in p)
+    assert "./ft-2000" in relative
+    inside = [f"{p.rstrip('/')}/model.safetensors" for p in relative]
+    ignored = subprocess.run(["git", "check-ignore", "--no-index", *inside], cwd=ROOT, capture_output=True,
+                             text=True).stdout.split()
+    assert sorted(set(inside) - set(ignored)) == []
+
+
+def test_readme_says_where_owocr_runs() -> None:
+    # The kit's .venv has owocr as a no-deps test install: the command runs in the user's own environment.
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    before_command = text[:text.index("owocr -e mangaocr")].rsplit("\n\n", 2)[-2:]
+    assert "your own environment" in " ".join(before_command).replace("\n", " ")

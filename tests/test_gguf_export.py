@@ -281,14 +281,139 @@ def test_demo_does_not_fetch_the_converter(tmp_path: Path) -> None:
     assert "ocr_gguf.py --fetch" in plan("test") and "ocr_gguf.py --fetch" in plan("setup")
 
 
+def fake_converter(folder: Path) -> Path:
+    """A llama.cpp folder that passes check_converter; run_converter must be patched to use it."""
+    folder.mkdir()
+    (folder / "convert_hf_to_gguf.py").write_text(f'# "{ocr_gguf.ARCHITECTURE}"\n')
+    return folder
+
+
 def test_base_without_tokenizer_model_fails_clearly(release_model, tmp_path: Path) -> None:
-    fake = tmp_path / "llama.cpp"
-    fake.mkdir()
-    (fake / "convert_hf_to_gguf.py").write_text(f'# "{ocr_gguf.ARCHITECTURE}"\n')
-    with pytest.raises(ocr_gguf.GGUFError, match="no tokenizer.model"):
+    fake = fake_converter(tmp_path / "llama.cpp")
+    with pytest.raises(ocr_gguf.GGUFError, match="no tokenizer.model") as failed:
         ocr_gguf.export_gguf(release_model("v1"), tmp_path / "out", llama_cpp=fake)
+    # The way on for the stand-in path too, not a guess about how the base was saved.
+    assert "tools/make_tiny_model.py --release_like" in str(failed.value)
+    assert "saved by transformers?" not in str(failed.value)
+
+
+@pytest.fixture
+def base_copy_checkpoint(gguf_base: Path, tmp_path: Path) -> list[str]:
+    """export_model.py's arguments for a checkpoint that is a copy of gguf_base (a cheap valid export)."""
+    import shutil
+
+    shutil.copytree(gguf_base, tmp_path / "checkpoint-1")
+    return [str(tmp_path / "checkpoint-1"), "--base", str(gguf_base)]
+
+
+def test_failed_gguf_leaves_no_folder_and_the_rerun_works(base_copy_checkpoint: list[str], tmp_path: Path,
+                                                          monkeypatch, error_line, capsys) -> None:
+    """Every command that writes a folder writes it whole or not at all: a failed conversion once left the
+    plain export in --out, and the same command then stopped with "--out exists and is not empty"."""
+    monkeypatch.setenv("LLAMA_CPP_DIR", str(fake_converter(tmp_path / "llama.cpp")))
+    converted: list[str] = []
+
+    def fail(llama_cpp: Path, args: list[str]) -> None:
+        raise ocr_gguf.GGUFError("llama.cpp's converter failed (test): boom")
+
+    def convert(llama_cpp: Path, args: list[str]) -> None:  # writes what the converter would
+        Path(args[args.index("--outfile") + 1]).write_bytes(b"GGUF")
+        converted.append(Path(args[0]).name)
+
+    out = tmp_path / "exports" / "ft"
+    monkeypatch.setattr(ocr_gguf, "run_converter", fail)
+    assert "boom" in error_line(export_model.main([*base_copy_checkpoint, "--out", str(out), "--gguf"]))
+    assert not out.exists() and list((tmp_path / "exports").iterdir()) == []  # no staging folder either
+    monkeypatch.setattr(ocr_gguf, "run_converter", convert)
+    assert export_model.main([*base_copy_checkpoint, "--out", str(out), "--gguf"]) == 0
+    printed = capsys.readouterr().out.split()
+    assert printed == [str(out), str(out / "model-f16.gguf"), str(out / "mmproj-f16.gguf")]
+    assert (out / "config.json").is_file() and (out / "model-f16.gguf").read_bytes() == b"GGUF"
+    assert converted == ["ft", "ft"]  # general.name comes from the final folder's name, not the staging's
+    assert sorted(p.name for p in (tmp_path / "exports").iterdir()) == ["ft"]
+
+
+def test_full_disk_during_export_is_one_line_and_leaves_no_folder(base_copy_checkpoint: list[str],
+                                                                   gguf_base: Path, tmp_path: Path) -> None:
+    """`ulimit -f` below the weights' size (SIGXFSZ ignored, so the write fails with EFBIG as on a full disk):
+    one line naming the file, no --out, no staging; the rerun exports."""
+    import resource
+    import signal
+
+    weights = (gguf_base / "model.safetensors").stat().st_size
+    others = max(p.stat().st_size for p in gguf_base.iterdir() if p.name != "model.safetensors")
+    assert others < weights
+    limit = (others + weights) // 2
+
+    def limit_size() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    out = tmp_path / "exports" / "ft"
+    cmd = [sys.executable, str(Path(export_model.__file__)), *base_copy_checkpoint, "--out", str(out)]
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, preexec_fn=limit_size, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    (line,) = [x for x in proc.stderr.splitlines() if x.startswith("error: ")]
+    assert f"could not write {out / 'model.safetensors'}: the disk is full or a file-size limit" in line
+    assert not (tmp_path / "exports").exists() or list((tmp_path / "exports").iterdir()) == []
+    rerun = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    assert (out / "model.safetensors").stat().st_size == weights
 
 
 def test_unknown_gguf_type_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ocr_gguf.GGUFError, match="choose one of f16, q8_0"):
         ocr_gguf.export_gguf(tmp_path, tmp_path, "q4_0")
+
+
+def test_stand_in_from_the_command_line_reaches_gguf(llama_cpp: Path, tmp_path: Path, capsys) -> None:
+    """README's stand-in path: a release-like tiny model made on the command line exports to GGUF (it once
+    had no tokenizer.model, and with 2 vision layers the converter cannot map the projector)."""
+    import shutil
+
+    from tools.make_tiny_model import main as make_tiny_model
+
+    assert make_tiny_model(["--out", str(tmp_path / "base"), "--release_like", "v1"]) == 0
+    shutil.copytree(tmp_path / "base", tmp_path / "checkpoint-1")
+    out = tmp_path / "ft"
+    assert export_model.main([str(tmp_path / "checkpoint-1"), "--base", str(tmp_path / "base"), "--out",
+                              str(out), "--gguf"]) == 0
+    assert (out / "model-f16.gguf").stat().st_size > 0 and (out / "mmproj-f16.gguf").stat().st_size > 0
+
+    config = json.loads((out / "config.json").read_text())
+    config["vision_config"]["num_hidden_layers"] = 2
+    (out / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ocr_gguf.GGUFError, match="vision encoder has 2 layers.*at least 3"):
+        ocr_gguf.export_gguf(out, tmp_path / "two_layers", llama_cpp=llama_cpp)
+
+
+def test_in_place_export_with_failed_gguf_leaves_the_checkpoint_as_it_was(
+        base_copy_checkpoint: list[str], tmp_path: Path, monkeypatch, error_line) -> None:
+    ckpt = Path(base_copy_checkpoint[0])
+    (ckpt / "trainer_state.json").write_text("{}")  # what a checkpoint has and the base does not
+    config = json.loads((ckpt / "config.json").read_text()) | {"written_by": "save_pretrained"}
+    (ckpt / "config.json").write_text(json.dumps(config))  # what an export in place replaces by the base's
+    before = {p.name: p.read_bytes() for p in ckpt.iterdir()}
+    monkeypatch.setenv("LLAMA_CPP_DIR", str(fake_converter(tmp_path / "llama.cpp")))
+
+    def fail(llama_cpp: Path, args: list[str]) -> None:
+        raise ocr_gguf.GGUFError("llama.cpp's converter failed (test): boom")
+
+    monkeypatch.setattr(ocr_gguf, "run_converter", fail)
+    assert "boom" in error_line(export_model.main([*base_copy_checkpoint, "--out", str(ckpt), "--gguf"]))
+    assert {p.name: p.read_bytes() for p in ckpt.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-1", "llama.cpp"]  # no staging
+    assert export_model.main([*base_copy_checkpoint, "--out", str(ckpt)]) == 0  # in place, no GGUF
+    assert (ckpt / "trainer_state.json").is_file() and "written_by" not in (ckpt / "config.json").read_text()
+
+
+def test_converter_out_of_room_is_named_as_such(tmp_path: Path) -> None:
+    # The converter is a subprocess: its "[Errno 28] No space left on device" must not read as a bug of ours.
+    fake = fake_converter(tmp_path / "llama.cpp")
+    (fake / "convert_hf_to_gguf.py").write_text('import errno, os\n# "PaddleOCRVLForConditionalGeneration"\n'
+                                                'raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))\n')
+    with pytest.raises(ocr_gguf.GGUFError) as failed:
+        ocr_gguf.run_converter(fake, [str(tmp_path), "--outfile", str(tmp_path / "model-f16.gguf")])
+    message = "llama.cpp's converter could not write model-f16.gguf: the disk is full"
+    assert str(failed.value).startswith(message)

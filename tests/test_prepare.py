@@ -308,3 +308,89 @@ def test_rerun_after_kill_matches_clean_run(synthetic_release: Path, prepared, t
     clean_m["arguments"].pop("output_dir"), m["arguments"].pop("output_dir")
     assert m == clean_m
     assert not list(out.rglob("*.tmp*"))
+
+
+def test_rerun_says_crops_were_reused_not_a_speed(synthetic_release: Path, tmp_path: Path, capsys) -> None:
+    # A rerun that reused every crop once printed "10,841 crops/s" and "1 books".
+    cmd = ["--manga109_root", str(synthetic_release), "--output_dir", str(tmp_path / "o"),
+           "--num_workers", "1", "--test_fraction", "0.2", "--val_fraction", "0.2"]
+    assert prep.main(cmd) == 0
+    first = capsys.readouterr().out
+    assert prep.main(cmd) == 0
+    again = capsys.readouterr().out
+    assert "all cut in this run" in first and "crops/s" in first
+    assert "all reused from an earlier run" in again and "crops/s" not in again
+    assert "1 books" not in first + again and "1 book\n" in first  # val and test hold one book each
+
+
+def reencode(path: Path, declared: str, codec: str) -> None:
+    """Save an annotation file again in `codec` under the declaration `declared` (characters the codec lacks
+    as character references, as an editor exporting to Shift-JIS writes them)."""
+    from lxml import etree
+
+    text = etree.tostring(etree.parse(str(path)), encoding="unicode")
+    head = f'<?xml version="1.0" encoding="{declared}"?>\n'
+    path.write_bytes((head + text).encode(codec, errors="xmlcharrefreplace"))
+
+
+def test_shift_jis_annotations_are_read_by_their_declaration(release_copy: Path, tmp_path: Path,
+                                                             capsys) -> None:
+    root = release_copy
+    names = titles(root)
+    clean = run_prep(root, tmp_path / "clean")
+    reencode(root / "annotations" / f"{names[0]}.xml", "Shift_JIS", "shift_jis")
+    reencode(root / "annotations" / f"{names[1]}.xml", "Windows-31J", "cp932")  # libxml2 lacks this name
+    reencode(root / "annotations" / f"{names[2]}.xml", "utf-8", "shift_jis")  # the declaration lies
+    assert prep.main(["--manga109_root", str(root), "--output_dir", str(tmp_path / "o"), "--num_workers", "1",
+                      "--test_fraction", "0.25", "--val_fraction", "0.25"]) == 0
+    assert "Traceback" not in capsys.readouterr().err
+    m = json.loads((tmp_path / "o" / "manifest.json").read_text(encoding="utf-8"))
+    assert m["skipped"]["books"] == {"undecodable_xml": 1}  # skipped and counted, never guessed
+    assert names[2] not in m["crops_per_book"]
+
+    def texts(out: Path, book: str) -> dict[str, str]:
+        return {r["id"]: r["text"] for rs in all_records(out).values() for r in rs if r["book"] == book}
+
+    for book in names[:2]:
+        assert texts(tmp_path / "o", book) == texts(tmp_path / "clean", book) != {}
+    assert clean["crops_per_book"][names[0]] == m["crops_per_book"][names[0]]
+
+
+def _no_room_run(root: Path, out: Path, limit: int) -> subprocess.CompletedProcess:
+    """prepare in a process whose files may not grow past `limit` bytes (`ulimit -f`; SIGXFSZ ignored, so
+    the write fails with EFBIG as on a full disk instead of killing the process)."""
+    import resource
+
+    def limit_size() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    cmd = [sys.executable, str(REPO / "prepare_manga109_data.py"), "--manga109_root", str(root),
+           "--output_dir", str(out), "--test_fraction", "0.2", "--val_fraction", "0.2", "--num_workers", "2"]
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=out.parent, env=env, preexec_fn=limit_size,
+                          timeout=300)
+
+
+@pytest.mark.parametrize("stage", ["crop", "jsonl"])
+def test_full_disk_is_one_line_without_debris_and_rerun_recovers(synthetic_release: Path, prepared,
+                                                                  tmp_path: Path, stage: str) -> None:
+    clean_out, _ = prepared
+    biggest_crop = max(p.stat().st_size for p in (clean_out / "crops").rglob("*.png"))
+    train_size = (clean_out / "train.jsonl").stat().st_size
+    assert biggest_crop < train_size  # so a limit between them stops the JSONL, after every crop
+    limit = 1000 if stage == "crop" else (biggest_crop + train_size) // 2
+    out = tmp_path / "o"
+    proc = _no_room_run(synthetic_release, out, limit)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    (line,) = proc.stderr.strip().splitlines()  # one line
+    assert line.startswith("error: could not write ") and "file-size limit" in line
+    assert (".png" if stage == "crop" else "train.jsonl") in line
+    assert not list(out.rglob("*.tmp*"))  # no debris
+    assert not (out / "manifest.json").exists()
+    rerun = subprocess.run([sys.executable, str(REPO / "prepare_manga109_data.py"), "--manga109_root",
+                            str(synthetic_release), "--output_dir", str(out), "--test_fraction", "0.2",
+                            "--val_fraction", "0.2", "--num_workers", "1"], capture_output=True, cwd=tmp_path)
+    assert rerun.returncode == 0
+    for name in (f"{s}.jsonl" for s in prep.SPLITS):
+        assert (out / name).read_bytes() == (clean_out / name).read_bytes()

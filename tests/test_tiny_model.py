@@ -251,3 +251,31 @@ def test_builder_is_deterministic(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert (tmp_path / "a" / "tokenizer.json").read_bytes() == (
         tmp_path / "b" / "tokenizer.json"
     ).read_bytes()
+
+
+def test_release_like_from_the_command_line_writes_the_release_tokenizer_model(tmp_path: Path) -> None:
+    # The release ships tokenizer.model, and export_model.py --gguf needs it: the CLI fixture once had none.
+    from tools.make_tiny_model import build_release_like
+
+    assert main(["--out", str(tmp_path / "cli"), "--release_like", "v1"]) == 0
+    build_release_like(tmp_path / "api", "v1", sentencepiece_model=True)
+    cli, api = ((tmp_path / d / "tokenizer.model").read_bytes() for d in ("cli", "api"))
+    assert cli == api
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["api", "cli"]  # no staging folder left
+
+
+def test_a_failed_build_leaves_no_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    import errno
+
+    import tools.make_tiny_model as make_tiny_model
+
+    def half_then_full_disk(out: Path, **kwargs) -> None:
+        Path(out).mkdir(parents=True)
+        (Path(out) / "config.json").write_text("{}")
+        raise OSError(errno.ENOSPC, "No space left on device", str(Path(out) / "model.safetensors"))
+
+    monkeypatch.setattr(make_tiny_model, "build_tiny_model", half_then_full_disk)
+    assert main(["--out", str(tmp_path / "tiny")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "No space left on device" in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []  # neither the model folder nor its staging

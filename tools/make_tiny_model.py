@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import struct
 import sys
 from pathlib import Path
@@ -670,7 +672,11 @@ def main(argv: list[str] | None = None) -> int:
         "--charset): full (default, its CHARSET) or a small one for the demo",
     )
     parser.add_argument("--text_layers", type=int, default=2, help="decoder layers")
-    parser.add_argument("--vision_layers", type=int, default=2, help="vision encoder layers")
+    parser.add_argument(
+        "--vision_layers", type=int, default=None,
+        help="vision encoder layers (default 2, --release_like 3: llama.cpp's converter maps the projector's "
+        "two layers through the encoder's per-layer table, so export_model.py --gguf needs at least 3)",
+    )
     parser.add_argument(
         "--hidden", type=int, default=None, help="width, a multiple of 16 (default 64, --release_like 32)"
     )
@@ -715,28 +721,52 @@ def main(argv: list[str] | None = None) -> int:
         help=f"image processor max_pixels (default {TINY_MAX_PIXELS}: at most 64 image tokens per crop)",
     )
     args = parser.parse_args(argv)
+    final = Path(args.out)
+    if final.exists() and not final.is_dir():
+        parser.error(f"--out {final} is a file, not a folder")
+    # Built whole in a staging folder beside --out, then moved into place: a Ctrl-C or a full disk never
+    # leaves a half-made model where a test or train.sh would load it.
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = final.parent / f".{final.name}.partial"
+    shutil.rmtree(staging, ignore_errors=True)  # left by a killed run
+    try:
+        _build(args, parser, staging)
+        if final.exists():  # rebuilding into an existing folder replaces its files, as before
+            for path in sorted(staging.iterdir()):
+                os.replace(path, final / path.name)
+        else:
+            os.rename(staging, final)
+    except OSError as e:
+        print(f"error: could not write {e.filename or final}: {e.strerror or e}", file=sys.stderr)
+        return 2
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    print(final)
+    return 0
 
+
+def _build(args: argparse.Namespace, parser: argparse.ArgumentParser, out: Path) -> None:
     common = {
         "charset": CHARSETS[args.charset], "text_layers": args.text_layers,
-        "vision_layers": args.vision_layers, "seed": args.seed, "init_std": args.init_std,
-        "vision_init_std": args.vision_init_std,
+        "vision_layers": args.vision_layers or (3 if args.release_like else 2), "seed": args.seed,
+        "init_std": args.init_std, "vision_init_std": args.vision_init_std,
     }
     if args.release_like:
         fixed = [f for f in ("min_pixels", "max_pixels", "tie_word_embeddings") if getattr(args, f)]
         if fixed:
             parser.error(f"--{fixed[0]}: a release-like model has the release's (untied, its pixel bounds)")
-        out = build_release_like(args.out, args.release_like, hidden=args.hidden or 32, **common)
+        # With the release's tokenizer.model, as the release ships it: export_model.py --gguf needs it.
+        build_release_like(out, args.release_like, hidden=args.hidden or 32, sentencepiece_model=True,
+                           **common)
     else:
-        out = build_tiny_model(
-            args.out,
+        build_tiny_model(
+            out,
             hidden=args.hidden or 64,
             tie_word_embeddings=args.tie_word_embeddings,
             min_pixels=args.min_pixels or TINY_MIN_PIXELS,
             max_pixels=args.max_pixels or TINY_MAX_PIXELS,
             **common,
         )
-    print(out)
-    return 0
 
 
 if __name__ == "__main__":
