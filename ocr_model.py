@@ -494,6 +494,36 @@ LOOP_MIN_REPEATS = 4  # ... at least this often ...
 LOOP_MIN_SPAN = 24  # ... over at least this many tokens ("ドドドド…" of 23 same tokens still passes)
 
 
+def generation_flag_error(
+    max_new_tokens: int | None, min_pixels: int | None, max_pixels: int | None
+) -> str | None:
+    """What is wrong with evaluation's and prediction's generation flags, before anything loads; None: fine.
+
+    --max_new_tokens 0 was ignored (each crop's own cap) while metrics.json recorded 0, -1 crashed in
+    generate(); --min_pixels above --max_pixels resized every crop to the wrong budget (CER 406 % against
+    26.5 % on the same crops)."""
+    if max_new_tokens is not None and max_new_tokens <= 0:
+        return (f"--max_new_tokens must be a positive number of tokens, got {max_new_tokens} (leave it out "
+                "for each crop's own cap, from its size)")
+    for flag, value in (("--min_pixels", min_pixels), ("--max_pixels", max_pixels)):
+        if value is not None and value <= 0:
+            return f"{flag} must be a positive number of pixels, got {value}"
+    if min_pixels is not None and max_pixels is not None and min_pixels > max_pixels:
+        return f"--min_pixels {min_pixels} is above --max_pixels {max_pixels}: give min_pixels <= max_pixels"
+    return None
+
+
+def pixel_bounds_error(processor: Any, model_path: str) -> str | None:
+    """The image budget after --min_pixels / --max_pixels met the checkpoint's own (one flag alone can
+    cross the other bound of preprocessor_config.json); None: fine."""
+    size = processor.image_processor.size
+    low, high = size["shortest_edge"], size["longest_edge"]
+    if low > high:
+        return (f"min_pixels {low} is above max_pixels {high} (flags and {model_path}'s "
+                "preprocessor_config.json together): give min_pixels <= max_pixels")
+    return None
+
+
 def auto_max_new_tokens(width: int, height: int, cap: int = AUTO_MAX_NEW_TOKENS) -> int:
     """A crop's token cap: 16 plus one token per PIXELS_PER_TOKEN px of the crop as given, at most `cap`."""
     return max(1, min(cap, 16 + math.ceil(width * height / PIXELS_PER_TOKEN)))
@@ -625,6 +655,8 @@ def generate_readings(
     config turns the KV cache off (the seed evaluated that way, one crop at a time: batch_size=1,
     use_cache=False); the cache is what makes batches fast.
     """
+    if max_new_tokens is not None and max_new_tokens <= 0:  # 0 used to mean "auto" silently
+        raise ValueError(f"max_new_tokens must be positive (None: each crop's own cap), got {max_new_tokens}")
     if isinstance(images, Chunk):
         return _generate_chunk(model, processor, images, max_new_tokens, progress, use_cache)
     crops = images if isinstance(images, Crops) else ImageList(images)
@@ -662,7 +694,7 @@ def _generate_chunk(
         bar = tqdm(chunk.batches, total=chunk.num_batches, desc="generating", disable=not progress,
                    unit="batch")
         for idx, batch in bar:  # the loader prepares the next batches meanwhile
-            caps = [max_new_tokens or auto_max_new_tokens(*chunk.sizes[i]) for i in idx]
+            caps = [max_new_tokens or auto_max_new_tokens(*chunk.sizes[i]) for i in idx]  # checked > 0
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             batch["pixel_values"] = batch["pixel_values"].to(model.dtype)
             n_prompt = batch["input_ids"].shape[1]

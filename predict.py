@@ -28,9 +28,10 @@ class PredictError(Exception):
 
 
 def open_image(path: str) -> Image.Image:
+    from ocr_dataset import open_rgb  # every mode converted as training and evaluation convert it
+
     try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
+        return open_rgb(path)
     except (OSError, ValueError) as e:
         raise PredictError(f"cannot open image {path} ({e})") from None
 
@@ -95,8 +96,15 @@ def boxes_from_manga109(
 
 def run(a: argparse.Namespace) -> int:
     from custom_collator import configure_image_size
-    from ocr_model import default_num_workers, load_for_inference
+    from ocr_model import default_num_workers, generation_flag_error, load_for_inference, pixel_bounds_error
 
+    flags = generation_flag_error(a.max_new_tokens, a.min_pixels, a.max_pixels)
+    if flags:
+        raise PredictError(flags)
+    folders = [p for p in a.images if Path(p).is_dir()]
+    if folders:
+        raise PredictError(f"{folders[0]} is a folder: give image files (e.g. {Path(folders[0]) / '*.png'}), "
+                           "or one page image with --boxes/--manga109_xml")
     if (a.boxes or a.manga109_xml) and len(a.images) != 1:
         raise PredictError("--boxes/--manga109_xml take exactly one page image")
     if a.boxes and a.manga109_xml:
@@ -118,6 +126,9 @@ def run(a: argparse.Namespace) -> int:
     if a.num_workers is None:
         a.num_workers = default_num_workers(device)
     configure_image_size(processor, a.min_pixels, a.max_pixels)
+    bounds = pixel_bounds_error(processor, a.model_path)
+    if bounds:
+        raise PredictError(bounds)
 
     # Opened only now, so a bad argument or model never truncates an earlier output file.
     with open(a.output, "w", encoding="utf-8") if a.output else nullcontext(sys.stdout) as out:
