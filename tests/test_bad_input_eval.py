@@ -13,10 +13,26 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
+import evaluate_model
 import ocr_model
+import predict
+from ocr_dataset import DatasetError, load_image, read_jsonl, rgb_image
 from ocr_model import ModelLoadError, load_config_and_processor
+
+
+def evaluate(tiny_model: Path, data_dir: Path, out: Path, *extra: str) -> int:
+    return evaluate_model.main([
+        "--model_path", str(tiny_model), "--data_dir", str(data_dir), "--output_dir", str(out),
+        "--max_new_tokens", "6", *extra,
+    ])
+
+
+def predictions(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "predictions.jsonl").read_text(encoding="utf-8").splitlines()]
 
 
 @pytest.fixture(autouse=True)
@@ -144,3 +160,234 @@ def test_training_evaluation_bar_stays_off_a_log_file(monkeypatch: pytest.Monkey
     bar.on_prediction_step(args, TrainerState(is_world_process_zero=True), TrainerControl(),
                            eval_dataloader=[1, 2, 3])
     assert bar.prediction_bar is None
+
+
+# ---------------------------------------------------------------- item 11: an undecodable JSONL line
+
+
+def test_a_shift_jis_line_in_a_jsonl_is_one_error_naming_file_and_line(tmp_path: Path) -> None:
+    good = json.dumps({"image": "a.png", "text": "あ"}, ensure_ascii=False)
+    path = tmp_path / "test.jsonl"
+    path.write_bytes((good + "\n" + good + "\n").encode("utf-8") + (good + "\n").encode("shift_jis"))
+    with pytest.raises(DatasetError) as e:
+        read_jsonl(path)
+    assert str(e.value).startswith(f"{path}:3: not UTF-8") and "Shift-JIS" in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_a_byte_order_mark_on_the_first_line_is_read() -> None:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "x.jsonl"
+        path.write_text(json.dumps({"image": "a.png", "text": "x"}) + "\n", encoding="utf-8-sig")
+        assert read_jsonl(path)[0]["text"] == "x"
+
+
+# ---------------------------------------------------------------- item 13: image modes
+
+
+def gray16_png(path: Path) -> np.ndarray:
+    """A 16-bit grayscale crop (light paper, a dark glyph) saved as PNG; returns its 8-bit rendering."""
+    pixels = np.full((40, 120), 58000, np.uint16)
+    pixels[10:30, 20:100] = 3000
+    Image.fromarray(pixels).save(path)
+    assert Image.open(path).mode in ("I;16", "I")  # how Pillow opens it: not "L"
+    return np.rint(pixels / 257).astype(np.uint8)
+
+
+def test_a_16_bit_grayscale_crop_is_read_as_its_pixels_not_white(tmp_path: Path) -> None:
+    from manga_ocr_compat import _open
+
+    path = tmp_path / "crop16.png"
+    expected = np.stack([gray16_png(path)] * 3, axis=-1)
+    record = {"image_path": str(path), "_line": 1}
+    for image in (load_image(record, "test.jsonl"), predict.open_image(str(path)), _open(path),
+                  _open(Image.open(path))):
+        assert image.mode == "RGB"
+        assert np.abs(np.asarray(image).astype(int) - expected).max() <= 1
+
+
+@pytest.mark.parametrize("mode", ["I", "I;16", "F", "LA", "RGBA", "P", "CMYK", "L", "1"])
+def test_every_mode_reads_as_the_rgb_of_the_same_picture(mode: str) -> None:
+    base = Image.new("RGB", (16, 8), (255, 255, 255))  # pure black and white: palettes and 1-bit hold them
+    base.paste((0, 0, 0), (4, 2, 12, 6))  # a black glyph on white paper
+    image = base.convert("L").convert(mode) if mode in ("I", "I;16", "F") else base.convert(mode)
+    if mode == "I;16":
+        image = Image.fromarray(np.asarray(base.convert("L"), np.uint16) * 257)
+    gray = np.asarray(rgb_image(image).convert("L")).astype(int)
+    assert np.abs(gray - np.asarray(base.convert("L")).astype(int)).max() <= 1
+
+
+def test_transparent_pixels_are_white_paper() -> None:
+    glyph = Image.new("RGBA", (10, 10), (0, 0, 0, 0))  # transparent black: convert("RGB") gives black
+    glyph.putpixel((5, 5), (0, 0, 0, 255))
+    pixels = np.asarray(rgb_image(glyph))
+    assert pixels[0, 0].tolist() == [255, 255, 255] and pixels[5, 5].tolist() == [0, 0, 0]
+    indexed = Image.new("P", (4, 4), 0)
+    indexed.info["transparency"] = 0
+    assert np.asarray(rgb_image(indexed))[0, 0].tolist() == [255, 255, 255]
+
+
+# ---------------------------------------------------------------- item 4: empty answers
+
+
+def answer_empty_every_other(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ocr_model import Reading
+
+    def readings(model, processor, chunk, **kwargs):
+        return [Reading("" if i % 2 else "ア", "eos") for i in chunk.positions]
+
+    monkeypatch.setattr(ocr_model, "generate_readings", readings)
+
+
+def test_empty_answers_are_counted_in_metrics_summary_and_report(
+    tiny_model: Path, data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    answer_empty_every_other(monkeypatch)
+    out = tmp_path / "out"
+    assert evaluate(tiny_model, data_dir, out) == 0
+    rows = predictions(out)
+    empty = sum(r["prediction"] == "" for r in rows)
+    metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+    assert 0 < empty < len(rows) and metrics["empty_answers"] == empty
+    assert f"Empty answers: {100 * empty / len(rows):.2f} % ({empty} of {len(rows)})" in (
+        out / "summary.md").read_text(encoding="utf-8")
+    assert f"{empty} answers ({100 * empty / len(rows):.2f} %) are empty" in (
+        out / "report.html").read_text(encoding="utf-8")
+
+
+def metrics_file(folder: Path, cer: float, empty: int, n: int = 209) -> str:
+    folder.mkdir(parents=True)
+    modes = {m: {"cer": cer, "cer_mean": cer, "exact_match": 0.0} for m in ("none", "nows")}
+    run = {"model_path": folder.name, "split": "test", "num_samples": n, "metrics": modes,
+           "empty_answers": empty}
+    (folder / "metrics.json").write_text(json.dumps(run), encoding="utf-8")
+    return str(folder / "metrics.json")
+
+
+def test_compare_says_a_lower_cer_with_many_empty_answers_is_no_plain_win(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    before = metrics_file(tmp_path / "before", 10.77, 0)
+    after = metrics_file(tmp_path / "after", 0.98, 125)
+    assert evaluate_model.main(["--compare", before, after]) == 0
+    out = capsys.readouterr().out
+    assert "| empty answers |  | 0.00 % | 59.81 % | +59.81 pp |" in out
+    assert "Note: after answered nothing on 59.81 % of its crops (125 of 209)" in out
+    assert "Note: before" not in out
+
+
+# ---------------------------------------------------------------- item 9: Ctrl-C, one run per folder
+
+
+def test_an_interrupted_run_leaves_one_run_and_the_same_command_continues_it(
+    tiny_model: Path, data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    out, fresh = tmp_path / "out", tmp_path / "fresh"
+    assert evaluate(tiny_model, data_dir, out, "--max_new_tokens", "5") == 0  # an earlier, complete run
+    assert evaluate(tiny_model, data_dir, fresh, "--batch_size", "1") == 0  # the reference: never stopped
+    capsys.readouterr()
+
+    real = ocr_model.generate_readings
+    generated: list[int] = []
+
+    def interrupt_second_chunk(model, processor, chunk, **kwargs):
+        if len(generated) == 1:
+            raise KeyboardInterrupt
+        generated.append(len(chunk.positions))
+        return real(model, processor, chunk, **kwargs)
+
+    monkeypatch.setattr(ocr_model, "generate_readings", interrupt_second_chunk)
+    assert evaluate(tiny_model, data_dir, out, "--batch_size", "1") == 130  # other settings: max_new_tokens 6
+    err = capsys.readouterr().err
+    assert "starting over" in err and "max_new_tokens 5 -> 6" in err and "same command continues" in err
+    assert sorted(p.name for p in out.iterdir()) == ["predictions.jsonl", "run.json"]  # no stale results
+    assert len(predictions(out)) == generated[0] == 8
+    assert json.loads((out / "run.json").read_text())["settings"]["max_new_tokens"] == 6
+
+    generated.clear()
+    monkeypatch.setattr(ocr_model, "generate_readings", lambda *a, **k: generated.append(
+        len(a[2].positions)) or real(*a, **k))
+    assert evaluate(tiny_model, data_dir, out, "--batch_size", "4") == 0  # batch size: not a setting
+    assert "continuing: 8 of" in capsys.readouterr().err
+    total = len(predictions(fresh))
+    assert sum(generated) == total - 8  # the first 8 were not generated again
+    by_id = {r["id"]: r for r in predictions(fresh)}
+    assert sorted(predictions(out), key=lambda r: r["id"]) == sorted(by_id.values(), key=lambda r: r["id"])
+    a, b = (json.loads((d / "metrics.json").read_text()) for d in (out, fresh))
+    assert a["metrics"] == b["metrics"] and a["num_samples"] == total and a["continued_from"] == 8
+
+
+# ---------------------------------------------------------------- every bad input: exit 2, one line
+
+
+def shift_jis_data(data_dir: Path, folder: Path) -> Path:
+    folder.mkdir()
+    lines = (data_dir / "test.jsonl").read_text(encoding="utf-8").splitlines()
+    sjis = json.dumps({"image": "a.png", "text": "日本"}, ensure_ascii=False) + "\n"
+    utf8 = "\n".join(lines[:2]) + "\n"
+    (folder / "test.jsonl").write_bytes(utf8.encode("utf-8") + sjis.encode("shift_jis"))
+    return folder
+
+
+# (argv after the command's own model/data/output arguments, a fragment of the one error line)
+EVALUATE_BAD = [
+    (["--max_new_tokens", "0"], "--max_new_tokens must be a positive number of tokens, got 0"),
+    (["--max_new_tokens", "-1"], "--max_new_tokens must be a positive number of tokens, got -1"),
+    (["--min_pixels", "100000", "--max_pixels", "1000"], "--min_pixels 100000 is above --max_pixels 1000"),
+    (["--max_pixels", "1000"], "min_pixels 12544 is above max_pixels 1000"),  # the checkpoint's own min
+    (["--min_pixels", "-5"], "--min_pixels must be a positive number of pixels"),
+    (["--model_path", "./sft_ouput"], "model folder './sft_ouput' does not exist"),
+    (["--model_path", "sft_ouput"], "a hub id has the form org/name"),
+    (["{shift_jis}"], "test.jsonl:3: not UTF-8"),
+    (["--batch_size", "0"], "--batch_size must be positive"),
+    (["--split", "nope"], "nope.jsonl: file not found"),
+]
+PREDICT_BAD = [
+    (["{folder}"], "is a folder: give image files"),
+    (["--max_new_tokens", "0", "{crop}"], "--max_new_tokens must be a positive number of tokens, got 0"),
+    (["--max_new_tokens", "-1", "{crop}"], "--max_new_tokens must be a positive number of tokens, got -1"),
+    (["--min_pixels", "100000", "--max_pixels", "1000", "{crop}"], "is above --max_pixels 1000"),
+    (["--max_pixels", "1000", "{crop}"], "min_pixels 12544 is above max_pixels 1000"),
+    (["--model_path", "./sft_ouput", "{crop}"], "model folder './sft_ouput' does not exist"),
+    (["{folder}/missing.png"], "image not found"),
+    (["{crop}", "--boxes", "{folder}/none.json"], "cannot read boxes"),
+]
+
+
+@pytest.mark.parametrize(("extra", "expected"), EVALUATE_BAD, ids=[" ".join(a) for a, _ in EVALUATE_BAD])
+def test_bad_input_to_evaluate_is_one_error_line(
+    extra: list[str], expected: str, tiny_model: Path, data_dir: Path, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch, error_line: Callable[[int], str],
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    argv = ["--model_path", str(tiny_model), "--data_dir", str(data_dir), "--output_dir", str(tmp_path / "o")]
+    if extra == ["{shift_jis}"]:
+        extra = ["--data_dir", str(shift_jis_data(data_dir, tmp_path / "sjis"))]
+    assert expected in error_line(evaluate_model.main(argv + extra))
+    assert not (tmp_path / "o" / "metrics.json").exists()
+
+
+@pytest.mark.parametrize(("extra", "expected"), PREDICT_BAD, ids=[" ".join(a) for a, _ in PREDICT_BAD])
+def test_bad_input_to_predict_is_one_error_line(
+    extra: list[str], expected: str, tiny_model: Path, data_dir: Path, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch, error_line: Callable[[int], str],
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    crop = read_jsonl(data_dir / "test.jsonl")[0]["image_path"]
+    (tmp_path / "crops").mkdir()
+    extra = [a.format(folder=tmp_path / "crops", crop=crop) for a in extra]
+    assert expected in error_line(predict.main(["--model_path", str(tiny_model), *extra]))
+
+
+def test_no_hub_through_evaluate_is_one_error_line(
+    data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, error_line: Callable[[int], str]
+) -> None:
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    rc = evaluate_model.main(["--model_path", "nobody-here/no-such-model", "--data_dir", str(data_dir),
+                              "--output_dir", str(tmp_path / "o")])
+    assert "python tools/make_tiny_model.py --release_like v1 --out" in error_line(rc)
