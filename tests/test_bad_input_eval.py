@@ -208,15 +208,20 @@ def test_a_16_bit_grayscale_crop_is_read_as_its_pixels_not_white(tmp_path: Path)
         assert np.abs(np.asarray(image).astype(int) - expected).max() <= 1
 
 
-@pytest.mark.parametrize("mode", ["I", "I;16", "F", "LA", "RGBA", "P", "CMYK", "L", "1"])
+@pytest.mark.parametrize("mode", ["I", "I;16", "F", "F 0..1", "LA", "RGBA", "P", "CMYK", "L", "1"])
 def test_every_mode_reads_as_the_rgb_of_the_same_picture(mode: str) -> None:
-    base = Image.new("RGB", (16, 8), (255, 255, 255))  # pure black and white: palettes and 1-bit hold them
-    base.paste((0, 0, 0), (4, 2, 12, 6))  # a black glyph on white paper
-    image = base.convert("L").convert(mode) if mode in ("I", "I;16", "F") else base.convert(mode)
-    if mode == "I;16":
-        image = Image.fromarray(np.asarray(base.convert("L"), np.uint16) * 257)
-    gray = np.asarray(rgb_image(image).convert("L")).astype(int)
-    assert np.abs(gray - np.asarray(base.convert("L")).astype(int)).max() <= 1
+    base = Image.new("L", (16, 8), 255)  # white paper, a black glyph, a gray stroke (153: in web palettes)
+    base.paste(0, (4, 2, 12, 6))
+    base.paste(153, (0, 7, 16, 8))
+    gray8 = np.asarray(base, np.float64)
+    image = {
+        "I;16": lambda: Image.fromarray((gray8 * 257).astype(np.uint16)),  # 16 bits: 65535 is white
+        "F 0..1": lambda: Image.fromarray((gray8 / 255).astype(np.float32), "F"),
+    }.get(mode, lambda: base.convert("RGB").convert(mode))()
+    expected = np.asarray(base.convert("1").convert("L") if mode == "1" else base).astype(int)
+    read = np.asarray(rgb_image(image))
+    assert read.shape == (8, 16, 3)
+    assert np.abs(read.astype(int) - expected[..., None]).max() <= 1
 
 
 def test_transparent_pixels_are_white_paper() -> None:
