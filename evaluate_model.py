@@ -79,16 +79,19 @@ class EvalArguments:
         "Default: 2 on CUDA (one core left to the main process), 0 on CPU, where generation already uses "
         "every core.")
     output_dir: str | None = arg(
-        None, "Where predictions.jsonl, metrics.json and summary.md go. Default: <model_path>/eval_<split> "
-        "for a local model, else ./eval_output/<model name>_<split>.")
+        None, "Where predictions.jsonl, metrics.json, summary.md and report.html go; the folder holds one "
+        "run: the same command continues an interrupted run there, other settings start it over. Default: "
+        "<model_path>/eval_<split> for a local model, else ./eval_output/<model name>_<split>.")
     max_new_tokens: int | None = arg(
-        None, "Token cap of every crop's answer. Default: each crop's own, from its size (16 + one token per "
-        "100 px, at most 256); the report counts answers that hit their cap or looped (stopped, repeats "
-        "cut).")
+        None, "Token cap of every crop's answer, at least 1. Default: each crop's own, from its size (16 + "
+        "one token per 100 px, at most 256); the report counts answers that hit their cap or looped "
+        "(stopped, repeats cut), and empty answers.")
     seed: int = arg(42, "Seed of the --num_samples subset.")
     worst: int = arg(20, "List this many worst predictions (most edits).")
-    min_pixels: int | None = arg(None, "Override the image processor's min_pixels (default: checkpoint's).")
-    max_pixels: int | None = arg(None, "Override the image processor's max_pixels (default: checkpoint's).")
+    min_pixels: int | None = arg(None, "Override the image processor's min_pixels (default: checkpoint's); "
+                                 "at most max_pixels.")
+    max_pixels: int | None = arg(None, "Override the image processor's max_pixels (default: checkpoint's); "
+                                 "at least min_pixels.")
     quantize: str | None = field(default=None, metadata={
         "help": "int8 linear layers on the CPU (ocr_quantize.py): int8 (everywhere) or int8-text (the "
         "language model only). Default: bf16 on a GPU, fp32 on the CPU. Compare with an fp32 run through "

@@ -81,7 +81,7 @@ class ModelLoadError(ValueError):
 
 # How to go on without the hub, named in every error that needs it (tools/make_tiny_model.py's flags).
 NO_HUB_HINT = (
-    "use a local model folder (--model_path ./my_model), or make the offline stand-in model: "
+    "give a local model folder instead, or make the offline stand-in model: "
     "python tools/make_tiny_model.py --release_like v1 --out ./tiny_model"
 )
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # org/name: exactly one slash, no ./ or / in front

@@ -212,7 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     from ocr_quantize import METHODS as QUANTIZE_METHODS
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("images", nargs="+", help="crop images, or one page image with --boxes/--manga109_xml")
+    ap.add_argument("images", nargs="+", help="crop image files (not folders: crops/*.png), or one page "
+                    "image with --boxes/--manga109_xml")
     ap.add_argument("--model_path", required=True, help="hub id or local folder of the model")
     ap.add_argument("--output", help="write JSONL here instead of printing path<TAB>text")
     ap.add_argument("--boxes", help="JSON list of [xmin,ymin,xmax,ymax] (or objects with a bbox key) to OCR")
@@ -226,10 +227,12 @@ def main(argv: list[str] | None = None) -> int:
                     "generates (default: 2 on CUDA, one core left to the main process; 0 on CPU, where "
                     "generation already uses every core)")
     ap.add_argument("--max_new_tokens", type=int, default=None,
-                    help="token cap of every answer (default: each crop's own, from its size: 16 + one token "
-                    "per 100 px, at most 256; a looping answer is stopped either way)")
-    ap.add_argument("--min_pixels", type=int, help="override the image processor's min_pixels")
-    ap.add_argument("--max_pixels", type=int, help="override the image processor's max_pixels")
+                    help="token cap of every answer, at least 1 (default: each crop's own, from its size: "
+                    "16 + one token per 100 px, at most 256; a looping answer is stopped either way)")
+    ap.add_argument("--min_pixels", type=int,
+                    help="override the image processor's min_pixels (at most max_pixels)")
+    ap.add_argument("--max_pixels", type=int,
+                    help="override the image processor's max_pixels (at least min_pixels)")
     ap.add_argument("--quantize", choices=QUANTIZE_METHODS,
                     help="int8 linear layers on the CPU (ocr_quantize.py: int8 everywhere, int8-text the "
                     "language model only); default: bf16 on a GPU, fp32 on the CPU")
