@@ -378,7 +378,7 @@ def start_run(out_dir: Path, settings: dict) -> list[dict]:
             old = before["settings"]
             changed = ", ".join(CHANGED.get(k, f"{k} {old.get(k)!r} -> {v!r}")
                                 for k, v in settings.items() if old.get(k) != v)
-            why = f"it held a run with other settings ({changed})"
+            why = f"it held a run with other settings ({changed})" if changed else f"{pred_path} is missing"
         else:
             why = "it held an earlier run without run.json"
         print(f"starting over in {out_dir}: {why}", file=sys.stderr)

@@ -396,3 +396,19 @@ def test_no_hub_through_evaluate_is_one_error_line(
     rc = evaluate_model.main(["--model_path", "nobody-here/no-such-model", "--data_dir", str(data_dir),
                               "--output_dir", str(tmp_path / "o")])
     assert "python tools/make_tiny_model.py --release_like v1 --out" in error_line(rc)
+
+
+def test_a_rerun_after_a_torn_last_line_continues_from_the_whole_lines(
+    tiny_model: Path, data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    assert evaluate(tiny_model, data_dir, out) == 0
+    whole = predictions(out)
+    lines = (out / "predictions.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)
+    (out / "predictions.jsonl").write_text("".join(lines[:10]) + lines[10][:15], encoding="utf-8")  # kill -9
+    state = json.loads((out / "run.json").read_text())
+    (out / "run.json").write_text(json.dumps({**state, "complete": False}))
+    capsys.readouterr()
+    assert evaluate(tiny_model, data_dir, out) == 0
+    assert f"continuing: 10 of {len(whole)} predictions" in capsys.readouterr().err
+    assert sorted(predictions(out), key=lambda r: r["id"]) == sorted(whole, key=lambda r: r["id"])
