@@ -241,6 +241,11 @@ class CheckedModel(NamedTuple):
     has_lm_head: bool | None  # None: the checkpoint has no safetensors to look into
 
 
+def _one_line(error: Exception) -> str:
+    """transformers' messages run over several lines; a user error is one."""
+    return " ".join(str(error).split())
+
+
 def _where(model_path: str) -> str:
     return "local folder" if os.path.isdir(model_path) else "Hugging Face hub id"
 
@@ -271,7 +276,7 @@ def load_config_and_processor(model_path: str, *, trust_remote_code: bool = Fals
         keys = _checkpoint_keys(model_path)
     except (OSError, ValueError) as e:
         raise ModelLoadError(
-            f"could not load a model config from {model_path!r} (tried as {where}): {e}"
+            f"could not load a model config from {model_path!r} (tried as {where}): {_one_line(e)}"
         ) from e
 
     has_lm_head = None if keys is None else any(k.endswith("lm_head.weight") for k in keys)
@@ -287,7 +292,7 @@ def load_config_and_processor(model_path: str, *, trust_remote_code: bool = Fals
                                                   **_files_only(model_path))
     except (OSError, ValueError) as e:
         raise ModelLoadError(
-            f"could not load the processor from {model_path!r} (tried as {where}): {e}"
+            f"could not load the processor from {model_path!r} (tried as {where}): {_one_line(e)}"
         ) from e
     ensure_release_prompt(config, processor, lambda: template_file(model_path))
     return CheckedModel(model_path, config, processor, has_lm_head)
@@ -316,7 +321,9 @@ def load_model_and_processor(
     try:
         model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as e:
-        raise ModelLoadError(f"could not load the model from {path!r} (tried as {_where(path)}): {e}") from e
+        raise ModelLoadError(
+            f"could not load the model from {path!r} (tried as {_where(path)}): {_one_line(e)}"
+        ) from e
 
     if has_lm_head:
         lm_head = model.get_output_embeddings().weight

@@ -107,6 +107,18 @@ def test_hub_id_with_hf_hub_offline_fails_at_once_naming_both_ways_on(
     assert "HF_HUB_OFFLINE" in str(e.value) and "make_tiny_model.py --release_like v1" in str(e.value)
 
 
+def test_a_transformers_error_over_several_lines_is_one_line(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    def fail(*args, **kwargs):
+        raise OSError("first\nsecond")  # as transformers' "We couldn't connect ...\nCheck your ..."
+
+    (tmp_path / "config.json").write_text("{}")
+    monkeypatch.setattr(ocr_model.AutoConfig, "from_pretrained", fail)
+    with pytest.raises(ModelLoadError) as e:
+        load_config_and_processor(str(tmp_path))
+    assert str(e.value).endswith("first second")
+
+
 def test_make_tiny_model_flags_in_the_hint_exist() -> None:
     from tools.make_tiny_model import main as make_tiny
 
