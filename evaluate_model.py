@@ -5,15 +5,18 @@
     python evaluate_model.py --compare base/metrics.json ft/metrics.json --output_dir ./eval_output
 
 Writes predictions.jsonl (flushed after every chunk, so a crash or Ctrl-C keeps what was produced),
-metrics.json, summary.md and report.html (a self-contained page: tables, charts, the worst crops with their
-images and character differences marked). --compare of two runs also writes comparison.html (the crops the
-second model fixed and broke), which needs each run's predictions.jsonl beside its metrics.json. Bad input
-(unknown model, broken JSONL, unreadable image, empty split) ends with one `error: ...` line on stderr and
-exit code 2.
+then, at the end, metrics.json, summary.md and report.html (a self-contained page: tables, charts, the worst
+crops with their images and character differences marked). An output folder holds one run: run.json records
+its settings; the same command run again continues from the predictions already written, other settings
+start the folder over (saying so), and the summary files exist only once the run is complete.
+--compare of two runs also writes comparison.html (the crops the second model fixed and broke), which needs
+each run's predictions.jsonl beside its metrics.json. Bad input (unknown model, broken JSONL, unreadable
+image, empty split) ends with one `error: ...` line on stderr and exit code 2.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -32,6 +35,14 @@ from ocr_quantize import METHODS as QUANTIZE_METHODS
 from ocr_report import write_comparison, write_report
 
 METRICS = {"cer": "CER", "cer_mean": "mean CER", "exact_match": "exact match"}
+RUN_FILE = "run.json"  # the settings of the run the folder holds, and whether it is complete
+PREDICTIONS = "predictions.jsonl"
+CHANGED = {"model_files": "the model's files were saved again", "data_file_stat": "the JSONL was rewritten",
+           "crop_ids_sha256": "other crops"}  # how start_run names a change of the settings' long values
+RESULTS = ("metrics.json", "summary.md", "report.html")  # written once a run is complete
+# --compare says a CER is not a plain win when this share of a run's answers or more is empty: an empty
+# answer scores CER 100 %, far below a wrong long one (1077 % -> 98 % with 125 of 209 answers empty).
+EMPTY_NOTE_SHARE = 0.05
 
 
 class EvalError(Exception):
@@ -68,16 +79,19 @@ class EvalArguments:
         "Default: 2 on CUDA (one core left to the main process), 0 on CPU, where generation already uses "
         "every core.")
     output_dir: str | None = arg(
-        None, "Where predictions.jsonl, metrics.json and summary.md go. Default: <model_path>/eval_<split> "
-        "for a local model, else ./eval_output/<model name>_<split>.")
+        None, "Where predictions.jsonl, metrics.json, summary.md and report.html go; the folder holds one "
+        "run: the same command continues an interrupted run there, other settings start it over. Default: "
+        "<model_path>/eval_<split> for a local model, else ./eval_output/<model name>_<split>.")
     max_new_tokens: int | None = arg(
-        None, "Token cap of every crop's answer. Default: each crop's own, from its size (16 + one token per "
-        "100 px, at most 256); the report counts answers that hit their cap or looped (stopped, repeats "
-        "cut).")
+        None, "Token cap of every crop's answer, at least 1. Default: each crop's own, from its size (16 + "
+        "one token per 100 px, at most 256); the report counts answers that hit their cap or looped "
+        "(stopped, repeats cut), and empty answers.")
     seed: int = arg(42, "Seed of the --num_samples subset.")
     worst: int = arg(20, "List this many worst predictions (most edits).")
-    min_pixels: int | None = arg(None, "Override the image processor's min_pixels (default: checkpoint's).")
-    max_pixels: int | None = arg(None, "Override the image processor's max_pixels (default: checkpoint's).")
+    min_pixels: int | None = arg(None, "Override the image processor's min_pixels (default: checkpoint's); "
+                                 "at most max_pixels.")
+    max_pixels: int | None = arg(None, "Override the image processor's max_pixels (default: checkpoint's); "
+                                 "at least min_pixels.")
     quantize: str | None = field(default=None, metadata={
         "help": "int8 linear layers on the CPU (ocr_quantize.py): int8 (everywhere) or int8-text (the "
         "language model only). Default: bf16 on a GPU, fp32 on the CPU. Compare with an fp32 run through "
@@ -128,10 +142,12 @@ def sample_books(ds: OCRDataset, args: EvalArguments) -> None:
 
 
 def predict_records(model: Any, processor: Any, records: list[dict], source: str, out_path: Path,
-                    args: EvalArguments) -> list[dict]:
+                    args: EvalArguments, done: list[dict] | None = None) -> list[dict]:
     """Generate in chunks and append each chunk's rows to predictions.jsonl as soon as it is done.
 
-    args.num_workers loader processes decode and preprocess the next batches meanwhile (crop_chunks)."""
+    `done`: rows an interrupted run of the same settings wrote (already in the file); their crops are not
+    generated again. args.num_workers loader processes decode and preprocess the next batches meanwhile
+    (crop_chunks)."""
     from contextlib import closing
 
     from tqdm import tqdm
@@ -142,15 +158,17 @@ def predict_records(model: Any, processor: Any, records: list[dict], source: str
     # Sorting the whole split by image-token count (JSONL width/height, else the file's header: nothing is
     # decoded) keeps batch padding small; a prediction does not depend on which batch it is in (tested). A
     # crop the processor would refuse is counted padded into shape (fit_image), as generation pads it.
+    rows: list[dict] = list(done or [])
+    finished = {r["id"] for r in rows}
+    records = [r for r in records if r["id"] not in finished]
     sizes = RecordCrops(records, source)
     order = sorted(range(len(records)), key=lambda i: num_image_tokens(processor, *sizes.size(i)))
     crops = RecordCrops([records[i] for i in order], source)
     chunks = ocr_model.crop_chunks(processor, crops, batch_size=args.batch_size,
                                    chunk_size=8 * args.batch_size, num_workers=args.num_workers,
                                    pin_memory=ocr_model.pin_memory(model, args.num_workers))
-    rows: list[dict] = []
-    with (open(out_path, "w", encoding="utf-8") as f, closing(chunks),
-          tqdm(total=len(crops), unit="crop", desc="eval") as bar):
+    with (open(out_path, "a", encoding="utf-8") as f, closing(chunks),
+          tqdm(total=len(crops) + len(finished), initial=len(finished), unit="crop", desc="eval") as bar):
         try:
             for chunk in chunks:
                 # Looked up on the module at each call (tests interrupt a chunk through it).
@@ -169,7 +187,8 @@ def predict_records(model: Any, processor: Any, records: list[dict], source: str
         except DatasetError as e:
             raise EvalError(f"{e}; {len(rows)} predictions already written to {out_path}") from None
         except KeyboardInterrupt:
-            raise Interrupted(f"{len(rows)} predictions written to {out_path}") from None
+            raise Interrupted(f"{len(rows)} predictions written to {out_path}; the same command continues "
+                              "from there") from None
     return rows
 
 
@@ -184,6 +203,11 @@ def breakdown(rows: list[dict], key: str) -> dict[str, dict]:
 def stop_counts(rows: list[dict]) -> dict[str, int]:
     """How generation ended: eos (the model finished), cap (the token cap cut it) or loop (the guard)."""
     return {k: sum(r.get("stop") == k for r in rows) for k in ("eos", "cap", "loop")}
+
+
+def empty_answers(rows: list[dict]) -> int:
+    """Answers with no text (whitespace only counts as none): CER counts each as deleting the reference."""
+    return sum(not r["prediction"].strip() for r in rows)
 
 
 def pct(v: float) -> str:
@@ -211,7 +235,9 @@ def summary_markdown(res: dict) -> str:
     lines = [f"# {res['model_path']} on {res['split']}", "",
              f"{res['num_samples']} of {res['split_size']} crops ({subset}) from `{res['data_file']}`; batch "
              f"size {res['batch_size']}, {res['device']}, {res['seconds']:.1f} s "
-             f"({res['crops_per_second']:.2f} crops/s).", "",
+             f"({res['crops_per_second']:.2f} crops/s)"
+             + (f"; {res['continued_from']} predictions came from an interrupted run of the same settings."
+                if res.get("continued_from") else "."), "",
              f"**CER {pct(res['metrics']['none']['cer'])}, exact match "
              f"{pct(res['metrics']['none']['exact_match'])}** (normalization none, the headline).", "",
              *stops_line(res),
@@ -228,13 +254,18 @@ def summary_markdown(res: dict) -> str:
 
 
 def stops_line(res: dict) -> list[str]:
-    """A line on answers that did not end by themselves (cap or loop), if any: their text is cut short."""
-    stops, n = res.get("stops", {}), res["num_samples"]
-    if not stops.get("cap") and not stops.get("loop"):
-        return []
-    cap = "its own cap" if res["max_new_tokens"] is None else f"the cap of {res['max_new_tokens']} tokens"
-    return [f"Answers cut short: {pct(stops['cap'] / n)} hit {cap} ({stops['cap']}), "
-            f"{pct(stops['loop'] / n)} were stopped looping, repeats cut ({stops['loop']}).", ""]
+    """Lines on answers that did not end by themselves (cap or loop), their text cut short, and on empty
+    answers (each scores CER 100 %, which a model that answers nothing can pass for a low CER); if any."""
+    stops, n = res.get("stops", {}), max(res["num_samples"], 1)
+    lines = []
+    if stops.get("cap") or stops.get("loop"):
+        cap = "its own cap" if res["max_new_tokens"] is None else f"the cap of {res['max_new_tokens']} tokens"
+        lines += [f"Answers cut short: {pct(stops['cap'] / n)} hit {cap} ({stops['cap']}), "
+                  f"{pct(stops['loop'] / n)} were stopped looping, repeats cut ({stops['loop']}).", ""]
+    if res.get("empty_answers"):
+        lines += [f"Empty answers: {pct(res['empty_answers'] / n)} ({res['empty_answers']} of "
+                  f"{res['num_samples']}), each counted as CER 100 %.", ""]
+    return lines
 
 
 def load_runs(paths: list[str]) -> tuple[list[dict], list[str]]:
@@ -283,22 +314,101 @@ def compare_markdown(runs: list[dict], labels: list[str]) -> str:
             delta = [f"{100 * (vals[1] - vals[0]):+.2f} pp" if known else "–"] if two else []
             lines.append(md_row(name, mode, *(pct(v) if v is not None else "–" for v in vals), *delta))
     lines.append(md_row("crops", "", *(f"{r.get('num_samples')} ({r['split']})" for r in runs), *[""] * two))
+    shares = [r["empty_answers"] / max(r["num_samples"], 1) if "empty_answers" in r else None for r in runs]
+    delta = ([f"{100 * (shares[1] - shares[0]):+.2f} pp" if None not in shares else "–"] if two else [])
+    lines.append(md_row("empty answers", "", *(pct(s) if s is not None else "–" for s in shares), *delta))
+    for label, run, share in zip(labels, runs, shares, strict=True):
+        if share is not None and share >= EMPTY_NOTE_SHARE:
+            lines += ["", f"Note: {cell(label)} answered nothing on {pct(share)} of its crops "
+                      f"({run['empty_answers']} of {run['num_samples']}). An empty answer scores CER 100 %, "
+                      "far below a wrong long answer, so its CER is no plain measure of reading: check its "
+                      "predictions before calling a lower CER a win."]
     if len({(r["split"], r.get("num_samples"), r.get("seed"), r.get("data_file")) for r in runs}) > 1:
         lines += ["", "Note: these runs did not evaluate the same crops (split, subset or data differ), "
                   "so the differences mix model and data effects."]
     return "\n".join(lines) + "\n"
 
 
+def run_settings(args: EvalArguments, records: list[dict], source: str, processor: Any, dtype: str) -> dict:
+    """Everything a prediction depends on. Batch size and loader workers are left out: predictions do not
+    depend on them (tests/test_evaluate.py), so a rerun may change them and still continue."""
+    def files(folder: Path, patterns: tuple[str, ...]) -> dict[str, list[int]]:
+        found = sorted(p for pattern in patterns for p in folder.glob(pattern))
+        return {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in found}
+
+    model = Path(args.model_path).expanduser()
+    size = processor.image_processor.size
+    return {
+        "model_path": str(model.resolve()) if model.is_dir() else args.model_path,
+        # a model retrained into the same folder is another model
+        "model_files": files(model, ("config.json", "*.safetensors")) if model.is_dir() else {},
+        "data_file": source, "data_file_stat": files(Path(source).parent, (Path(source).name,)),
+        "crops": len(records),
+        "crop_ids_sha256": hashlib.sha256("\n".join(r["id"] for r in records).encode()).hexdigest(),
+        "max_new_tokens": args.max_new_tokens, "min_pixels": size["shortest_edge"],
+        "max_pixels": size["longest_edge"], "dtype": dtype,
+    }
+
+
+def start_run(out_dir: Path, settings: dict) -> list[dict]:
+    """Make out_dir hold this run only; return the predictions an interrupted run of the same settings
+    already wrote (the rest is generated and appended). Results of any earlier run are removed first, so
+    an interrupted run never leaves an old metrics.json beside new predictions."""
+    state_path, pred_path = out_dir / RUN_FILE, out_dir / PREDICTIONS
+    try:
+        before = json.loads(state_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        before = None
+    done: list[dict] = []
+    if isinstance(before, dict) and before.get("settings") == settings and pred_path.is_file():
+        wanted = set()  # ids of this run's crops; a torn last line (a killed write) is dropped
+        for line in pred_path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(row, dict) and "id" in row and "prediction" in row and row["id"] not in wanted:
+                wanted.add(row["id"])
+                done.append(row)
+        state = "complete, results written again" if before.get("complete") else "continuing"
+        print(f"{state}: {len(done)} of {settings['crops']} predictions already in {pred_path} "
+              "(same settings)", file=sys.stderr)
+    elif any((out_dir / name).exists() for name in (RUN_FILE, PREDICTIONS, *RESULTS)):
+        if isinstance(before, dict) and isinstance(before.get("settings"), dict):
+            old = before["settings"]
+            changed = ", ".join(CHANGED.get(k, f"{k} {old.get(k)!r} -> {v!r}")
+                                for k, v in settings.items() if old.get(k) != v)
+            why = f"it held a run with other settings ({changed})" if changed else f"{pred_path} is missing"
+        else:
+            why = "it held an earlier run without run.json"
+        print(f"starting over in {out_dir}: {why}", file=sys.stderr)
+    for name in RESULTS:
+        (out_dir / name).unlink(missing_ok=True)
+    write_atomic(pred_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in done))
+    write_atomic(state_path, json.dumps({"settings": settings, "complete": False}, indent=1) + "\n")
+    return done
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write to a temporary file beside `path`, then move it into place: a reader never sees half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
 def evaluate(args: EvalArguments) -> dict:
 
     from custom_collator import configure_image_size
-    from ocr_model import default_num_workers, load_for_inference
+    from ocr_model import default_num_workers, generation_flag_error, load_for_inference, pixel_bounds_error
     from sample_lengths import filter_split
 
     if args.batch_size <= 0:
         raise EvalError(f"--batch_size must be positive, got {args.batch_size}")
     if args.num_workers is not None and args.num_workers < 0:
         raise EvalError(f"--num_workers must be 0 or more, got {args.num_workers}")
+    flags = generation_flag_error(args.max_new_tokens, args.min_pixels, args.max_pixels)
+    if flags:
+        raise EvalError(flags)
     ds, total, source = select_records(args)
     model, processor, device = load_for_inference(args.model_path, quantize=args.quantize,
                                                   trust_remote_code=args.trust_remote_code)
@@ -306,6 +416,9 @@ def evaluate(args: EvalArguments) -> dict:
     if args.num_workers is None:
         args.num_workers = default_num_workers(device)
     configure_image_size(processor, args.min_pixels, args.max_pixels)
+    bounds = pixel_bounds_error(processor, args.model_path)
+    if bounds:
+        raise EvalError(bounds)
     lengths = filter_split(args.split, ds, processor, args.max_length)  # the rule training uses
     if lengths.dropped or lengths.padded:
         print(lengths.line(), file=sys.stderr)
@@ -315,10 +428,13 @@ def evaluate(args: EvalArguments) -> dict:
     records = ds.records
     out_dir = Path(args.output_dir) if args.output_dir else default_output_dir(args.model_path, args.split)
     out_dir.mkdir(parents=True, exist_ok=True)
+    settings = run_settings(args, records, source, processor, str(dtype))
+    done = start_run(out_dir, settings)
 
     t0 = time.perf_counter()
-    rows = predict_records(model, processor, records, source, out_dir / "predictions.jsonl", args)
+    rows = predict_records(model, processor, records, source, out_dir / PREDICTIONS, args, done)
     seconds = time.perf_counter() - t0
+    generated = len(rows) - len(done)
     size = processor.image_processor.size
     res = {
         "model_path": args.model_path, "data_file": source, "split": args.split, "num_samples": len(rows),
@@ -327,16 +443,18 @@ def evaluate(args: EvalArguments) -> dict:
         "max_new_tokens": args.max_new_tokens, "sample_lengths": lengths.summary(),
         "min_pixels": size["shortest_edge"],
         "max_pixels": size["longest_edge"], "device": device_description(device), "dtype": str(dtype),
-        "seconds": round(seconds, 3), "crops_per_second": round(len(rows) / max(seconds, 1e-9), 3),
+        "seconds": round(seconds, 3), "crops_per_second": round(generated / max(seconds, 1e-9), 3),
+        "continued_from": len(done),  # predictions an interrupted run had written (not timed here)
         "metrics": all_metrics([r["prediction"] for r in rows], [r["reference"] for r in rows]),
         "by_book": breakdown(rows, "book"), "by_orientation": breakdown(rows, "orientation"),
         "worst": sorted(rows, key=lambda r: (-r["edits"], r["id"]))[: max(args.worst, 0)],
-        "stops": stop_counts(rows),
+        "stops": stop_counts(rows), "empty_answers": empty_answers(rows),
     }
-    text = json.dumps(res, ensure_ascii=False, indent=1) + "\n"
-    (out_dir / "metrics.json").write_text(text, encoding="utf-8")
-    (out_dir / "summary.md").write_text(summary_markdown(res), encoding="utf-8")
-    write_report(res, rows, out_dir / "report.html")
+    write_report(res, rows, out_dir / ".report.html.tmp")
+    os.replace(out_dir / ".report.html.tmp", out_dir / "report.html")
+    write_atomic(out_dir / "summary.md", summary_markdown(res))
+    write_atomic(out_dir / "metrics.json", json.dumps(res, ensure_ascii=False, indent=1) + "\n")
+    write_atomic(out_dir / RUN_FILE, json.dumps({"settings": settings, "complete": True}, indent=1) + "\n")
     return {**res, "output_dir": str(out_dir)}
 
 

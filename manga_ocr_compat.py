@@ -41,11 +41,12 @@ def _check_type(img_or_path: Any) -> None:
 
 def _open(img_or_path: ImageInput) -> Image.Image:
     # manga-ocr also converts to grayscale ("L" then RGB); we keep colour, as our model was trained on it.
+    from ocr_dataset import open_rgb, rgb_image  # 16-bit, alpha, ...: as training and evaluation read them
+
     if isinstance(img_or_path, str | Path):
-        with Image.open(img_or_path) as im:
-            return im.convert("RGB")
+        return open_rgb(img_or_path)
     if isinstance(img_or_path, Image.Image):
-        return img_or_path.convert("RGB")
+        return rgb_image(img_or_path)
     raise ValueError(f"img_or_path must be a path or PIL.Image, instead got: {img_or_path!r}")
 
 

@@ -42,8 +42,9 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise DatasetError(f"{path}: file not found (run prepare_manga109_data.py first?)")
     records = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:  # decoded line by line, so an undecodable line is named by its number
+        for lineno, raw in enumerate(f, 1):
+            line = _decode_line(raw, path, lineno)
             if not line.strip():
                 continue
             try:
@@ -62,10 +63,59 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     return records
 
 
+def _decode_line(raw: bytes, path: Path, lineno: int) -> str:
+    """A JSONL line as text: UTF-8 (a byte-order mark on line 1 is dropped), else one DatasetError line.
+    Japanese files often come in Shift-JIS; the error says so when the line reads as Shift-JIS."""
+    try:
+        return raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+    except UnicodeDecodeError as e:
+        try:
+            raw.decode("shift_jis")
+            guess = "it reads as Shift-JIS; convert the file: iconv -f SHIFT_JIS -t UTF-8"
+        except UnicodeDecodeError:
+            guess = "save the file as UTF-8"
+        raise DatasetError(f"{path}:{lineno}: not UTF-8 (byte {e.start + 1}: {e.reason}); {guess}") from None
+
+
+def rgb_image(image: Image.Image) -> Image.Image:
+    """Any PIL image as the 8-bit RGB the model reads, in the one way every reader uses (training,
+    evaluation, predict.py, MangaOcr).
+
+    PIL's own convert("RGB") clips 16- and 32-bit integer pixels at 255 (a 16-bit grayscale PNG, mode
+    I;16 or I, comes out all white) and drops alpha (transparent pixels show whatever colour they hold,
+    often black). Here integer images are scaled from their bit depth (16 bits: 65535 -> 255), float
+    images from 0..1 (or clipped to 0..255 when larger), and transparent pixels become white paper."""
+    import numpy as np
+
+    if image.mode.startswith("I") or image.mode == "F":
+        pixels = np.asarray(image, dtype=np.float64)
+        top = float(pixels.max(initial=0))
+        if image.mode == "F":
+            scale = 255.0 if top <= 1.0 else 1.0
+        elif image.mode.startswith("I;16"):
+            scale = 255 / 65535
+        else:  # 32-bit I: a 16-bit PNG in older Pillow, or 8-bit values widened
+            scale = 1.0 if top <= 255 else 255 / 65535 if top <= 65535 else 255 / top
+        gray = np.clip(np.rint(pixels * scale), 0, 255).astype(np.uint8)
+        return Image.fromarray(gray, "L").convert("RGB")
+    if image.mode in ("P", "L", "RGB") and "transparency" in image.info:  # a PNG tRNS chunk
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        rgba = image.convert("RGBA")
+        paper = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(paper, rgba).convert("RGB")
+    return image.convert("RGB")  # 1, L, P, CMYK, YCbCr, LAB, HSV
+
+
+def open_rgb(path: str | Path) -> Image.Image:
+    """The image file as rgb_image gives it; OSError / ValueError when it cannot be read."""
+    with Image.open(path) as im:
+        return rgb_image(im)
+
+
 def load_image(rec: dict[str, Any], source: str) -> Image.Image:
     try:
-        with Image.open(rec["image_path"]) as im:
-            return im.convert("RGB")
+        return open_rgb(rec["image_path"])
     except (OSError, ValueError) as e:
         raise DatasetError(f"{source}:{rec['_line']}: cannot open image {rec['image_path']} ({e})") from None
 

@@ -27,6 +27,7 @@ import json
 import logging
 import math
 import os
+import re
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import closing
@@ -50,6 +51,21 @@ from custom_collator import (
 )
 
 logger = logging.getLogger(__name__)
+
+
+def declare_mrope_section() -> None:
+    """Stop transformers warning "Unrecognized keys in `rope_parameters` ... {'mrope_section'}" 2-4 times a
+    command. The release's config.json has `rope_scaling: {"mrope_section": [16, 24, 24], "rope_type":
+    "default"}`, and PaddleOCR-VL's text rotary embedding reads mrope_section from there; transformers 5.x's
+    PaddleOCRTextConfig just does not list the key, where Qwen2-VL's config lists it through this same
+    class attribute. Called at import, so every command that loads a model or writes a config is covered."""
+    from transformers.models.paddleocr_vl.configuration_paddleocr_vl import PaddleOCRTextConfig
+
+    known = set(getattr(PaddleOCRTextConfig, "ignore_keys_at_rope_validation", None) or ())
+    PaddleOCRTextConfig.ignore_keys_at_rope_validation = known | {"mrope_section"}
+
+
+declare_mrope_section()
 _QUIET: dict[str, Any] = {
     "_raise_exceptions_for_missing_entries": False,
     "_raise_exceptions_for_connection_errors": False,
@@ -63,24 +79,94 @@ class ModelLoadError(ValueError):
     """The model or processor could not be loaded (bad path, unreachable hub id, inconsistent checkpoint)."""
 
 
+# How to go on without the hub, named in every error that needs it (tools/make_tiny_model.py's flags).
+NO_HUB_HINT = (
+    "give a local model folder instead, or make the offline stand-in model: "
+    "python tools/make_tiny_model.py --release_like v1 --out ./tiny_model"
+)
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # org/name: exactly one slash, no ./ or / in front
+HUB_PROBE_TIMEOUT_S = 10  # one HEAD request; huggingface_hub's own retries cost 23-28 s before an error
+
+
 def _looks_like_local_path(model_path: str) -> bool:
-    # A hub id is "name" or "org/name"; anything else that looks like a path is never sent to the hub, so a
-    # typo in a folder name fails fast with a clear message instead of a confusing hub error.
-    return (
-        os.path.exists(model_path)
-        or os.path.isabs(model_path)
-        or model_path.startswith((".", "~"))
-        or model_path.count("/") > 1
-        or (os.sep != "/" and os.sep in model_path)
+    """Whether model_path names a folder rather than a hub id; a folder is never sent to the hub, so a typo
+    in its name fails at once saying so instead of after the hub's retries.
+
+    A hub id is `org/name` (PaddlePaddle/PaddleOCR-VL): one slash, nothing path-like in front, and `org` is
+    not a folder here. Anything else, a bare `sft_ouput` included, is a path (hub ids without an org are a
+    handful of 2019 models, none of them PaddleOCR-VL)."""
+    if os.path.exists(model_path) or os.path.isabs(model_path) or model_path.startswith((".", "~")):
+        return True
+    if model_path.endswith(("/", os.sep)) or (os.sep != "/" and os.sep in model_path):
+        return True
+    return not HUB_ID.fullmatch(model_path) or os.path.isdir(model_path.split("/")[0])
+
+
+def _missing_folder(model_path: str) -> str:
+    """The error for a model folder that does not exist, with the nearest existing name beside it."""
+    import difflib
+
+    folder = Path(model_path).expanduser()
+    parent = folder.parent if folder.parent.is_dir() else None
+    near = difflib.get_close_matches(
+        folder.name, [p.name for p in parent.iterdir() if p.is_dir()] if parent else [], n=1, cutoff=0.8
     )
+    hint = f"; did you mean {str(parent / near[0]) if str(parent) != '.' else near[0]!r}?" if near else ""
+    if "/" not in model_path and not near:
+        hint = f"; a hub id has the form org/name (PaddlePaddle/PaddleOCR-VL), or {NO_HUB_HINT}"
+    return f"model folder {model_path!r} does not exist (resolved to {folder.resolve()}){hint}"
+
+
+_HUB_ACCESS: dict[str, bool] = {}  # hub id -> load from the cache only (_hub_files_only's verdict)
+
+
+def _files_only(model_path: str) -> dict[str, bool]:
+    return {"local_files_only": _HUB_ACCESS.get(model_path, False)}
+
+
+def _hub_files_only(model_id: str) -> bool:
+    """Whether to load the hub id `model_id` from the local cache only; raise ModelLoadError at once when
+    the hub cannot be used and the cache lacks it.
+
+    HF_HUB_OFFLINE: the cache only. Otherwise one HEAD request with no retries: huggingface_hub would retry
+    a refused or unresolvable connection 5 times (23-28 s, each warning printed again by every loader)
+    before transformers gives up or falls back to the cache."""
+    if model_id in _HUB_ACCESS:
+        return _HUB_ACCESS[model_id]
+    from huggingface_hub import constants, get_session
+
+    cached = cached_file(model_id, "config.json", local_files_only=True, **_QUIET) is not None
+    if constants.is_offline_mode():
+        if not cached:
+            raise ModelLoadError(
+                f"HF_HUB_OFFLINE is set and {model_id!r} is not in the hub cache: {NO_HUB_HINT}"
+            )
+        _HUB_ACCESS[model_id] = True
+        return True
+    try:
+        get_session().head(f"{constants.ENDPOINT}/{model_id}/resolve/main/config.json",
+                           timeout=HUB_PROBE_TIMEOUT_S, follow_redirects=False)
+    except Exception as e:  # any failure to get an HTTP answer: DNS, refused, timeout, proxy, TLS
+        if not cached:
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise ModelLoadError(
+                f"{model_id!r} is no folder here, so a hub id, but {constants.ENDPOINT} cannot be reached "
+                f"({reason}) and the hub cache does not hold it: {NO_HUB_HINT}"
+            ) from None
+        logger.warning("%s cannot be reached (%s): loading %s from the hub cache",
+                       constants.ENDPOINT, e, model_id)
+        _HUB_ACCESS[model_id] = True
+        return True
+    _HUB_ACCESS[model_id] = False
+    return False
 
 
 def _checkpoint_keys(model_path: str) -> set[str] | None:
     """Tensor names in the safetensors checkpoint (header/index only), or None if it has no safetensors."""
-    index = cached_file(model_path, SAFE_WEIGHTS_INDEX_NAME, **_QUIET)
+    index = cached_file(model_path, SAFE_WEIGHTS_INDEX_NAME, **_QUIET, **_files_only(model_path))
     if index:
         return set(json.loads(Path(index).read_text())["weight_map"])
-    single = cached_file(model_path, SAFE_WEIGHTS_NAME, **_QUIET)
+    single = cached_file(model_path, SAFE_WEIGHTS_NAME, **_QUIET, **_files_only(model_path))
     if single:
         with safe_open(single, framework="pt") as f:
             return set(f.keys())
@@ -99,7 +185,7 @@ def template_file(model_path: str) -> str:
     """The file holding the checkpoint's chat template (named in errors and warnings)."""
     names = ("chat_template.jinja", "chat_template.json", "processor_config.json", "tokenizer_config.json")
     for name in names:
-        path = cached_file(model_path, name, **_QUIET)
+        path = cached_file(model_path, name, **_QUIET, **_files_only(model_path))
         if path and (name.endswith(".jinja") or "chat_template" in json.loads(Path(path).read_text())):
             return path
     return f"{model_path} (no chat template file)"
@@ -155,6 +241,11 @@ class CheckedModel(NamedTuple):
     has_lm_head: bool | None  # None: the checkpoint has no safetensors to look into
 
 
+def _one_line(error: Exception) -> str:
+    """transformers' messages run over several lines; a user error is one."""
+    return " ".join(str(error).split())
+
+
 def _where(model_path: str) -> str:
     return "local folder" if os.path.isdir(model_path) else "Hugging Face hub id"
 
@@ -166,9 +257,7 @@ def load_config_and_processor(model_path: str, *, trust_remote_code: bool = Fals
     if _looks_like_local_path(model_path):
         folder = Path(model_path).expanduser()
         if not folder.is_dir():
-            raise ModelLoadError(
-                f"model folder {model_path!r} does not exist (resolved to {folder.resolve()})"
-            )
+            raise ModelLoadError(_missing_folder(model_path))
         if not (folder / "config.json").is_file() and (folder / "adapter_config.json").is_file():
             raise ModelLoadError(
                 f"{model_path!r} holds a LoRA adapter only (a checkpoint of a --lora_r run): use the run's "
@@ -178,13 +267,16 @@ def load_config_and_processor(model_path: str, *, trust_remote_code: bool = Fals
         if not (folder / "config.json").is_file():
             raise ModelLoadError(f"{model_path!r} is a folder but has no config.json: not a saved model")
         model_path = str(folder)
+    else:
+        _hub_files_only(model_path)
     where = _where(model_path)
     try:
-        config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code,
+                                            **_files_only(model_path))
         keys = _checkpoint_keys(model_path)
     except (OSError, ValueError) as e:
         raise ModelLoadError(
-            f"could not load a model config from {model_path!r} (tried as {where}): {e}"
+            f"could not load a model config from {model_path!r} (tried as {where}): {_one_line(e)}"
         ) from e
 
     has_lm_head = None if keys is None else any(k.endswith("lm_head.weight") for k in keys)
@@ -196,10 +288,11 @@ def load_config_and_processor(model_path: str, *, trust_remote_code: bool = Fals
             "loading would leave a randomly initialised lm_head"
         )
     try:
-        processor = AutoProcessor.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+        processor = AutoProcessor.from_pretrained(model_path, trust_remote_code=trust_remote_code,
+                                                  **_files_only(model_path))
     except (OSError, ValueError) as e:
         raise ModelLoadError(
-            f"could not load the processor from {model_path!r} (tried as {where}): {e}"
+            f"could not load the processor from {model_path!r} (tried as {where}): {_one_line(e)}"
         ) from e
     ensure_release_prompt(config, processor, lambda: template_file(model_path))
     return CheckedModel(model_path, config, processor, has_lm_head)
@@ -220,7 +313,7 @@ def load_model_and_processor(
     path, config, processor, has_lm_head = checked or load_config_and_processor(
         model_path, trust_remote_code=trust_remote_code
     )
-    kwargs: dict[str, Any] = {"config": config, "trust_remote_code": trust_remote_code}
+    kwargs: dict[str, Any] = {"config": config, "trust_remote_code": trust_remote_code, **_files_only(path)}
     if dtype is not None:
         kwargs["dtype"] = dtype
     if attn_implementation is not None:
@@ -228,7 +321,9 @@ def load_model_and_processor(
     try:
         model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as e:
-        raise ModelLoadError(f"could not load the model from {path!r} (tried as {_where(path)}): {e}") from e
+        raise ModelLoadError(
+            f"could not load the model from {path!r} (tried as {_where(path)}): {_one_line(e)}"
+        ) from e
 
     if has_lm_head:
         lm_head = model.get_output_embeddings().weight
@@ -406,6 +501,36 @@ LOOP_MIN_REPEATS = 4  # ... at least this often ...
 LOOP_MIN_SPAN = 24  # ... over at least this many tokens ("ドドドド…" of 23 same tokens still passes)
 
 
+def generation_flag_error(
+    max_new_tokens: int | None, min_pixels: int | None, max_pixels: int | None
+) -> str | None:
+    """What is wrong with evaluation's and prediction's generation flags, before anything loads; None: fine.
+
+    --max_new_tokens 0 was ignored (each crop's own cap) while metrics.json recorded 0, -1 crashed in
+    generate(); --min_pixels above --max_pixels resized every crop to the wrong budget (CER 406 % against
+    26.5 % on the same crops)."""
+    if max_new_tokens is not None and max_new_tokens <= 0:
+        return (f"--max_new_tokens must be a positive number of tokens, got {max_new_tokens} (leave it out "
+                "for each crop's own cap, from its size)")
+    for flag, value in (("--min_pixels", min_pixels), ("--max_pixels", max_pixels)):
+        if value is not None and value <= 0:
+            return f"{flag} must be a positive number of pixels, got {value}"
+    if min_pixels is not None and max_pixels is not None and min_pixels > max_pixels:
+        return f"--min_pixels {min_pixels} is above --max_pixels {max_pixels}: give min_pixels <= max_pixels"
+    return None
+
+
+def pixel_bounds_error(processor: Any, model_path: str) -> str | None:
+    """The image budget after --min_pixels / --max_pixels met the checkpoint's own (one flag alone can
+    cross the other bound of preprocessor_config.json); None: fine."""
+    size = processor.image_processor.size
+    low, high = size["shortest_edge"], size["longest_edge"]
+    if low > high:
+        return (f"min_pixels {low} is above max_pixels {high} (flags and {model_path}'s "
+                "preprocessor_config.json together): give min_pixels <= max_pixels")
+    return None
+
+
 def auto_max_new_tokens(width: int, height: int, cap: int = AUTO_MAX_NEW_TOKENS) -> int:
     """A crop's token cap: 16 plus one token per PIXELS_PER_TOKEN px of the crop as given, at most `cap`."""
     return max(1, min(cap, 16 + math.ceil(width * height / PIXELS_PER_TOKEN)))
@@ -537,6 +662,8 @@ def generate_readings(
     config turns the KV cache off (the seed evaluated that way, one crop at a time: batch_size=1,
     use_cache=False); the cache is what makes batches fast.
     """
+    if max_new_tokens is not None and max_new_tokens <= 0:  # 0 used to mean "auto" silently
+        raise ValueError(f"max_new_tokens must be positive (None: each crop's own cap), got {max_new_tokens}")
     if isinstance(images, Chunk):
         return _generate_chunk(model, processor, images, max_new_tokens, progress, use_cache)
     crops = images if isinstance(images, Crops) else ImageList(images)
@@ -574,7 +701,7 @@ def _generate_chunk(
         bar = tqdm(chunk.batches, total=chunk.num_batches, desc="generating", disable=not progress,
                    unit="batch")
         for idx, batch in bar:  # the loader prepares the next batches meanwhile
-            caps = [max_new_tokens or auto_max_new_tokens(*chunk.sizes[i]) for i in idx]
+            caps = [max_new_tokens or auto_max_new_tokens(*chunk.sizes[i]) for i in idx]  # checked > 0
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             batch["pixel_values"] = batch["pixel_values"].to(model.dtype)
             n_prompt = batch["input_ids"].shape[1]

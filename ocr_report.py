@@ -146,15 +146,20 @@ def cer_histogram(rows: list[dict]) -> str:
 
 
 def stops_paragraph(res: dict) -> str:
-    """How many answers did not end by themselves: cut by their token cap, or stopped looping."""
-    stops = res.get("stops")
-    if not stops:
-        return ""
-    n = max(res["num_samples"], 1)
-    cap, loop = stops["cap"], stops["loop"]
-    return (f"<p>Generation ended by the model on {stops['eos']} crops; {cap} ({pct(cap / n)}) hit their "
-            f"token cap and {loop} ({pct(loop / n)}) were stopped looping (repeats cut): those answers are "
-            "cut short.</p>")
+    """How many answers did not end by themselves (cut by their token cap, or stopped looping), and how
+    many are empty (each scores CER 100 %: a model that answers nothing can pass for a low CER)."""
+    stops, n = res.get("stops"), max(res["num_samples"], 1)
+    text = ""
+    if stops:
+        cap, loop = stops["cap"], stops["loop"]
+        text = (f"<p>Generation ended by the model on {stops['eos']} crops; {cap} ({pct(cap / n)}) hit their "
+                f"token cap and {loop} ({pct(loop / n)}) were stopped looping (repeats cut): those answers "
+                "are cut short.</p>")
+    empty = res.get("empty_answers")
+    if empty:
+        text += (f'<p class="empty"><b>{empty} answers ({pct(empty / n)}) are empty</b>; each counts as CER '
+                 "100 %, lower than a wrong long answer scores.</p>")
+    return text
 
 
 def write_report(res: dict, rows: list[dict], path: str | Path) -> None:
@@ -193,7 +198,11 @@ def write_comparison(first: tuple[str, dict, list[dict]], second: tuple[str, dic
     def cards(items: list[tuple[dict, dict]]) -> list[str]:
         return [crop_card(b, [(la, a["prediction"]), (lb, b["prediction"])]) for a, b in items[:limit]]
 
-    body = [metrics_table([(la, ra["metrics"]), (lb, rb["metrics"])]),
+    empties = [f'<p class="empty">{esc(label)}: <b>{r["empty_answers"]} empty answers '
+               f'({pct(r["empty_answers"] / max(r["num_samples"], 1))})</b>, each CER 100 %: a lower CER '
+               "with many empty answers is no plain win.</p>"
+               for label, r in ((la, ra), (lb, rb)) if r.get("empty_answers")]
+    body = [metrics_table([(la, ra["metrics"]), (lb, rb["metrics"])]), *empties,
             f"<p>{counts['common']} crops in both runs ({len(rows_a)} and {len(rows_b)} evaluated): "
             f"<b>{counts['fixed']} fixed</b>, <b>{counts['broken']} broken</b> by the second; "
             f"{counts['better']} with fewer edits, {counts['worse']} with more.</p>",

@@ -28,9 +28,10 @@ class PredictError(Exception):
 
 
 def open_image(path: str) -> Image.Image:
+    from ocr_dataset import open_rgb  # every mode converted as training and evaluation convert it
+
     try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
+        return open_rgb(path)
     except (OSError, ValueError) as e:
         raise PredictError(f"cannot open image {path} ({e})") from None
 
@@ -95,8 +96,15 @@ def boxes_from_manga109(
 
 def run(a: argparse.Namespace) -> int:
     from custom_collator import configure_image_size
-    from ocr_model import default_num_workers, load_for_inference
+    from ocr_model import default_num_workers, generation_flag_error, load_for_inference, pixel_bounds_error
 
+    flags = generation_flag_error(a.max_new_tokens, a.min_pixels, a.max_pixels)
+    if flags:
+        raise PredictError(flags)
+    folders = [p for p in a.images if Path(p).is_dir()]
+    if folders:
+        raise PredictError(f"{folders[0]} is a folder: give image files (e.g. {Path(folders[0]) / '*.png'}), "
+                           "or one page image with --boxes/--manga109_xml")
     if (a.boxes or a.manga109_xml) and len(a.images) != 1:
         raise PredictError("--boxes/--manga109_xml take exactly one page image")
     if a.boxes and a.manga109_xml:
@@ -118,6 +126,9 @@ def run(a: argparse.Namespace) -> int:
     if a.num_workers is None:
         a.num_workers = default_num_workers(device)
     configure_image_size(processor, a.min_pixels, a.max_pixels)
+    bounds = pixel_bounds_error(processor, a.model_path)
+    if bounds:
+        raise PredictError(bounds)
 
     # Opened only now, so a bad argument or model never truncates an earlier output file.
     with open(a.output, "w", encoding="utf-8") if a.output else nullcontext(sys.stdout) as out:
@@ -201,7 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     from ocr_quantize import METHODS as QUANTIZE_METHODS
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("images", nargs="+", help="crop images, or one page image with --boxes/--manga109_xml")
+    ap.add_argument("images", nargs="+", help="crop image files (not folders: crops/*.png), or one page "
+                    "image with --boxes/--manga109_xml")
     ap.add_argument("--model_path", required=True, help="hub id or local folder of the model")
     ap.add_argument("--output", help="write JSONL here instead of printing path<TAB>text")
     ap.add_argument("--boxes", help="JSON list of [xmin,ymin,xmax,ymax] (or objects with a bbox key) to OCR")
@@ -215,10 +227,12 @@ def main(argv: list[str] | None = None) -> int:
                     "generates (default: 2 on CUDA, one core left to the main process; 0 on CPU, where "
                     "generation already uses every core)")
     ap.add_argument("--max_new_tokens", type=int, default=None,
-                    help="token cap of every answer (default: each crop's own, from its size: 16 + one token "
-                    "per 100 px, at most 256; a looping answer is stopped either way)")
-    ap.add_argument("--min_pixels", type=int, help="override the image processor's min_pixels")
-    ap.add_argument("--max_pixels", type=int, help="override the image processor's max_pixels")
+                    help="token cap of every answer, at least 1 (default: each crop's own, from its size: "
+                    "16 + one token per 100 px, at most 256; a looping answer is stopped either way)")
+    ap.add_argument("--min_pixels", type=int,
+                    help="override the image processor's min_pixels (at most max_pixels)")
+    ap.add_argument("--max_pixels", type=int,
+                    help="override the image processor's max_pixels (at least min_pixels)")
     ap.add_argument("--quantize", choices=QUANTIZE_METHODS,
                     help="int8 linear layers on the CPU (ocr_quantize.py: int8 everywhere, int8-text the "
                     "language model only); default: bf16 on a GPU, fp32 on the CPU")

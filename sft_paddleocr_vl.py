@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
 from transformers.trainer import SCHEDULER_NAME
+from transformers.trainer_callback import ProgressCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.training_args import ParallelMode
@@ -271,6 +272,16 @@ class EpochLengthGroupedSampler(LengthGroupedSampler):
     def __iter__(self):
         self.generator = torch.Generator().manual_seed(self.seed + self.epoch)
         return super().__iter__()
+
+
+class TerminalEvalBar(ProgressCallback):
+    """transformers' progress bars, with the evaluation bar only on a terminal. In a log file (train.sh
+    2>&1 | tee, a batch job) the nested bar's cursor-up escapes and carriage returns landed in the middle of
+    the evaluation dicts; the training bar and the dicts stay as they were."""
+
+    def on_prediction_step(self, args, state, control, eval_dataloader=None, **kwargs):
+        if sys.stderr.isatty():
+            super().on_prediction_step(args, state, control, eval_dataloader=eval_dataloader, **kwargs)
 
 
 class BF16Trainer(Trainer):
@@ -949,7 +960,7 @@ def build_trainer(
         n_params / 1e6,
         model_args.precision,
     )
-    return BF16Trainer(
+    trainer = BF16Trainer(
         model=model,
         args=args,
         train_dataset=train_ds,
@@ -965,6 +976,9 @@ def build_trainer(
         run_setup=setup,
         fresh_optimizer=bool(args.resume_from_checkpoint) and model_args.reset_optimizer_on_resume,
     )
+    if trainer.pop_callback(ProgressCallback):  # absent with --disable_tqdm
+        trainer.add_callback(TerminalEvalBar)
+    return trainer
 
 
 def save_final_model(trainer: BF16Trainer, base: str, output_dir: str) -> bool:

@@ -355,7 +355,8 @@ def test_sigint_with_workers_keeps_predictions_and_ends_them(tiny_model: Path, d
             proc.wait()
     n = len(predictions(out))
     assert proc.returncode == 130 and "Traceback" not in err, err[-3000:]
-    assert err.strip().splitlines()[-1] == f"interrupted: {n} predictions written to {preds}"
+    assert err.strip().splitlines()[-1] == (f"interrupted: {n} predictions written to {preds}; the same "
+                                            "command continues from there")
     assert n % 8 == 0 and 8 <= n < 43
     deadline = time.time() + 30
     while _session_pids(proc.pid) and time.time() < deadline:
