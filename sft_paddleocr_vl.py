@@ -34,7 +34,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
-from transformers.trainer import SCHEDULER_NAME
+from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME
 from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.training_args import ParallelMode
@@ -525,9 +525,11 @@ def resume_notes(checkpoint: str | None, setup: dict[str, Any], reset_optimizer:
     try:
         saved = json.loads((Path(checkpoint) / RUN_SETUP_FILE).read_text())
     except FileNotFoundError:
-        saved = None
-        notes.append(f"{name} has no {RUN_SETUP_FILE} (saved before checkpoints recorded it): its precision, "
-                     "optimizer and world size are not checked; resuming it as saved")
+        saved = _setup_from_optimizer_state(Path(checkpoint), setup)
+        known = (f"its optimizer state shows a {_describe(saved)} run, its world size is" if saved else
+                 "its precision, optimizer and world size are")
+        notes.append(f"{name} has no {RUN_SETUP_FILE} (saved before checkpoints recorded it): {known} not "
+                     "checked; resuming it as saved")
     if saved is not None:
         # LoRA's adapters are fp32 with torch's AdamW in either precision: there only the optimizer matters
         full = not saved.get("lora_r") and not setup["lora_r"]
@@ -549,6 +551,23 @@ def resume_notes(checkpoint: str | None, setup: dict[str, Any], reset_optimizer:
         notes.append(f"--reset_optimizer_on_resume: {name}'s weights and learning-rate schedule resume; its "
                      "optimizer state is not loaded, the optimizer starts fresh (Adam's moments from zero)")
     return notes
+
+
+def _setup_from_optimizer_state(checkpoint: Path, setup: dict[str, Any]) -> dict[str, Any] | None:
+    """A checkpoint saved before RUN_SETUP_FILE: whether its optimizer.pt holds optimi's state (its param
+    groups carry kahan_sum), as a record resume_notes can compare (what the files can't show is this run's),
+    or None without a readable optimizer.pt. Full fine-tunes use optimi exactly in bf16_lean (run_setup).
+    mmap: only the groups are read, not the ~7 GB of fp32 Adam moments."""
+    try:
+        state = torch.load(checkpoint / OPTIMIZER_NAME, map_location="cpu", weights_only=True, mmap=True)
+        optimi = any("kahan_sum" in group for group in state["param_groups"])
+    except (OSError, RuntimeError, KeyError, TypeError):
+        return None
+    lora = (checkpoint / "adapter_config.json").is_file()
+    torch_optimizer = setup["optimizer"] if setup["optimizer"] != "optimi.AdamW" else "torch.optim.AdamW"
+    return {**setup, "lora_r": setup["lora_r"] if lora else 0,
+            "precision": setup["precision"] if lora else "bf16_lean" if optimi else "fp32_master",
+            "optimizer": "optimi.AdamW" if optimi else torch_optimizer, "kahan_sum": optimi}
 
 
 def _layout_change(checkpoint: str, saved: dict[str, Any], setup: dict[str, Any]) -> str:

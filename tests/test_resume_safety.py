@@ -165,13 +165,28 @@ def test_checkpoint_without_record_resumes_as_before_with_one_warning(
     out = resumable(fp32_run, tmp_path)
     (out / f"checkpoint-{SAVE_EVERY}" / sft.RUN_SETUP_FILE).unlink()
     with caplog.at_level(logging.WARNING, logger="sft"):
-        m, d, a = sft.parse_args(argv(tiny_model, fp32_run[0], out, "--precision", "bf16_lean",
-                                      "--resume_from_checkpoint", "auto"))
+        m, d, a = sft.parse_args(argv(tiny_model, fp32_run[0], out, "--resume_from_checkpoint",
+                                      str(out / f"checkpoint-{SAVE_EVERY}")))
         sft.check_resume(a, sft.run_setup(m, a), m.reset_optimizer_on_resume)
     (line,) = [r.getMessage() for r in caplog.records]
-    assert f"has no {sft.RUN_SETUP_FILE}" in line and "not checked" in line
-    m, d, a = sft.parse_args(argv(tiny_model, fp32_run[0], out, "--resume_from_checkpoint", "auto"))
+    assert f"has no {sft.RUN_SETUP_FILE}" in line and "world size is not checked" in line
+    assert "optimizer state shows a fp32_master (torch.optim.AdamW) run" in line
     trainer = sft.build_trainer(m, d, a)
     trainer.train(resume_from_checkpoint=a.resume_from_checkpoint)
     assert trainer.state.global_step == STEPS
     assert (out / f"checkpoint-{STEPS}" / sft.RUN_SETUP_FILE).is_file()  # its new checkpoints record it
+
+
+def test_checkpoint_without_record_in_bf16_lean_stops_by_its_optimizer_state(
+    tiny_model: Path, fp32_run, tmp_path: Path, error_line
+) -> None:
+    """A checkpoint saved before run_setup.json existed, resumed at home: optimi handed torch's AdamW state
+    would crash at the first step (KeyError 'kahan_sum'), after minutes of loading."""
+    out = resumable(fp32_run, tmp_path)
+    (out / f"checkpoint-{SAVE_EVERY}" / sft.RUN_SETUP_FILE).unlink()
+    rc = run_main(argv(tiny_model, fp32_run[0], out, "--precision", "bf16_lean",
+                       "--resume_from_checkpoint", "auto"))
+    line = error_line(rc)
+    assert "saved by a fp32_master (torch.optim.AdamW) run" in line
+    assert "PRECISION=fp32_master" in line and "--reset_optimizer_on_resume true" in line
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-2"]
