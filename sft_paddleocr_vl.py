@@ -530,6 +530,16 @@ def resume_notes(checkpoint: str | None, setup: dict[str, Any], reset_optimizer:
                  "its precision, optimizer and world size are")
         notes.append(f"{name} has no {RUN_SETUP_FILE} (saved before checkpoints recorded it): {known} not "
                      "checked; resuming it as saved")
+    if saved is not None and bool(saved.get("lora_r")) != bool(setup["lora_r"]):
+        # not an optimizer matter: the weights themselves don't fit (an adapter, or every weight)
+        def kind(x: dict[str, Any]) -> str:
+            return f"LoRA (--lora_r {x['lora_r']})" if x.get("lora_r") else "full fine-tuning (--lora_r 0)"
+
+        raise ResumeMismatch(
+            f"{checkpoint} was saved by a {kind(saved)} run but this run is {kind(setup)}: its weights do "
+            f"not fit. Resume with LORA_R={saved.get('lora_r') or 0} for train.sh (--lora_r "
+            f"{saved.get('lora_r') or 0}), or start over in another OUTPUT_DIR"
+        )
     if saved is not None:
         # LoRA's adapters are fp32 with torch's AdamW in either precision: there only the optimizer matters
         full = not saved.get("lora_r") and not setup["lora_r"]

@@ -190,3 +190,18 @@ def test_checkpoint_without_record_in_bf16_lean_stops_by_its_optimizer_state(
     assert "saved by a fp32_master (torch.optim.AdamW) run" in line
     assert "PRECISION=fp32_master" in line and "--reset_optimizer_on_resume true" in line
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint-2"]
+
+
+def test_lora_checkpoint_resumed_as_full_fine_tune_stops_naming_lora_r(
+    tiny_model: Path, fp32_run, tmp_path: Path, error_line
+) -> None:
+    """LORA_R forgotten at home: no optimizer setting or fresh state can make an adapter fit every weight."""
+    out = resumable(fp32_run, tmp_path)
+    record = out / f"checkpoint-{SAVE_EVERY}" / sft.RUN_SETUP_FILE
+    record.write_text(json.dumps({**json.loads(record.read_text()), "lora_r": 16}))
+    for extra in ((), ("--reset_optimizer_on_resume", "true")):
+        rc = run_main(argv(tiny_model, fp32_run[0], out, "--precision", "bf16_lean",
+                           "--resume_from_checkpoint", "auto", *extra))
+        line = error_line(rc)
+        assert "saved by a LoRA (--lora_r 16) run" in line and "LORA_R=16" in line
+        assert "--optim" not in line
