@@ -789,7 +789,7 @@ class AnswerTokenError(DatasetError):
 def check_answer_tokens(tokenizer: Any, records: list[dict]) -> str:
     """One line with the first train answer's labelled ids and pieces on this (the user's) tokenizer, after
     checking every train answer: raises AnswerTokenError if any label starts with a whitespace-only piece, or
-    with a piece that merges in a space the text does not start with.
+    with a piece that merges in a space ("▁O"); answer_ids drops the whitespace a text itself starts with.
 
     The prompt ends in its own "▁" (v1) or "\n" (1.5/1.6); a label starting with "▁" would teach the model
     to emit a second space there, on every crop if the tokenizer puts it before each text (add_prefix_space,
@@ -798,19 +798,17 @@ def check_answer_tokens(tokenizer: Any, records: list[dict]) -> str:
     labels = answer_ids(tokenizer, texts)
     firsts = {ids[0] for ids in labels}  # a few thousand distinct first tokens: each checked once
     blank = {i for i in firsts if whitespace_start(tokenizer, [i])}
-    # a space merged into the first piece ("▁O" for "OK") is as wrong, unless the text starts with one
+    # a space merged into the first piece ("▁O" for "OK") is as wrong (answer_ids drops a text's own)
     spaced = {i for i in firsts if str(tokenizer.convert_ids_to_tokens(i)).startswith("▁")}
-    bad = [k for k, ids in enumerate(labels)
-           if ids[0] in blank or (ids[0] in spaced and not texts[k][:1].isspace())]
+    bad = [k for k, ids in enumerate(labels) if ids[0] in blank or ids[0] in spaced]
     if bad:
         k = bad[0]
-        cause = ("its text starts with whitespace: strip it in the JSONL" if texts[k][:1].isspace() else
-                 "the tokenizer puts a space before the text that answer_ids did not remove")
         raise AnswerTokenError(
             f"{len(bad)} of {len(texts)} train answers would be labelled starting with a whitespace-only "
             f"token or a space the text does not have, the first {records[k].get('id', k)!r} {texts[k]!r} -> "
             f"pieces {tokenizer.convert_ids_to_tokens(labels[k])}: the model would learn to emit a space "
-            f"after the prompt's own; {cause}"
+            "after the prompt's own; the tokenizer puts a space before the text that answer_ids did not "
+            "remove"
         )
     return answer_tokens_line(tokenizer, texts[0])
 
