@@ -530,6 +530,10 @@ def resume_notes(checkpoint: str | None, setup: dict[str, Any], reset_optimizer:
                  "its precision, optimizer and world size are")
         notes.append(f"{name} has no {RUN_SETUP_FILE} (saved before checkpoints recorded it): {known} not "
                      "checked; resuming it as saved")
+    except ValueError as e:  # written before trainer_state.json: cut short only in an incomplete checkpoint
+        raise ResumeMismatch(f"{checkpoint}/{RUN_SETUP_FILE} is cut short ({e}): a save that did not finish; "
+                             "resume the newest complete checkpoint with --resume_from_checkpoint auto "
+                             "(RESUME=auto)") from None
     if saved is not None and bool(saved.get("lora_r")) != bool(setup["lora_r"]):
         # not an optimizer matter: the weights themselves don't fit (an adapter, or every weight)
         def kind(x: dict[str, Any]) -> str:

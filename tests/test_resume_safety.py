@@ -205,3 +205,17 @@ def test_lora_checkpoint_resumed_as_full_fine_tune_stops_naming_lora_r(
         line = error_line(rc)
         assert "saved by a LoRA (--lora_r 16) run" in line and "LORA_R=16" in line
         assert "--optim" not in line
+
+
+def test_half_written_record_stops_in_one_line(
+    tiny_model: Path, fp32_run, tmp_path: Path, error_line
+) -> None:
+    """A run killed while writing run_setup.json leaves it cut short (RESUME=auto skips that checkpoint: no
+    trainer_state.json yet); named by path, it must not end in a traceback."""
+    out = resumable(fp32_run, tmp_path)
+    checkpoint = out / f"checkpoint-{SAVE_EVERY}"
+    record = checkpoint / sft.RUN_SETUP_FILE
+    record.write_text(record.read_text()[:40])
+    rc = run_main(argv(tiny_model, fp32_run[0], out, "--resume_from_checkpoint", str(checkpoint)))
+    line = error_line(rc)
+    assert sft.RUN_SETUP_FILE in line and "--resume_from_checkpoint auto" in line
