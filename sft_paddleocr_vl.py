@@ -577,9 +577,10 @@ def _setup_from_optimizer_state(checkpoint: Path, setup: dict[str, Any]) -> dict
         optimi = any("kahan_sum" in group for group in state["param_groups"])
     except (OSError, RuntimeError, KeyError, TypeError):
         return None
-    lora = (checkpoint / "adapter_config.json").is_file()
+    adapter = checkpoint / "adapter_config.json"  # a LoRA checkpoint: its rank
+    lora = json.loads(adapter.read_text()).get("r", 1) if adapter.is_file() else 0
     torch_optimizer = setup["optimizer"] if setup["optimizer"] != "optimi.AdamW" else "torch.optim.AdamW"
-    return {**setup, "lora_r": setup["lora_r"] if lora else 0,
+    return {**setup, "lora_r": lora,
             "precision": setup["precision"] if lora else "bf16_lean" if optimi else "fp32_master",
             "optimizer": "optimi.AdamW" if optimi else torch_optimizer, "kahan_sum": optimi}
 

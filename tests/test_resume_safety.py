@@ -192,13 +192,19 @@ def test_checkpoint_without_record_in_bf16_lean_stops_by_its_optimizer_state(
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint-2"]
 
 
+@pytest.mark.parametrize("recorded", [True, False])
 def test_lora_checkpoint_resumed_as_full_fine_tune_stops_naming_lora_r(
-    tiny_model: Path, fp32_run, tmp_path: Path, error_line
+    tiny_model: Path, fp32_run, tmp_path: Path, error_line, recorded: bool
 ) -> None:
-    """LORA_R forgotten at home: no optimizer setting or fresh state can make an adapter fit every weight."""
+    """LORA_R forgotten at home: no optimizer setting or fresh state can make an adapter fit every weight.
+    Without the record (saved before it), the adapter's config says so."""
     out = resumable(fp32_run, tmp_path)
     record = out / f"checkpoint-{SAVE_EVERY}" / sft.RUN_SETUP_FILE
-    record.write_text(json.dumps({**json.loads(record.read_text()), "lora_r": 16}))
+    if recorded:
+        record.write_text(json.dumps({**json.loads(record.read_text()), "lora_r": 16}))
+    else:
+        record.unlink()
+        (record.parent / "adapter_config.json").write_text(json.dumps({"r": 16, "peft_type": "LORA"}))
     for extra in ((), ("--reset_optimizer_on_resume", "true")):
         rc = run_main(argv(tiny_model, fp32_run[0], out, "--precision", "bf16_lean",
                            "--resume_from_checkpoint", "auto", *extra))
