@@ -99,14 +99,16 @@ def answer_ids(tokenizer: Any, texts: list[str]) -> list[list[int]]:
     start every answer on its own with "▁" ("あ" -> "▁", "あ") or merge it into the first piece ("OK" -> "▁O",
     "K"): a token the model must never emit there. So the answer goes through a copy of the tokenizer's
     backend with that prefix turned off (answer_backend), which gives the same ids on either setting.
+    Whitespace a text starts with (" ", U+3000, "\n": Manga109's XML has some) is dropped for the same
+    reason: the crop can't show it, and the metrics strip it too (ocr_metrics.normalize).
     """
+    texts = [t.lstrip() for t in texts]
     plain = answer_backend(tokenizer)
     if plain is not None:
         ids = [e.ids for e in plain.encode_batch(texts, add_special_tokens=False)]
     else:  # no tokenizers backend to copy: drop a bare "▁" the tokenizer put before the text
         ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
-        ids = [a[1:] if a and not t[:1].isspace() and tokenizer.convert_ids_to_tokens(a[0]) == "▁" else a
-               for a, t in zip(ids, texts, strict=True)]
+        ids = [a[1:] if a and tokenizer.convert_ids_to_tokens(a[0]) == "▁" else a for a in ids]
     return [a + [tokenizer.eos_token_id] for a in ids]
 
 

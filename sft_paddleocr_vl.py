@@ -34,7 +34,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
-from transformers.trainer import SCHEDULER_NAME
+from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME
 from transformers.trainer_callback import ProgressCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
@@ -536,9 +536,25 @@ def resume_notes(checkpoint: str | None, setup: dict[str, Any], reset_optimizer:
     try:
         saved = json.loads((Path(checkpoint) / RUN_SETUP_FILE).read_text())
     except FileNotFoundError:
-        saved = None
-        notes.append(f"{name} has no {RUN_SETUP_FILE} (saved before checkpoints recorded it): its precision, "
-                     "optimizer and world size are not checked; resuming it as saved")
+        saved = _setup_from_optimizer_state(Path(checkpoint), setup)
+        known = (f"its optimizer state shows a {_describe(saved)} run, its world size is" if saved else
+                 "its precision, optimizer and world size are")
+        notes.append(f"{name} has no {RUN_SETUP_FILE} (saved before checkpoints recorded it): {known} not "
+                     "checked; resuming it as saved")
+    except ValueError as e:  # written before trainer_state.json: cut short only in an incomplete checkpoint
+        raise ResumeMismatch(f"{checkpoint}/{RUN_SETUP_FILE} is cut short ({e}): a save that did not finish; "
+                             "resume the newest complete checkpoint with --resume_from_checkpoint auto "
+                             "(RESUME=auto)") from None
+    if saved is not None and bool(saved.get("lora_r")) != bool(setup["lora_r"]):
+        # not an optimizer matter: the weights themselves don't fit (an adapter, or every weight)
+        def kind(x: dict[str, Any]) -> str:
+            return f"LoRA (--lora_r {x['lora_r']})" if x.get("lora_r") else "full fine-tuning (--lora_r 0)"
+
+        raise ResumeMismatch(
+            f"{checkpoint} was saved by a {kind(saved)} run but this run is {kind(setup)}: its weights do "
+            f"not fit. Resume with LORA_R={saved.get('lora_r') or 0} for train.sh (--lora_r "
+            f"{saved.get('lora_r') or 0}), or start over in another OUTPUT_DIR"
+        )
     if saved is not None:
         # LoRA's adapters are fp32 with torch's AdamW in either precision: there only the optimizer matters
         full = not saved.get("lora_r") and not setup["lora_r"]
@@ -560,6 +576,24 @@ def resume_notes(checkpoint: str | None, setup: dict[str, Any], reset_optimizer:
         notes.append(f"--reset_optimizer_on_resume: {name}'s weights and learning-rate schedule resume; its "
                      "optimizer state is not loaded, the optimizer starts fresh (Adam's moments from zero)")
     return notes
+
+
+def _setup_from_optimizer_state(checkpoint: Path, setup: dict[str, Any]) -> dict[str, Any] | None:
+    """A checkpoint saved before RUN_SETUP_FILE: whether its optimizer.pt holds optimi's state (its param
+    groups carry kahan_sum), as a record resume_notes can compare (what the files can't show is this run's),
+    or None without a readable optimizer.pt. Full fine-tunes use optimi exactly in bf16_lean (run_setup).
+    mmap: only the groups are read, not the ~7 GB of fp32 Adam moments."""
+    try:
+        state = torch.load(checkpoint / OPTIMIZER_NAME, map_location="cpu", weights_only=True, mmap=True)
+        optimi = any("kahan_sum" in group for group in state["param_groups"])
+    except (OSError, RuntimeError, KeyError, TypeError):
+        return None
+    adapter = checkpoint / "adapter_config.json"  # a LoRA checkpoint: its rank
+    lora = json.loads(adapter.read_text()).get("r", 1) if adapter.is_file() else 0
+    torch_optimizer = setup["optimizer"] if setup["optimizer"] != "optimi.AdamW" else "torch.optim.AdamW"
+    return {**setup, "lora_r": lora,
+            "precision": setup["precision"] if lora else "bf16_lean" if optimi else "fp32_master",
+            "optimizer": "optimi.AdamW" if optimi else torch_optimizer, "kahan_sum": optimi}
 
 
 def _layout_change(checkpoint: str, saved: dict[str, Any], setup: dict[str, Any]) -> str:
@@ -771,7 +805,7 @@ class AnswerTokenError(DatasetError):
 def check_answer_tokens(tokenizer: Any, records: list[dict]) -> str:
     """One line with the first train answer's labelled ids and pieces on this (the user's) tokenizer, after
     checking every train answer: raises AnswerTokenError if any label starts with a whitespace-only piece, or
-    with a piece that merges in a space the text does not start with.
+    with a piece that merges in a space ("▁O"); answer_ids drops the whitespace a text itself starts with.
 
     The prompt ends in its own "▁" (v1) or "\n" (1.5/1.6); a label starting with "▁" would teach the model
     to emit a second space there, on every crop if the tokenizer puts it before each text (add_prefix_space,
@@ -780,19 +814,17 @@ def check_answer_tokens(tokenizer: Any, records: list[dict]) -> str:
     labels = answer_ids(tokenizer, texts)
     firsts = {ids[0] for ids in labels}  # a few thousand distinct first tokens: each checked once
     blank = {i for i in firsts if whitespace_start(tokenizer, [i])}
-    # a space merged into the first piece ("▁O" for "OK") is as wrong, unless the text starts with one
+    # a space merged into the first piece ("▁O" for "OK") is as wrong (answer_ids drops a text's own)
     spaced = {i for i in firsts if str(tokenizer.convert_ids_to_tokens(i)).startswith("▁")}
-    bad = [k for k, ids in enumerate(labels)
-           if ids[0] in blank or (ids[0] in spaced and not texts[k][:1].isspace())]
+    bad = [k for k, ids in enumerate(labels) if ids[0] in blank or ids[0] in spaced]
     if bad:
         k = bad[0]
-        cause = ("its text starts with whitespace: strip it in the JSONL" if texts[k][:1].isspace() else
-                 "the tokenizer puts a space before the text that answer_ids did not remove")
         raise AnswerTokenError(
             f"{len(bad)} of {len(texts)} train answers would be labelled starting with a whitespace-only "
             f"token or a space the text does not have, the first {records[k].get('id', k)!r} {texts[k]!r} -> "
             f"pieces {tokenizer.convert_ids_to_tokens(labels[k])}: the model would learn to emit a space "
-            f"after the prompt's own; {cause}"
+            "after the prompt's own; the tokenizer puts a space before the text that answer_ids did not "
+            "remove"
         )
     return answer_tokens_line(tokenizer, texts[0])
 

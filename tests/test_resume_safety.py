@@ -165,13 +165,63 @@ def test_checkpoint_without_record_resumes_as_before_with_one_warning(
     out = resumable(fp32_run, tmp_path)
     (out / f"checkpoint-{SAVE_EVERY}" / sft.RUN_SETUP_FILE).unlink()
     with caplog.at_level(logging.WARNING, logger="sft"):
-        m, d, a = sft.parse_args(argv(tiny_model, fp32_run[0], out, "--precision", "bf16_lean",
-                                      "--resume_from_checkpoint", "auto"))
+        m, d, a = sft.parse_args(argv(tiny_model, fp32_run[0], out, "--resume_from_checkpoint",
+                                      str(out / f"checkpoint-{SAVE_EVERY}")))
         sft.check_resume(a, sft.run_setup(m, a), m.reset_optimizer_on_resume)
     (line,) = [r.getMessage() for r in caplog.records]
-    assert f"has no {sft.RUN_SETUP_FILE}" in line and "not checked" in line
-    m, d, a = sft.parse_args(argv(tiny_model, fp32_run[0], out, "--resume_from_checkpoint", "auto"))
+    assert f"has no {sft.RUN_SETUP_FILE}" in line and "world size is not checked" in line
+    assert "optimizer state shows a fp32_master (torch.optim.AdamW) run" in line
     trainer = sft.build_trainer(m, d, a)
     trainer.train(resume_from_checkpoint=a.resume_from_checkpoint)
     assert trainer.state.global_step == STEPS
     assert (out / f"checkpoint-{STEPS}" / sft.RUN_SETUP_FILE).is_file()  # its new checkpoints record it
+
+
+def test_checkpoint_without_record_in_bf16_lean_stops_by_its_optimizer_state(
+    tiny_model: Path, fp32_run, tmp_path: Path, error_line
+) -> None:
+    """A checkpoint saved before run_setup.json existed, resumed at home: optimi handed torch's AdamW state
+    would crash at the first step (KeyError 'kahan_sum'), after minutes of loading."""
+    out = resumable(fp32_run, tmp_path)
+    (out / f"checkpoint-{SAVE_EVERY}" / sft.RUN_SETUP_FILE).unlink()
+    rc = run_main(argv(tiny_model, fp32_run[0], out, "--precision", "bf16_lean",
+                       "--resume_from_checkpoint", "auto"))
+    line = error_line(rc)
+    assert "saved by a fp32_master (torch.optim.AdamW) run" in line
+    assert "PRECISION=fp32_master" in line and "--reset_optimizer_on_resume true" in line
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-2"]
+
+
+@pytest.mark.parametrize("recorded", [True, False])
+def test_lora_checkpoint_resumed_as_full_fine_tune_stops_naming_lora_r(
+    tiny_model: Path, fp32_run, tmp_path: Path, error_line, recorded: bool
+) -> None:
+    """LORA_R forgotten at home: no optimizer setting or fresh state can make an adapter fit every weight.
+    Without the record (saved before it), the adapter's config says so."""
+    out = resumable(fp32_run, tmp_path)
+    record = out / f"checkpoint-{SAVE_EVERY}" / sft.RUN_SETUP_FILE
+    if recorded:
+        record.write_text(json.dumps({**json.loads(record.read_text()), "lora_r": 16}))
+    else:
+        record.unlink()
+        (record.parent / "adapter_config.json").write_text(json.dumps({"r": 16, "peft_type": "LORA"}))
+    for extra in ((), ("--reset_optimizer_on_resume", "true")):
+        rc = run_main(argv(tiny_model, fp32_run[0], out, "--precision", "bf16_lean",
+                           "--resume_from_checkpoint", "auto", *extra))
+        line = error_line(rc)
+        assert "saved by a LoRA (--lora_r 16) run" in line and "LORA_R=16" in line
+        assert "--optim" not in line
+
+
+def test_half_written_record_stops_in_one_line(
+    tiny_model: Path, fp32_run, tmp_path: Path, error_line
+) -> None:
+    """A run killed while writing run_setup.json leaves it cut short (RESUME=auto skips that checkpoint: no
+    trainer_state.json yet); named by path, it must not end in a traceback."""
+    out = resumable(fp32_run, tmp_path)
+    checkpoint = out / f"checkpoint-{SAVE_EVERY}"
+    record = checkpoint / sft.RUN_SETUP_FILE
+    record.write_text(record.read_text()[:40])
+    rc = run_main(argv(tiny_model, fp32_run[0], out, "--resume_from_checkpoint", str(checkpoint)))
+    line = error_line(rc)
+    assert sft.RUN_SETUP_FILE in line and "--resume_from_checkpoint auto" in line
