@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 from itertools import accumulate
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 from weakref import WeakKeyDictionary
@@ -165,6 +166,17 @@ def answer_tokens_line(tokenizer: Any, text: str) -> str:
     ids = answer_ids(tokenizer, [text])[0]
     pieces = tokenizer.convert_ids_to_tokens(ids)
     return f"answer tokens of {text!r} on this tokenizer: ids {ids}, pieces {pieces}"
+
+
+def saved_pixel_bounds(folder: str | Path) -> tuple[int, int] | None:
+    """(min_pixels, max_pixels) of the image processor saved in `folder`, or None when it has none."""
+    from transformers import AutoImageProcessor
+
+    try:
+        size = AutoImageProcessor.from_pretrained(folder).size
+    except (OSError, ValueError, KeyError):
+        return None  # no processor config saved with the checkpoint
+    return int(size["shortest_edge"]), int(size["longest_edge"])
 
 
 def configure_image_size(processor: Any, min_pixels: int | None = None, max_pixels: int | None = None):

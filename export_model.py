@@ -55,9 +55,10 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
-from transformers import AutoImageProcessor, PaddleOCRVLForConditionalGeneration
+from transformers import PaddleOCRVLForConditionalGeneration
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
+from custom_collator import saved_pixel_bounds
 from ocr_gguf import GGUF_TYPES, GGUFError, converter_dir, export_gguf
 
 logger = logging.getLogger(__name__)
@@ -145,14 +146,6 @@ def _keys(path: Path) -> list[str]:
         return list(f.keys())
 
 
-def _pixel_bounds(folder: Path) -> tuple[int, int] | None:
-    try:
-        size = AutoImageProcessor.from_pretrained(folder).size
-    except (OSError, ValueError, KeyError):
-        return None  # no processor config saved with the checkpoint
-    return int(size["shortest_edge"]), int(size["longest_edge"])
-
-
 def _set_pixel_bounds(config: dict, min_pixels: int, max_pixels: int) -> None:
     """Write new bounds where the file keeps them: top-level min/max_pixels (the release) and/or `size`."""
     target = config.get("image_processor", config)  # processor_config.json nests the image processor
@@ -217,7 +210,7 @@ def export_model(checkpoint: str | Path, base: str, out: str | Path) -> Path:
     base_tensors, ckpt_tensors = _shapes(base_dir, base_files), _shapes(ckpt, ckpt_files)
     check_tensors(ckpt_tensors, base_tensors)
     where = {name: file for file, names in ckpt_files.items() for name in names}
-    bounds, base_bounds = _pixel_bounds(ckpt), _pixel_bounds(base_dir)
+    bounds, base_bounds = saved_pixel_bounds(ckpt), saved_pixel_bounds(base_dir)
 
     out.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".export-", dir=out))
@@ -304,7 +297,7 @@ def _write_pixel_bounds(staging: Path, bounds: tuple[int, int]) -> None:
     else:
         raise ExportError("the base has no preprocessor_config.json or processor_config.json to carry the "
                           f"trained pixel bounds {bounds}")
-    if _pixel_bounds(staging) != bounds:
+    if saved_pixel_bounds(staging) != bounds:
         raise ExportError(f"could not write the pixel bounds {bounds} into the base's {name}")
 
 

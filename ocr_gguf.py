@@ -223,7 +223,6 @@ def training_prompt(export_dir: Path):
 def _converter_input(export_dir: Path, stage: Path) -> Path:
     """`stage` filled with links to the exported files, and llama.cpp's versions of the few files listed in
     the module docstring."""
-    from export_model import _pixel_bounds
 
     if not (export_dir / "tokenizer.model").is_file():
         # The export carries the base's files, so the base lacks it: a folder written by save_pretrained
@@ -271,7 +270,9 @@ def _converter_input(export_dir: Path, stage: Path) -> Path:
         vision["architectures"] = [VISION_ARCHITECTURE]
     _write_json(stage / "config.json", config)
 
-    bounds = _pixel_bounds(export_dir)
+    from custom_collator import saved_pixel_bounds
+
+    bounds = saved_pixel_bounds(export_dir)
     if bounds is None:
         raise GGUFError(f"{export_dir} has no image processor config with pixel bounds")
     image_processor = (read("preprocessor_config.json")
