@@ -417,3 +417,26 @@ def test_converter_out_of_room_is_named_as_such(tmp_path: Path) -> None:
         ocr_gguf.run_converter(fake, [str(tmp_path), "--outfile", str(tmp_path / "model-f16.gguf")])
     message = "llama.cpp's converter could not write model-f16.gguf: the disk is full"
     assert str(failed.value).startswith(message)
+
+
+def test_existing_empty_out_is_kept_and_filled(base_copy_checkpoint: list[str], tmp_path: Path) -> None:
+    """An existing empty --out (a Docker volume, a USB drive: a mount point) can be neither removed nor
+    renamed onto ("error: ...: Device or resource busy"), and its parent is another file system: the folder
+    itself must stay (same inode) and be filled from a staging folder inside it."""
+    out = tmp_path / "volume"
+    out.mkdir()
+    inode = out.stat().st_ino
+    assert export_model.main([*base_copy_checkpoint, "--out", str(out)]) == 0
+    assert out.stat().st_ino == inode and (out / "model.safetensors").is_file()
+    assert not (out / export_model.STAGING).exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-1", "volume"]  # nothing beside it
+
+
+def test_rerun_after_kill_into_an_existing_out_works(base_copy_checkpoint: list[str], tmp_path: Path) -> None:
+    # What `kill -9` leaves in an existing --out: its staging folder, which must not block the same command.
+    out = tmp_path / "volume"
+    (out / export_model.STAGING).mkdir(parents=True)
+    (out / export_model.STAGING / "model.safetensors").write_bytes(b"half")
+    assert export_model.main([*base_copy_checkpoint, "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
+    assert (out / "model.safetensors").stat().st_size > 4
