@@ -440,3 +440,36 @@ def test_rerun_after_kill_into_an_existing_out_works(base_copy_checkpoint: list[
     assert export_model.main([*base_copy_checkpoint, "--out", str(out)]) == 0
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
     assert (out / "model.safetensors").stat().st_size > 4
+
+
+def test_converter_short_tensor_write_is_named_as_such(tmp_path: Path) -> None:
+    """The converter writes tensors with numpy's tofile(), which on a full disk says only "N requested and
+    M written" (no errno), and tqdm then prints its bar: the error once showed the bar ("Writing: 0%")."""
+    fake = fake_converter(tmp_path / "llama.cpp")
+    (fake / "convert_hf_to_gguf.py").write_text(
+        f'# "{ocr_gguf.ARCHITECTURE}"\n'
+        "import resource, signal, sys\nimport numpy as np\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))  # a disk that fills after 4 kB\n"
+        "try:\n"
+        "    with open(sys.argv[sys.argv.index('--outfile') + 1], 'wb') as f:\n"
+        "        np.zeros(1 << 16, np.float32).tofile(f)\n"
+        "finally:\n"
+        "    print('Writing:   0%|          | 0.00/13.3M [00:00<?, ?byte/s]')\n"
+    )
+    with pytest.raises(ocr_gguf.GGUFError) as failed:
+        ocr_gguf.run_converter(fake, [str(tmp_path), "--outfile", str(tmp_path / "mmproj-f16.gguf")])
+    message = "llama.cpp's converter could not write mmproj-f16.gguf: the disk is full"
+    assert str(failed.value).startswith(message)
+
+
+def test_converter_failure_shows_the_error_not_the_progress_bar(tmp_path: Path) -> None:
+    fake = fake_converter(tmp_path / "llama.cpp")
+    (fake / "convert_hf_to_gguf.py").write_text(
+        f'# "{ocr_gguf.ARCHITECTURE}"\n'
+        "try:\n    raise ValueError('Can not map tensor x')\n"
+        "finally:\n    print('Writing:   0%|          | 0.00/13.3M [00:00<?, ?byte/s]')\n"
+    )
+    with pytest.raises(ocr_gguf.GGUFError) as failed:
+        ocr_gguf.run_converter(fake, [str(tmp_path), "--outfile", str(tmp_path / "model-f16.gguf")])
+    assert str(failed.value).endswith(": ValueError: Can not map tensor x")
