@@ -357,10 +357,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def export_whole(ckpt: Path, base: str, out: Path, gguf_type: str | None, *, in_place: bool) -> list[Path]:
-    """The export (and its GGUF files) written whole or not at all: made in a staging folder beside `out`
-    (same file system, so the last step is a rename), then moved into place. A failure anywhere, a failed
-    GGUF conversion or a full disk included, leaves `out` as it was, so the same command can simply be run
-    again; a killed run's staging folder is removed by the next run."""
+    """The export (and its GGUF files) written whole or not at all: made in a staging folder beside a new
+    `out` or inside an existing one (same file system, so the last step is a rename), then moved into place.
+    A failure anywhere, a failed GGUF conversion or a full disk included, leaves `out` as it was, so the same
+    command can simply be run again; a killed run's staging folder is removed by the next run."""
     target = out.resolve()  # `--out .` has no name of its own to put the staging folder beside
     # A folder that exists (empty, the checkpoint, or `--out .`) stays and its files are moved in, staged
     # inside it: it may be a mount point (a Docker volume, a USB drive), which rmdir() refuses ("Device or
