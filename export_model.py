@@ -23,7 +23,8 @@ AutoModelForImageTextToText / AutoProcessor.
 
 --out is written whole or not at all: everything (the GGUF files too) is made in a staging folder beside it,
 .<name>.export-partial, then renamed into place, so a failure (a failed conversion, a full disk) leaves no
---out and the same command can be run again.
+--out and the same command can be run again. An --out that exists (empty, perhaps a mount point) is kept:
+the staging folder is made inside it and its files are moved in.
 
 --base is needed only for a folder that does not say which base it was trained from: sft_paddleocr_vl.py
 writes base_model.json into every checkpoint and its output folder, and a LoRA checkpoint's
@@ -66,6 +67,7 @@ logger = logging.getLogger(__name__)
 # What transformers skips when loading the release (regexes searched in tensor names), from transformers.
 NOT_LOADED = tuple(PaddleOCRVLForConditionalGeneration._keys_to_ignore_on_load_unexpected)
 # Weight formats other than safetensors would still hold the base's weights: never carried over.
+STAGING = ".export-partial"  # inside an existing --out, or `.<name>.export-partial` beside a new one
 OTHER_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".pdparams", ".gguf", ".onnx")
 # Model and processor files that save_pretrained writes: removed from the output when the base has none.
 SAVED_FILES = re.compile(
@@ -329,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
         if out.exists() and not out.is_dir():
             raise ExportError(f"--out {out} is a file, not a folder")
         in_place = out.exists() and out.resolve() == ckpt.resolve()
-        if out.exists() and any(out.iterdir()) and not in_place:
+        if out.exists() and any(p.name != STAGING for p in out.iterdir()) and not in_place:
             raise ExportError(f"--out {out} exists and is not empty")
         if args.gguf:
             converter_dir(fetch=True)  # fails before the export if there is no converter (offline)
@@ -348,23 +350,28 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def export_whole(ckpt: Path, base: str, out: Path, gguf_type: str | None, *, in_place: bool) -> list[Path]:
-    """The export (and its GGUF files) written whole or not at all: made in a staging folder beside `out`
-    (same file system, so the last step is a rename), then moved into place. A failure anywhere, a failed
-    GGUF conversion or a full disk included, leaves `out` as it was, so the same command can simply be run
-    again; a killed run's staging folder is removed by the next run."""
+    """The export (and its GGUF files) written whole or not at all: made in a staging folder beside a new
+    `out` or inside an existing one (same file system, so the last step is a rename), then moved into place.
+    A failure anywhere, a failed GGUF conversion or a full disk included, leaves `out` as it was, so the same
+    command can simply be run again; a killed run's staging folder is removed by the next run."""
     target = out.resolve()  # `--out .` has no name of its own to put the staging folder beside
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.parent / f".{target.name}.export-partial"
+    # A folder that exists (empty, the checkpoint, or `--out .`) stays and its files are moved in, staged
+    # inside it: it may be a mount point (a Docker volume, a USB drive), which rmdir() refuses ("Device or
+    # resource busy") and whose parent is another file system, where os.replace() cannot reach it.
+    fill_in = in_place or target.is_dir()
+    if fill_in:
+        staging = target / STAGING
+    else:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = target.parent / f".{target.name}{STAGING}"
     shutil.rmtree(staging, ignore_errors=True)  # left by a killed run
     staging.mkdir()
     try:
         export_model(ckpt, base, staging)
         ggufs = list(export_gguf(staging, staging, gguf_type, name=target.name)) if gguf_type else []
-        if in_place or target == Path.cwd():  # a folder someone stands in stays: its files are moved in
+        if fill_in:
             move_into(staging, target)
         else:
-            if target.exists():
-                target.rmdir()  # empty (checked by main); rename() cannot replace a folder on every system
             os.rename(staging, target)
     except OSError as e:  # name the file the user will look for, not its staging copy
         where = Path(e.filename) if e.filename else None

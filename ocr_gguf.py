@@ -34,6 +34,7 @@ import errno
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -323,13 +324,19 @@ def run_converter(llama_cpp: Path, args: list[str]) -> None:
     done = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if done.returncode:
         log = (done.stderr + done.stdout).strip().splitlines()
-        no_room = [f"[Errno {n}]" for n in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)]
-        if any(code in line for line in log[-5:] for code in no_room):
+        # The tensors are written by numpy's tofile(), whose short write says "3309568 requested and 504368
+        # written" without an errno; the header and metadata by Python ("[Errno 28] No space left").
+        codes = "|".join(str(n) for n in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG))
+        no_room = re.compile(rf"\[Errno ({codes})\]|requested and \d+ written")
+        if any(no_room.search(line) for line in log[-5:]):
             outfile = Path(args[args.index("--outfile") + 1]).name
             raise GGUFError(f"llama.cpp's converter could not write {outfile}: the disk is full or a "
                             "file-size limit (ulimit -f) stopped the write; make room and run the same "
                             "command again")
-        raise GGUFError(f"llama.cpp's converter failed ({' '.join(cmd)}): {log[-1] if log else 'no output'}")
+        # The traceback's last line, not the progress bar tqdm prints after it ("Writing:   0%| ...").
+        errors = [line for line in log if re.match(r"[\w.]+(Error|Exception)\b", line)]
+        shown = errors[-1] if errors else log[-1] if log else "no output"
+        raise GGUFError(f"llama.cpp's converter failed ({' '.join(cmd)}): {shown}")
 
 
 def main(argv: list[str] | None = None) -> int:

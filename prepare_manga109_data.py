@@ -205,7 +205,10 @@ def read_annotation(path: Path) -> etree._Element:
     match = XML_ENCODING.match(data)
     declared = match.group(1).decode("ascii") if match else "utf-8"
     try:
-        text = data.decode(codecs.lookup(ENCODING_ALIASES.get(declared.lower(), declared)).name)
+        codec = codecs.lookup(ENCODING_ALIASES.get(declared.lower(), declared)).name
+        # A "Shift_JIS" file from a Windows editor is cp932: strict Shift_JIS (libxml2's iconv, Python's
+        # shift_jis) refuses its extensions (髙, ①, ㈱), which is why libxml2 failed above.
+        text = data.decode("cp932" if codec == "shift_jis" else codec)
     except LookupError:
         raise AnnotationError("unknown_encoding", f"{path}: declares encoding {declared!r}, which is not "
                               "known; save it as UTF-8") from None

@@ -417,3 +417,59 @@ def test_converter_out_of_room_is_named_as_such(tmp_path: Path) -> None:
         ocr_gguf.run_converter(fake, [str(tmp_path), "--outfile", str(tmp_path / "model-f16.gguf")])
     message = "llama.cpp's converter could not write model-f16.gguf: the disk is full"
     assert str(failed.value).startswith(message)
+
+
+def test_existing_empty_out_is_kept_and_filled(base_copy_checkpoint: list[str], tmp_path: Path) -> None:
+    """An existing empty --out (a Docker volume, a USB drive: a mount point) can be neither removed nor
+    renamed onto ("error: ...: Device or resource busy"), and its parent is another file system: the folder
+    itself must stay (same inode) and be filled from a staging folder inside it."""
+    out = tmp_path / "volume"
+    out.mkdir()
+    inode = out.stat().st_ino
+    assert export_model.main([*base_copy_checkpoint, "--out", str(out)]) == 0
+    assert out.stat().st_ino == inode and (out / "model.safetensors").is_file()
+    assert not (out / export_model.STAGING).exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-1", "volume"]  # nothing beside it
+
+
+def test_rerun_after_kill_into_an_existing_out_works(base_copy_checkpoint: list[str], tmp_path: Path) -> None:
+    # What `kill -9` leaves in an existing --out: its staging folder, which must not block the same command.
+    out = tmp_path / "volume"
+    (out / export_model.STAGING).mkdir(parents=True)
+    (out / export_model.STAGING / "model.safetensors").write_bytes(b"half")
+    assert export_model.main([*base_copy_checkpoint, "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
+    assert (out / "model.safetensors").stat().st_size > 4
+
+
+def test_converter_short_tensor_write_is_named_as_such(tmp_path: Path) -> None:
+    """The converter writes tensors with numpy's tofile(), which on a full disk says only "N requested and
+    M written" (no errno), and tqdm then prints its bar: the error once showed the bar ("Writing: 0%")."""
+    fake = fake_converter(tmp_path / "llama.cpp")
+    (fake / "convert_hf_to_gguf.py").write_text(
+        f'# "{ocr_gguf.ARCHITECTURE}"\n'
+        "import resource, signal, sys\nimport numpy as np\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))  # a disk that fills after 4 kB\n"
+        "try:\n"
+        "    with open(sys.argv[sys.argv.index('--outfile') + 1], 'wb') as f:\n"
+        "        np.zeros(1 << 16, np.float32).tofile(f)\n"
+        "finally:\n"
+        "    print('Writing:   0%|          | 0.00/13.3M [00:00<?, ?byte/s]')\n"
+    )
+    with pytest.raises(ocr_gguf.GGUFError) as failed:
+        ocr_gguf.run_converter(fake, [str(tmp_path), "--outfile", str(tmp_path / "mmproj-f16.gguf")])
+    message = "llama.cpp's converter could not write mmproj-f16.gguf: the disk is full"
+    assert str(failed.value).startswith(message)
+
+
+def test_converter_failure_shows_the_error_not_the_progress_bar(tmp_path: Path) -> None:
+    fake = fake_converter(tmp_path / "llama.cpp")
+    (fake / "convert_hf_to_gguf.py").write_text(
+        f'# "{ocr_gguf.ARCHITECTURE}"\n'
+        "try:\n    raise ValueError('Can not map tensor x')\n"
+        "finally:\n    print('Writing:   0%|          | 0.00/13.3M [00:00<?, ?byte/s]')\n"
+    )
+    with pytest.raises(ocr_gguf.GGUFError) as failed:
+        ocr_gguf.run_converter(fake, [str(tmp_path), "--outfile", str(tmp_path / "model-f16.gguf")])
+    assert str(failed.value).endswith(": ValueError: Can not map tensor x")

@@ -394,3 +394,18 @@ def test_full_disk_is_one_line_without_debris_and_rerun_recovers(synthetic_relea
     assert rerun.returncode == 0
     for name in (f"{s}.jsonl" for s in prep.SPLITS):
         assert (out / name).read_bytes() == (clean_out / name).read_bytes()
+
+
+def test_shift_jis_from_windows_keeps_its_extensions(release_copy: Path, tmp_path: Path) -> None:
+    """Windows editors save "Shift_JIS" as cp932, whose extensions (髙 in names, ①, ㈱) strict Shift_JIS
+    lacks: such a book was skipped as "byte N is not Shift_JIS (saved in another encoding, e.g. Shift-JIS?)".
+    """
+    book = titles(release_copy)[0]
+    path, tree, el = first_text(release_copy, book)
+    el.text = "髙橋さん①"
+    tree.write(str(path), encoding="utf-8", xml_declaration=True)
+    clean = run_prep(release_copy, tmp_path / "clean")
+    reencode(path, "Shift_JIS", "cp932")
+    m = run_prep(release_copy, tmp_path / "o")
+    assert m["skipped"]["books"] == {} and m["crops_per_book"][book] == clean["crops_per_book"][book]
+    assert all_records(tmp_path / "o") == all_records(tmp_path / "clean")

@@ -279,3 +279,25 @@ def test_a_failed_build_leaves_no_folder(tmp_path: Path, monkeypatch: pytest.Mon
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "No space left on device" in err and "Traceback" not in err
     assert list(tmp_path.iterdir()) == []  # neither the model folder nor its staging
+
+
+def test_existing_out_is_kept_and_filled_from_inside(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An existing --out (a Docker volume: a mount point) was filled by os.replace() from a staging folder
+    beside it, on another file system there ("Invalid cross-device link"): stage inside it instead."""
+    import tools.make_tiny_model as make_tiny_model
+
+    staged: list[Path] = []
+    build = make_tiny_model.build_tiny_model
+
+    def build_and_record(out: Path, **kwargs) -> Path:
+        staged.append(Path(out))
+        return build(out, **kwargs)
+
+    monkeypatch.setattr(make_tiny_model, "build_tiny_model", build_and_record)
+    out = tmp_path / "volume"
+    out.mkdir()
+    inode = out.stat().st_ino
+    assert main(["--out", str(out)]) == 0
+    assert [p.parent for p in staged] == [out]  # same file system as --out, whatever is mounted where
+    assert out.stat().st_ino == inode and (out / "config.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["volume"] and not (out / ".partial").exists()

@@ -729,8 +729,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--out {final} is a file, not a folder")
     # Built whole in a staging folder beside --out, then moved into place: a Ctrl-C or a full disk never
     # leaves a half-made model where a test or train.sh would load it.
+    # An existing --out stays and is staged inside: it may be a mount point (a Docker volume), which can't
+    # be renamed onto and whose parent is another file system ("Invalid cross-device link").
     final.parent.mkdir(parents=True, exist_ok=True)
-    staging = final.parent / f".{final.name}.partial"
+    staging = final / ".partial" if final.is_dir() else final.parent / f".{final.name}.partial"
     shutil.rmtree(staging, ignore_errors=True)  # left by a killed run
     try:
         _build(args, parser, staging)
