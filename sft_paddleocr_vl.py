@@ -19,9 +19,11 @@ What differs from a plain Trainer run, and why:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import sys
@@ -205,6 +207,10 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
+class RunComplete(Exception):  # noqa: N818 - not an error: a rerun of a finished run
+    """A rerun of a run whose final model is already in its output folder; the message says where."""
+
+
 def answer_loss(model, inputs: dict, num_items_in_batch=None) -> tuple[torch.Tensor, object]:
     """Cross-entropy summed over answer tokens / answer tokens in the whole accumulated batch.
 
@@ -316,9 +322,8 @@ class BF16Trainer(Trainer):
         # Every rank gets here under the same condition (the state is identical on all ranks), so this
         # barrier pairs up; it lets no rank read the best checkpoint before rank 0 has written all of it.
         self.accelerator.wait_for_everyone()
-        logger.info(
-            "loading best checkpoint %s (%s)", self.state.best_model_checkpoint, self.state.best_metric
-        )
+        logger.info("loading best checkpoint %s (%s)", self.state.best_model_checkpoint,
+                    metric_text(self.args.metric_for_best_model, self.state.best_metric))
         self._load_weights(self.state.best_model_checkpoint)
 
     def _get_train_sampler(self, *args, **kwargs):
@@ -383,8 +388,13 @@ class BF16Trainer(Trainer):
     ):
         output = super().evaluation_loop(dataloader, description, True, ignore_keys, metric_key_prefix)
         if self.gen_dataset is not None and len(self.gen_dataset):
-            for k, v in self.generation_metrics().items():
+            generated = self.generation_metrics()
+            for k, v in generated.items():
                 output.metrics[f"{metric_key_prefix}_{k}"] = v
+            if self.is_world_process_zero():  # the metrics dict the Trainer prints carries no unit
+                logger.info("step %d: %s, %s (%d val crops, greedy)", self.state.global_step,
+                            metric_text("cer", generated["cer"]),
+                            metric_text("exact_match", generated["exact_match"]), len(self.gen_dataset))
         return output
 
     def generation_metrics(self) -> dict[str, float]:
@@ -410,12 +420,29 @@ class BF16Trainer(Trainer):
         pairs = gather_object([(p, ds.records[i]["text"]) for p, i in zip(preds, mine, strict=True)])
         m = cer_metrics([p for p, _ in pairs], [r for _, r in pairs], "none")
         nows = cer_metrics([p for p, _ in pairs], [r for _, r in pairs], "nows")
+        # percent, as evaluate_model.py and the docs give CER and exact match (the order, and so the best
+        # checkpoint, is the same in either unit)
         return {
-            "cer": m["cer"],
-            "cer_mean": m["cer_mean"],
-            "exact_match": m["exact_match"],
-            "cer_nows": nows["cer"],
+            "cer": 100 * m["cer"],
+            "cer_mean": 100 * m["cer_mean"],
+            "exact_match": 100 * m["exact_match"],
+            "cer_nows": 100 * nows["cer"],
         }
+
+
+PERCENT_METRICS = ("cer", "cer_mean", "exact_match", "cer_nows")  # generation_metrics: in percent
+METRIC_NAMES = {"cer": "CER", "cer_mean": "mean CER", "exact_match": "exact match",
+                "cer_nows": "CER (no spaces)"}
+
+
+def metric_text(name: str | None, value: float | None) -> str:
+    """'val CER 12.34 %' / 'val loss 0.4321': an eval metric with its unit, for the log lines."""
+    name = (name or "loss").removeprefix("eval_")
+    if value is None:
+        return f"val {METRIC_NAMES.get(name, name)} -"
+    if name in PERCENT_METRICS:
+        return f"val {METRIC_NAMES[name]} {value:.2f} %"
+    return f"val {METRIC_NAMES.get(name, name)} {value:.4f}"
 
 
 def latest_complete_checkpoint(output_dir: str) -> str | None:
@@ -431,6 +458,31 @@ def latest_complete_checkpoint(output_dir: str) -> str | None:
         except (OSError, ValueError):
             logger.warning("ignoring incomplete checkpoint %s", path)
     return max(found)[1] if found else None
+
+
+def finished_run(args: TrainingArguments, n_train: int) -> str | None:
+    """What to say instead of training when the checkpoint to resume from is at the run's last optimizer step
+    and the final model is already saved (finish_run writes OUTPUT_DIR/trainer_state.json after it); None
+    otherwise. Raising EPOCHS or MAX_STEPS moves the last step, and the run trains on from the checkpoint."""
+    from rehearsal import optimizer_steps  # the Trainer's own count of steps
+
+    if not args.resume_from_checkpoint:
+        return None
+    try:
+        state = json.loads((Path(args.resume_from_checkpoint) / "trainer_state.json").read_text())
+        final = json.loads((Path(args.output_dir) / "trainer_state.json").read_text())
+        step = state["global_step"]
+    except (OSError, ValueError, KeyError):
+        return None
+    total = optimizer_steps(n_train, args)[0]
+    if step < total or final.get("global_step", -1) < total:
+        return None
+    best = final.get("best_model_checkpoint")
+    metric = metric_text(args.metric_for_best_model, final.get("best_metric"))
+    return (f"the run is already complete at step {step} of {total}: its model is in {args.output_dir}"
+            + (f" (from {Path(best).name}, the best by {metric})" if best else "")
+            + ". To train further, raise EPOCHS or set MAX_STEPS (--num_train_epochs, --max_steps); "
+            "RESUME=none starts over")
 
 
 def main_process_decides(args: TrainingArguments, decide: Callable[[], Any]) -> Any:
@@ -519,14 +571,25 @@ def base_verdict(state: Any, args: TrainingArguments) -> str | None:
     worse = best <= base if args.greater_is_better else best >= base
     if not worse:
         return None
+    name = args.metric_for_best_model
     return (
-        f"the best checkpoint's val {args.metric_for_best_model} ({best:.4f}) is not better than the base "
-        f"model's at step 0 ({base:.4f}): fine-tuning did not help on val. Check the learning rate, the data "
-        "and the prompt before a longer run; the base model itself may be the better choice."
+        f"the best checkpoint's {metric_text(name, best)} is not better than the base model's at step 0 "
+        f"({metric_text(name, base).removeprefix('val ')}): fine-tuning did not help on val. Check the "
+        "learning rate, the data and the prompt before a longer run; the base model itself may be the better "
+        "choice."
     )
 
 
 def plot_curves(log_history: list[dict], path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig = curves_figure(log_history)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def curves_figure(log_history: list[dict]) -> Any:
+    """training_curves.png: train and val loss, and val CER in percent (as generation_metrics logs it)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -541,20 +604,37 @@ def plot_curves(log_history: list[dict], path: Path) -> None:
         ax1.plot([s for s, _ in evals], [h["eval_loss"] for _, h in evals], "o-", label="val loss")
         cer = [(s, h["eval_cer"]) for s, h in evals if "eval_cer" in h]
         if cer:
-            ax2.plot(*zip(*cer, strict=True), "o-", color="C3", label="val CER")
+            ax2.plot(*zip(*cer, strict=True), "o-", color="C3", label="val CER (%)")
             ax2.set_ylim(bottom=0)
     ax1.set(xlabel="optimizer step", ylabel="loss", title="loss")
-    ax2.set(xlabel="optimizer step", ylabel="CER", title="val CER (greedy)")
+    ax2.set(xlabel="optimizer step", ylabel="CER (%)", title="val CER (greedy), %")
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
-        ax.legend()
+        if ax.get_legend_handles_labels()[0]:  # no val CER without generation
+            ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    return fig
+
+
+# transformers 5.23 renamed gradient_checkpointing(_kwargs) to activation_checkpointing(_kwargs): the old
+# names warn (FutureWarning, gone in v6), and 5.18 to 5.22 know only them. Flags use this version's name.
+CHECKPOINTING = next(n for n in ("activation_checkpointing", "gradient_checkpointing")
+                     if n in {f.name for f in dataclasses.fields(TrainingArguments)})
+
+
+def checkpointing_flags(argv: list[str]) -> list[str]:
+    """--gradient_checkpointing[_kwargs][=X] under this transformers version's name (train.sh, users and the
+    memory plan's advice say --gradient_checkpointing, which every 5.x takes)."""
+    old = re.compile(r"^--gradient_checkpointing(?=$|=|_kwargs($|=))")
+    return [old.sub(f"--{CHECKPOINTING}", a) for a in argv]
+
+
+def activation_checkpointing(args: TrainingArguments) -> bool:
+    return bool(getattr(args, CHECKPOINTING))
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, TrainingArguments]:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = checkpointing_flags(list(sys.argv[1:] if argv is None else argv))
     # The Trainer's NaN/inf filter reads every step's loss on the host (a GPU sync); the NaN guard stops the
     # run on a non-finite loss anyway. A flag given on the command line comes later and wins.
     argv = ["--logging_nan_inf_filter", "false", *argv]
@@ -649,7 +729,7 @@ def run_memory_plan(
         batch_size=args.per_device_train_batch_size,
         seq_len=-(-lengths[longest] // multiple) * multiple,
         image_tokens=image_tokens(checked.processor, *ds.image_sizes()[longest], augment=data_args.augment),
-        gradient_checkpointing=args.gradient_checkpointing,
+        gradient_checkpointing=activation_checkpointing(args),
         bf16_autocast=args.bf16,
         lora_r=model_args.lora_r,
         lora_targets=model_args.lora_targets,
@@ -691,15 +771,21 @@ def build_trainer(
         args.resume_from_checkpoint = main_process_decides(
             args, lambda: latest_complete_checkpoint(args.output_dir)
         )
-        logger.info("resume: %s", args.resume_from_checkpoint or "no checkpoint yet, starting fresh")
     args.remove_unused_columns = False  # the collator needs image/text, which forward() doesn't take
     if not torch.accelerator.is_available():
         args.dataloader_pin_memory = False  # pinning needs an accelerator; torch warns per loader otherwise
-    if args.gradient_checkpointing and args.gradient_checkpointing_kwargs is None:
-        args.gradient_checkpointing_kwargs = {"use_reentrant": False}
+    if activation_checkpointing(args) and getattr(args, f"{CHECKPOINTING}_kwargs") is None:
+        setattr(args, f"{CHECKPOINTING}_kwargs", {"use_reentrant": False})
 
     data = train_data(model_args, data_args, args)
     train_ds, checked = data.train, data.checked
+    done = finished_run(args, len(train_ds))  # before the weights load: a rerun of a finished run says so
+    if done:
+        raise RunComplete(done)
+    if args.resume_from_checkpoint:
+        logger.info("resume: %s", args.resume_from_checkpoint)
+    else:
+        logger.info("no checkpoint to resume from: starting fresh")
     out = Path(args.output_dir)
     if args.process_index == 0:
         (out / "data_mix.json").write_text(json.dumps(data.mix, indent=1) + "\n")
@@ -822,6 +908,10 @@ def main(argv: list[str] | None = None) -> int:
             return rehearse(sys.argv[1:] if argv is None else argv)
         trainer = build_trainer(model_args, data_args, args)
         trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    except RunComplete as done:
+        if args.process_index == 0:
+            print(done)
+        return 0
     except (ModelLoadError, DatasetError, NonFiniteLossError, LoraError, OverlongError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
