@@ -20,6 +20,7 @@ What differs from a plain Trainer run, and why:
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import logging
 import os
@@ -207,6 +208,10 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (disk full, file-size limit); the half-written one is removed."""
+
+
 class RunComplete(Exception):  # noqa: N818 - not an error: a rerun of a finished run
     """A rerun of a run whose final model is already in its output folder; the message says where."""
 
@@ -310,6 +315,24 @@ class BF16Trainer(Trainer):
         super()._save(output_dir, state_dict)
         if self.base_model and self.args.should_save:
             write_base(output_dir or self.args.output_dir, self.base_model)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        folder = Path(self._get_output_dir(trial)) / f"checkpoint-{self.state.global_step}"
+        try:
+            super()._save_checkpoint(model, trial)
+        except Exception as e:  # safetensors, torch.save and open() each report a failed write their own way
+            why = write_failure(e, folder)
+            if why is None:
+                raise
+            # trainer_state.json is written last, so RESUME=auto already skips this folder; removing it
+            # frees its space for the rerun and leaves no debris
+            shutil.rmtree(folder, ignore_errors=True)
+            last = latest_complete_checkpoint(str(folder.parent)) or "none yet"
+            raise CheckpointWriteError(
+                f"{why}; the half-written {folder.name} was removed, and the last complete checkpoint is "
+                f"{last}: free some space (or raise the limit) and rerun the same command, which continues "
+                "from it"
+            ) from None
 
     def _save_rng_state(self, output_dir: str) -> None:
         # Every rank writes its own rng_state_<rank>.pth here; rank 0 writes trainer_state.json right after.
@@ -443,6 +466,50 @@ def metric_text(name: str | None, value: float | None) -> str:
     if name in PERCENT_METRICS:
         return f"val {METRIC_NAMES[name]} {value:.2f} %"
     return f"val {METRIC_NAMES.get(name, name)} {value:.4f}"
+
+
+WRITE_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
+                errno.EFBIG: "a file-size limit (ulimit -f) stopped the write"}
+
+
+def write_failure(error: BaseException, folder: Path) -> str | None:
+    """'could not write FILE: the disk is full (...)' when `error` is a write that ran out of disk or hit the
+    file-size limit while saving into `folder`; None for anything else. safetensors says `os error 28`,
+    open()/write() raise OSError, and torch.save a RuntimeError that names neither: there the file's size
+    against RLIMIT_FSIZE, or the free space left, tells which."""
+    import resource
+
+    code = getattr(error, "errno", None)
+    if code is None:
+        found = re.search(r"os error (\d+)", str(error))
+        code = int(found.group(1)) if found else None
+    name = failed_file(error, folder)
+    if code is None and isinstance(error, RuntimeError):  # torch.save: the newest file is the one cut off
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        size = Path(name).stat().st_size if Path(name).is_file() else 0
+        if limit != resource.RLIM_INFINITY and size >= limit:
+            code = errno.EFBIG
+        elif shutil.disk_usage(folder.parent).free < 2**20:
+            code = errno.ENOSPC
+    if code not in WRITE_ERRNOS:
+        return None
+    return f"could not write {name}: {WRITE_ERRNOS[code]} ({os.strerror(code)})"
+
+
+def failed_file(error: BaseException, folder: Path) -> str:
+    """The file in `folder` whose write raised `error`: OSError names it; safetensors' and torch's errors do
+    not, but the writer's frame holds it (save_file's `filename`, torch.save's `f`)."""
+    if getattr(error, "filename", None):
+        return str(error.filename)
+    tb, frames = error.__traceback__, []
+    while tb is not None:
+        frames.append(tb.tb_frame)
+        tb = tb.tb_next
+    for frame in reversed(frames):  # innermost first
+        for value in frame.f_locals.values():
+            if isinstance(value, (str, os.PathLike)) and Path(value).parent == folder:
+                return str(value)
+    return str(folder)
 
 
 def latest_complete_checkpoint(output_dir: str) -> str | None:
@@ -912,16 +979,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.process_index == 0:
             print(done)
         return 0
-    except (ModelLoadError, DatasetError, NonFiniteLossError, LoraError, OverlongError) as e:
+    except (ModelLoadError, DatasetError, NonFiniteLossError, LoraError, OverlongError,
+            CheckpointWriteError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # typically a full disk while saving a checkpoint
         last = latest_complete_checkpoint(args.output_dir)
-        print(
-            f"error: {e}\nthe last complete checkpoint is {last}; rerun with --resume_from_checkpoint auto "
-            "once the problem is fixed",
-            file=sys.stderr,
-        )
+        print(f"error: {e}; the last complete checkpoint is {last}: rerun the same command once the problem "
+              "is fixed (RESUME=auto continues from it)", file=sys.stderr)
         return 2
     return 0 if finish_run(trainer, model_args, data_args, args) else 2
 
