@@ -763,6 +763,9 @@ def train_data(model_args: ModelArguments, data_args: DataArguments, args: Train
     data = Path(mix[0]["folder"])  # val/test: the first folder only
     splits = {name: data / f"{name}.jsonl" for name in ("val", "test")}
     present = {name: OCRDataset(p) for name, p in splits.items() if p.is_file() and p.stat().st_size > 0}
+    drop_unreadable("train", train_ds)  # before anything reads an image header (lengths) or decodes a batch
+    if "val" in present:
+        drop_unreadable("val", present["val"])
     checked = load_config_and_processor(model_args.model_path, trust_remote_code=model_args.trust_remote_code)
     configure_image_size(checked.processor, data_args.min_pixels, data_args.max_pixels)
     limit, processor = data_args.max_length, checked.processor
@@ -780,6 +783,46 @@ def train_data(model_args: ModelArguments, data_args: DataArguments, args: Train
         logger.warning("every val crop is over --max_length %d: no evaluation", limit)
         del present["val"]
     return TrainData(train_ds, present.get("val"), mix, checked, results)
+
+
+def unreadable(path: str) -> str | None:
+    """Why the crop at `path` cannot be decoded (None: it can). A full decode: PIL's verify() checks a PNG's
+    chunks but not a truncated JPEG, and costs about as much (measured in docs/training.md#faults)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+    except (OSError, ValueError, SyntaxError) as e:  # PIL raises SyntaxError for some broken headers
+        return str(e) or type(e).__name__
+    return None
+
+
+def drop_unreadable(split: str, ds: OCRDataset) -> int:
+    """Decode every crop of a split the run uses, before training: one truncated PNG would otherwise stop the
+    run when its batch comes up, hours in (or go unnoticed by a short run). Unreadable crops are left out
+    of `ds` and counted in one warning naming the first; none left at all is a DatasetError."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    # PIL decodes with the GIL released; each process (rank) of this node checks with its share of the CPUs
+    threads = max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    started = time.monotonic()
+    with ThreadPoolExecutor(threads) as pool:
+        why = list(pool.map(unreadable, [r["image_path"] for r in ds.records], chunksize=64))
+    bad = [(r, w) for r, w in zip(ds.records, why, strict=True) if w is not None]
+    logger.info("%s: %d crops decoded in %.1f s (%d threads)", split, len(ds.records),
+                time.monotonic() - started, threads)
+    if not bad:
+        return 0
+    first, reason = bad[0]
+    where = f"{first.get('_source', ds.path)}:{first['_line']} ({first['image_path']}: {reason})"
+    if len(bad) == len(ds.records):
+        raise DatasetError(f"{split}: none of the {len(bad):,} crops can be decoded, e.g. {where}")
+    logger.warning("%s: %d of %d crops cannot be decoded and are left out, e.g. %s", split, len(bad),
+                   len(ds.records), where)
+    skip = {id(r) for r, _ in bad}
+    ds.records = [r for r in ds.records if id(r) not in skip]
+    return len(bad)
 
 
 def run_memory_plan(

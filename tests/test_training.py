@@ -396,3 +396,33 @@ def test_our_arguments_raise_no_deprecation_warning(tmp_path: Path) -> None:
     ours = [w for w in seen if issubclass(w.category, (FutureWarning, DeprecationWarning))]
     assert not ours, [str(w.message) for w in ours]
     assert sft.activation_checkpointing(args) and not sft.activation_checkpointing(off)
+
+
+def test_truncated_crop_is_found_before_training_even_in_a_short_run(
+    tiny_model: Path, prepared: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A truncated PNG used to surface only when its batch came up (step 3 of a demo run, hours into a real
+    one), and a `--max_steps 2` run ended 0 without noticing it. Now every train and val crop is decoded
+    first: an unreadable one is left out, counted and named, and the run goes on."""
+    import logging
+    import shutil
+
+    data = subset(prepared, tmp_path / "d", 8)
+    records = [json.loads(line) for line in (data / "train.jsonl").read_text().splitlines()]
+    broken = tmp_path / "truncated.png"
+    shutil.copy(records[-1]["image"], broken)
+    broken.write_bytes(broken.read_bytes()[: broken.stat().st_size // 2])  # a copy cut off halfway
+    records[-1]["image"] = str(broken)
+    (data / "train.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    assert sft.unreadable(str(broken)) and sft.unreadable(records[0]["image"]) is None
+
+    caplog.set_level(logging.INFO, logger="sft")
+    rc = sft.main(["--model_path", str(tiny_model), "--data_dir", str(data), "--output_dir",
+                   str(tmp_path / "o"), "--max_steps", "2", "--per_device_train_batch_size", "2",
+                   "--save_strategy", "no", "--eval_strategy", "no", "--report_to", "none",
+                   "--disable_tqdm", "true"])
+    assert rc == 0
+    warned = [r.getMessage() for r in caplog.records
+              if r.levelno == logging.WARNING and "decoded" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].startswith("train: 1 of 8 crops cannot be decoded"), warned
+    assert f"train.jsonl:{len(records)}" in warned[0] and str(broken) in warned[0]
