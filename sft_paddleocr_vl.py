@@ -484,7 +484,7 @@ def write_failure(error: BaseException, folder: Path) -> str | None:
         found = re.search(r"os error (\d+)", str(error))
         code = int(found.group(1)) if found else None
     name = failed_file(error, folder)
-    if code is None and isinstance(error, RuntimeError):  # torch.save: the newest file is the one cut off
+    if code is None and isinstance(error, RuntimeError):  # torch.save's error gives no cause
         limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
         size = Path(name).stat().st_size if Path(name).is_file() else 0
         if limit != resource.RLIM_INFINITY and size >= limit:
@@ -749,9 +749,12 @@ class TrainData(NamedTuple):
     splits: list[SplitLengths]  # train, then val and test where present
 
 
-def train_data(model_args: ModelArguments, data_args: DataArguments, args: TrainingArguments) -> TrainData:
-    """Read the splits and the checked config/processor, and filter every split by one length rule (the
-    owner: sample_lengths). Raises DatasetError / ModelLoadError."""
+def train_data(
+    model_args: ModelArguments, data_args: DataArguments, args: TrainingArguments, decode: bool = True
+) -> TrainData:
+    """Read the splits and the checked config/processor, filter every split by one length rule (the owner:
+    sample_lengths), and (decode) leave out crops that cannot be decoded (drop_unreadable). Raises
+    DatasetError / ModelLoadError."""
     # data first: a missing split should fail before minutes of downloading and loading weights
     train_ds, mix = mixed_train_dataset(
         data_args.data_dir, seed=args.data_seed or args.seed, augment=data_args.augment,
@@ -763,9 +766,6 @@ def train_data(model_args: ModelArguments, data_args: DataArguments, args: Train
     data = Path(mix[0]["folder"])  # val/test: the first folder only
     splits = {name: data / f"{name}.jsonl" for name in ("val", "test")}
     present = {name: OCRDataset(p) for name, p in splits.items() if p.is_file() and p.stat().st_size > 0}
-    drop_unreadable("train", train_ds)  # before anything reads an image header (lengths) or decodes a batch
-    if "val" in present:
-        drop_unreadable("val", present["val"])
     checked = load_config_and_processor(model_args.model_path, trust_remote_code=model_args.trust_remote_code)
     configure_image_size(checked.processor, data_args.min_pixels, data_args.max_pixels)
     limit, processor = data_args.max_length, checked.processor
@@ -782,12 +782,16 @@ def train_data(model_args: ModelArguments, data_args: DataArguments, args: Train
     if "val" in present and not len(present["val"]):
         logger.warning("every val crop is over --max_length %d: no evaluation", limit)
         del present["val"]
-    return TrainData(train_ds, present.get("val"), mix, checked, results)
+    data = TrainData(train_ds, present.get("val"), mix, checked, results)
+    if decode:
+        drop_unreadable(data)
+    return data
 
 
 def unreadable(path: str) -> str | None:
-    """Why the crop at `path` cannot be decoded (None: it can). A full decode: PIL's verify() checks a PNG's
-    chunks but not a truncated JPEG, and costs about as much (measured in docs/training.md#faults)."""
+    """Why the crop at `path` cannot be decoded (None: it can). A full decode, as training does: PIL's
+    verify() takes half the time but misses a truncated JPEG and refuses a PNG that lacks only its end mark
+    (docs/training.md#faults)."""
     from PIL import Image
 
     try:
@@ -798,10 +802,22 @@ def unreadable(path: str) -> str | None:
     return None
 
 
-def drop_unreadable(split: str, ds: OCRDataset) -> int:
-    """Decode every crop of a split the run uses, before training: one truncated PNG would otherwise stop the
-    run when its batch comes up, hours in (or go unnoticed by a short run). Unreadable crops are left out
-    of `ds` and counted in one warning naming the first; none left at all is a DatasetError."""
+def drop_unreadable(data: TrainData) -> None:
+    """Decode every train and val crop before training: one truncated PNG would otherwise stop the run when
+    its batch comes up, hours in (or go unnoticed by a short run). Unreadable crops are left out (with their
+    lengths) and counted in one warning per split naming the first; none readable is a DatasetError."""
+    for split, ds in (("train", data.train), ("val", data.val)):
+        if ds is None:
+            continue
+        keep = readable(split, ds)
+        if not all(keep):
+            ds.records = [r for r, k in zip(ds.records, keep, strict=True) if k]
+            lengths = next(r for r in data.splits if r.split == split)
+            lengths.lengths = [n for n, k in zip(lengths.lengths, keep, strict=True) if k]
+
+
+def readable(split: str, ds: OCRDataset) -> list[bool]:
+    """Per record of `ds`: can its crop be decoded? Warns once naming the first that cannot."""
     from concurrent.futures import ThreadPoolExecutor
 
     # PIL decodes with the GIL released; each process (rank) of this node checks with its share of the CPUs
@@ -812,17 +828,14 @@ def drop_unreadable(split: str, ds: OCRDataset) -> int:
     bad = [(r, w) for r, w in zip(ds.records, why, strict=True) if w is not None]
     logger.info("%s: %d crops decoded in %.1f s (%d threads)", split, len(ds.records),
                 time.monotonic() - started, threads)
-    if not bad:
-        return 0
-    first, reason = bad[0]
-    where = f"{first.get('_source', ds.path)}:{first['_line']} ({first['image_path']}: {reason})"
-    if len(bad) == len(ds.records):
-        raise DatasetError(f"{split}: none of the {len(bad):,} crops can be decoded, e.g. {where}")
-    logger.warning("%s: %d of %d crops cannot be decoded and are left out, e.g. %s", split, len(bad),
-                   len(ds.records), where)
-    skip = {id(r) for r, _ in bad}
-    ds.records = [r for r in ds.records if id(r) not in skip]
-    return len(bad)
+    if bad:
+        first, reason = bad[0]
+        where = f"{first.get('_source', ds.path)}:{first['_line']} ({first['image_path']}: {reason})"
+        if len(bad) == len(ds.records):
+            raise DatasetError(f"{split}: none of the {len(bad):,} crops can be decoded, e.g. {where}")
+        logger.warning("%s: %d of %d crops cannot be decoded and are left out, e.g. %s", split, len(bad),
+                       len(ds.records), where)
+    return [w is None for w in why]
 
 
 def run_memory_plan(
@@ -887,11 +900,12 @@ def build_trainer(
     if activation_checkpointing(args) and getattr(args, f"{CHECKPOINTING}_kwargs") is None:
         setattr(args, f"{CHECKPOINTING}_kwargs", {"use_reentrant": False})
 
-    data = train_data(model_args, data_args, args)
-    train_ds, checked = data.train, data.checked
-    done = finished_run(args, len(train_ds))  # before the weights load: a rerun of a finished run says so
+    data = train_data(model_args, data_args, args, decode=False)
+    done = finished_run(args, len(data.train))  # before decoding crops or loading weights
     if done:
         raise RunComplete(done)
+    drop_unreadable(data)
+    train_ds, checked = data.train, data.checked
     if args.resume_from_checkpoint:
         logger.info("resume: %s", args.resume_from_checkpoint)
     else:
