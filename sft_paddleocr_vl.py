@@ -1024,7 +1024,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     try:
         if model_args.print_memory_plan:
-            print(run_memory_plan(model_args, data_args, args, train_data(model_args, data_args, args)))
+            data = train_data(model_args, data_args, args, decode=False)  # sizes come from the JSONL
+            print(run_memory_plan(model_args, data_args, args, data))
             return 0
         if model_args.rehearse:  # names the stage that failed itself, and exits 2
             from rehearsal import rehearse
