@@ -19,9 +19,12 @@ What differs from a plain Trainer run, and why:
 
 from __future__ import annotations
 
+import dataclasses
+import errno
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import sys
@@ -226,6 +229,14 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (disk full, file-size limit); the half-written one is removed."""
+
+
+class RunComplete(Exception):  # noqa: N818 - not an error: a rerun of a finished run
+    """A rerun of a run whose final model is already in its output folder; the message says where."""
+
+
 def answer_loss(model, inputs: dict, num_items_in_batch=None) -> tuple[torch.Tensor, object]:
     """Cross-entropy summed over answer tokens / answer tokens in the whole accumulated batch.
 
@@ -362,6 +373,24 @@ class BF16Trainer(Trainer):
         if self.base_model and self.args.should_save:
             write_base(output_dir or self.args.output_dir, self.base_model)
 
+    def _save_checkpoint(self, model, trial) -> None:
+        folder = Path(self._get_output_dir(trial)) / f"checkpoint-{self.state.global_step}"
+        try:
+            super()._save_checkpoint(model, trial)
+        except Exception as e:  # safetensors, torch.save and open() each report a failed write their own way
+            why = write_failure(e, folder)
+            if why is None:
+                raise
+            # trainer_state.json is written last, so RESUME=auto already skips this folder; removing it
+            # frees its space for the rerun and leaves no debris
+            shutil.rmtree(folder, ignore_errors=True)
+            last = latest_complete_checkpoint(str(folder.parent)) or "none yet"
+            raise CheckpointWriteError(
+                f"{why}; the half-written {folder.name} was removed, and the last complete checkpoint is "
+                f"{last}: free some space (or raise the limit) and rerun the same command, which continues "
+                "from it"
+            ) from None
+
     def _save_rng_state(self, output_dir: str) -> None:
         # Every rank writes its own rng_state_<rank>.pth here; rank 0 writes trainer_state.json right after.
         # Waiting for all ranks first makes trainer_state.json the checkpoint's commit mark: if it exists,
@@ -373,9 +402,8 @@ class BF16Trainer(Trainer):
         # Every rank gets here under the same condition (the state is identical on all ranks), so this
         # barrier pairs up; it lets no rank read the best checkpoint before rank 0 has written all of it.
         self.accelerator.wait_for_everyone()
-        logger.info(
-            "loading best checkpoint %s (%s)", self.state.best_model_checkpoint, self.state.best_metric
-        )
+        logger.info("loading best checkpoint %s (%s)", self.state.best_model_checkpoint,
+                    metric_text(self.args.metric_for_best_model, self.state.best_metric))
         self._load_weights(self.state.best_model_checkpoint)
 
     def _get_train_sampler(self, *args, **kwargs):
@@ -440,8 +468,13 @@ class BF16Trainer(Trainer):
     ):
         output = super().evaluation_loop(dataloader, description, True, ignore_keys, metric_key_prefix)
         if self.gen_dataset is not None and len(self.gen_dataset):
-            for k, v in self.generation_metrics().items():
+            generated = self.generation_metrics()
+            for k, v in generated.items():
                 output.metrics[f"{metric_key_prefix}_{k}"] = v
+            if self.is_world_process_zero():  # the metrics dict the Trainer prints carries no unit
+                logger.info("step %d: %s, %s (%d val crops, greedy)", self.state.global_step,
+                            metric_text("cer", generated["cer"]),
+                            metric_text("exact_match", generated["exact_match"]), len(self.gen_dataset))
         return output
 
     def generation_metrics(self) -> dict[str, float]:
@@ -467,12 +500,73 @@ class BF16Trainer(Trainer):
         pairs = gather_object([(p, ds.records[i]["text"]) for p, i in zip(preds, mine, strict=True)])
         m = cer_metrics([p for p, _ in pairs], [r for _, r in pairs], "none")
         nows = cer_metrics([p for p, _ in pairs], [r for _, r in pairs], "nows")
+        # percent, as evaluate_model.py and the docs give CER and exact match (the order, and so the best
+        # checkpoint, is the same in either unit)
         return {
-            "cer": m["cer"],
-            "cer_mean": m["cer_mean"],
-            "exact_match": m["exact_match"],
-            "cer_nows": nows["cer"],
+            "cer": 100 * m["cer"],
+            "cer_mean": 100 * m["cer_mean"],
+            "exact_match": 100 * m["exact_match"],
+            "cer_nows": 100 * nows["cer"],
         }
+
+
+PERCENT_METRICS = ("cer", "cer_mean", "exact_match", "cer_nows")  # generation_metrics: in percent
+METRIC_NAMES = {"cer": "CER", "cer_mean": "mean CER", "exact_match": "exact match",
+                "cer_nows": "CER (no spaces)"}
+
+
+def metric_text(name: str | None, value: float | None) -> str:
+    """'val CER 12.34 %' / 'val loss 0.4321': an eval metric with its unit, for the log lines."""
+    name = (name or "loss").removeprefix("eval_")
+    if value is None:
+        return f"val {METRIC_NAMES.get(name, name)} -"
+    if name in PERCENT_METRICS:
+        return f"val {METRIC_NAMES[name]} {value:.2f} %"
+    return f"val {METRIC_NAMES.get(name, name)} {value:.4f}"
+
+
+WRITE_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
+                errno.EFBIG: "a file-size limit (ulimit -f) stopped the write"}
+
+
+def write_failure(error: BaseException, folder: Path) -> str | None:
+    """'could not write FILE: the disk is full (...)' when `error` is a write that ran out of disk or hit the
+    file-size limit while saving into `folder`; None for anything else. safetensors says `os error 28`,
+    open()/write() raise OSError, and torch.save a RuntimeError that names neither: there the file's size
+    against RLIMIT_FSIZE, or the free space left, tells which."""
+    import resource
+
+    code = getattr(error, "errno", None)
+    if code is None:
+        found = re.search(r"os error (\d+)", str(error))
+        code = int(found.group(1)) if found else None
+    name = failed_file(error, folder)
+    if code is None and isinstance(error, RuntimeError):  # torch.save's error gives no cause
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        size = Path(name).stat().st_size if Path(name).is_file() else 0
+        if limit != resource.RLIM_INFINITY and size >= limit:
+            code = errno.EFBIG
+        elif shutil.disk_usage(folder.parent).free < 2**20:
+            code = errno.ENOSPC
+    if code not in WRITE_ERRNOS:
+        return None
+    return f"could not write {name}: {WRITE_ERRNOS[code]} ({os.strerror(code)})"
+
+
+def failed_file(error: BaseException, folder: Path) -> str:
+    """The file in `folder` whose write raised `error`: OSError names it; safetensors' and torch's errors do
+    not, but the writer's frame holds it (save_file's `filename`, torch.save's `f`)."""
+    if getattr(error, "filename", None):
+        return str(error.filename)
+    tb, frames = error.__traceback__, []
+    while tb is not None:
+        frames.append(tb.tb_frame)
+        tb = tb.tb_next
+    for frame in reversed(frames):  # innermost first
+        for value in frame.f_locals.values():
+            if isinstance(value, (str, os.PathLike)) and Path(value).parent == folder:
+                return str(value)
+    return str(folder)
 
 
 def latest_complete_checkpoint(output_dir: str) -> str | None:
@@ -614,6 +708,31 @@ def _layout_change(checkpoint: str, saved: dict[str, Any], setup: dict[str, Any]
             f"its data order resuming {step * new:,} crops in")
 
 
+def finished_run(args: TrainingArguments, n_train: int) -> str | None:
+    """What to say instead of training when the checkpoint to resume from is at the run's last optimizer step
+    and the final model is already saved (finish_run writes OUTPUT_DIR/trainer_state.json after it); None
+    otherwise. Raising EPOCHS or MAX_STEPS moves the last step, and the run trains on from the checkpoint."""
+    from rehearsal import optimizer_steps  # the Trainer's own count of steps
+
+    if not args.resume_from_checkpoint:
+        return None
+    try:
+        state = json.loads((Path(args.resume_from_checkpoint) / "trainer_state.json").read_text())
+        final = json.loads((Path(args.output_dir) / "trainer_state.json").read_text())
+        step = state["global_step"]
+    except (OSError, ValueError, KeyError):
+        return None
+    total = optimizer_steps(n_train, args)[0]
+    if step < total or final.get("global_step", -1) < total:
+        return None
+    best = final.get("best_model_checkpoint")
+    metric = metric_text(args.metric_for_best_model, final.get("best_metric"))
+    return (f"the run is already complete at step {step} of {total}: its model is in {args.output_dir}"
+            + (f" (from {Path(best).name}, the best by {metric})" if best else "")
+            + ". To train further, raise EPOCHS or set MAX_STEPS (--num_train_epochs, --max_steps); "
+            "RESUME=none starts over")
+
+
 def main_process_decides(args: TrainingArguments, decide: Callable[[], Any]) -> Any:
     """Run `decide` on global rank 0 and hand its answer to every rank, so that ranks reading the output
     folder at slightly different moments can't reach different conclusions."""
@@ -700,14 +819,25 @@ def base_verdict(state: Any, args: TrainingArguments) -> str | None:
     worse = best <= base if args.greater_is_better else best >= base
     if not worse:
         return None
+    name = args.metric_for_best_model
     return (
-        f"the best checkpoint's val {args.metric_for_best_model} ({best:.4f}) is not better than the base "
-        f"model's at step 0 ({base:.4f}): fine-tuning did not help on val. Check the learning rate, the data "
-        "and the prompt before a longer run; the base model itself may be the better choice."
+        f"the best checkpoint's {metric_text(name, best)} is not better than the base model's at step 0 "
+        f"({metric_text(name, base).removeprefix('val ')}): fine-tuning did not help on val. Check the "
+        "learning rate, the data and the prompt before a longer run; the base model itself may be the better "
+        "choice."
     )
 
 
 def plot_curves(log_history: list[dict], path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig = curves_figure(log_history)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def curves_figure(log_history: list[dict]) -> Any:
+    """training_curves.png: train and val loss, and val CER in percent (as generation_metrics logs it)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -722,20 +852,37 @@ def plot_curves(log_history: list[dict], path: Path) -> None:
         ax1.plot([s for s, _ in evals], [h["eval_loss"] for _, h in evals], "o-", label="val loss")
         cer = [(s, h["eval_cer"]) for s, h in evals if "eval_cer" in h]
         if cer:
-            ax2.plot(*zip(*cer, strict=True), "o-", color="C3", label="val CER")
+            ax2.plot(*zip(*cer, strict=True), "o-", color="C3", label="val CER (%)")
             ax2.set_ylim(bottom=0)
     ax1.set(xlabel="optimizer step", ylabel="loss", title="loss")
-    ax2.set(xlabel="optimizer step", ylabel="CER", title="val CER (greedy)")
+    ax2.set(xlabel="optimizer step", ylabel="CER (%)", title="val CER (greedy), %")
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
-        ax.legend()
+        if ax.get_legend_handles_labels()[0]:  # no val CER without generation
+            ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    return fig
+
+
+# transformers 5.23 renamed gradient_checkpointing(_kwargs) to activation_checkpointing(_kwargs): the old
+# names warn (FutureWarning, gone in v6), and 5.18 to 5.22 know only them. Flags use this version's name.
+CHECKPOINTING = next(n for n in ("activation_checkpointing", "gradient_checkpointing")
+                     if n in {f.name for f in dataclasses.fields(TrainingArguments)})
+
+
+def checkpointing_flags(argv: list[str]) -> list[str]:
+    """--gradient_checkpointing[_kwargs][=X] under this transformers version's name (train.sh, users and the
+    memory plan's advice say --gradient_checkpointing, which every 5.x takes)."""
+    old = re.compile(r"^--gradient_checkpointing(?=$|=|_kwargs($|=))")
+    return [old.sub(f"--{CHECKPOINTING}", a) for a in argv]
+
+
+def activation_checkpointing(args: TrainingArguments) -> bool:
+    return bool(getattr(args, CHECKPOINTING))
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, TrainingArguments]:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = checkpointing_flags(list(sys.argv[1:] if argv is None else argv))
     # The Trainer's NaN/inf filter reads every step's loss on the host (a GPU sync); the NaN guard stops the
     # run on a non-finite loss anyway. A flag given on the command line comes later and wins.
     argv = ["--logging_nan_inf_filter", "false", *argv]
@@ -829,9 +976,12 @@ def check_answer_tokens(tokenizer: Any, records: list[dict]) -> str:
     return answer_tokens_line(tokenizer, texts[0])
 
 
-def train_data(model_args: ModelArguments, data_args: DataArguments, args: TrainingArguments) -> TrainData:
-    """Read the splits and the checked config/processor, and filter every split by one length rule (the
-    owner: sample_lengths). Raises DatasetError / ModelLoadError."""
+def train_data(
+    model_args: ModelArguments, data_args: DataArguments, args: TrainingArguments, decode: bool = True
+) -> TrainData:
+    """Read the splits and the checked config/processor, filter every split by one length rule (the owner:
+    sample_lengths), and (decode) leave out crops that cannot be decoded (drop_unreadable). Raises
+    DatasetError / ModelLoadError."""
     # data first: a missing split should fail before minutes of downloading and loading weights
     train_ds, mix = mixed_train_dataset(
         data_args.data_dir, seed=args.data_seed or args.seed, augment=data_args.augment,
@@ -861,7 +1011,60 @@ def train_data(model_args: ModelArguments, data_args: DataArguments, args: Train
     if "val" in present and not len(present["val"]):
         logger.warning("every val crop is over --max_length %d: no evaluation", limit)
         del present["val"]
-    return TrainData(train_ds, present.get("val"), mix, checked, results, answer_tokens)
+    data = TrainData(train_ds, present.get("val"), mix, checked, results, answer_tokens)
+    if decode:
+        drop_unreadable(data)
+    return data
+
+
+def unreadable(path: str) -> str | None:
+    """Why the crop at `path` cannot be decoded (None: it can). A full decode, as training does: PIL's
+    verify() takes half the time but misses a truncated JPEG and refuses a PNG that lacks only its end mark
+    (docs/training.md#faults)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+    except (OSError, ValueError, SyntaxError) as e:  # PIL raises SyntaxError for some broken headers
+        return str(e) or type(e).__name__
+    return None
+
+
+def drop_unreadable(data: TrainData) -> None:
+    """Decode every train and val crop before training: one truncated PNG would otherwise stop the run when
+    its batch comes up, hours in (or go unnoticed by a short run). Unreadable crops are left out (with their
+    lengths) and counted in one warning per split naming the first; none readable is a DatasetError."""
+    for split, ds in (("train", data.train), ("val", data.val)):
+        if ds is None:
+            continue
+        keep = readable(split, ds)
+        if not all(keep):
+            ds.records = [r for r, k in zip(ds.records, keep, strict=True) if k]
+            lengths = next(r for r in data.splits if r.split == split)
+            lengths.lengths = [n for n, k in zip(lengths.lengths, keep, strict=True) if k]
+
+
+def readable(split: str, ds: OCRDataset) -> list[bool]:
+    """Per record of `ds`: can its crop be decoded? Warns once naming the first that cannot."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    # PIL decodes with the GIL released; each process (rank) of this node checks with its share of the CPUs
+    threads = max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    started = time.monotonic()
+    with ThreadPoolExecutor(threads) as pool:
+        why = list(pool.map(unreadable, [r["image_path"] for r in ds.records], chunksize=64))
+    bad = [(r, w) for r, w in zip(ds.records, why, strict=True) if w is not None]
+    logger.info("%s: %d crops decoded in %.1f s (%d threads)", split, len(ds.records),
+                time.monotonic() - started, threads)
+    if bad:
+        first, reason = bad[0]
+        where = f"{first.get('_source', ds.path)}:{first['_line']} ({first['image_path']}: {reason})"
+        if len(bad) == len(ds.records):
+            raise DatasetError(f"{split}: none of the {len(bad):,} crops can be decoded, e.g. {where}")
+        logger.warning("%s: %d of %d crops cannot be decoded and are left out, e.g. %s", split, len(bad),
+                       len(ds.records), where)
+    return [w is None for w in why]
 
 
 def run_memory_plan(
@@ -878,7 +1081,7 @@ def run_memory_plan(
         batch_size=args.per_device_train_batch_size,
         seq_len=-(-lengths[longest] // multiple) * multiple,
         image_tokens=image_tokens(checked.processor, *ds.image_sizes()[longest], augment=data_args.augment),
-        gradient_checkpointing=args.gradient_checkpointing,
+        gradient_checkpointing=activation_checkpointing(args),
         bf16_autocast=args.bf16,
         lora_r=model_args.lora_r,
         lora_targets=model_args.lora_targets,
@@ -920,17 +1123,24 @@ def build_trainer(
         args.resume_from_checkpoint = main_process_decides(
             args, lambda: latest_complete_checkpoint(args.output_dir)
         )
-        logger.info("resume: %s", args.resume_from_checkpoint or "no checkpoint yet, starting fresh")
     setup = run_setup(model_args, args)
     check_resume(args, setup, model_args.reset_optimizer_on_resume)
     args.remove_unused_columns = False  # the collator needs image/text, which forward() doesn't take
     if not torch.accelerator.is_available():
         args.dataloader_pin_memory = False  # pinning needs an accelerator; torch warns per loader otherwise
-    if args.gradient_checkpointing and args.gradient_checkpointing_kwargs is None:
-        args.gradient_checkpointing_kwargs = {"use_reentrant": False}
+    if activation_checkpointing(args) and getattr(args, f"{CHECKPOINTING}_kwargs") is None:
+        setattr(args, f"{CHECKPOINTING}_kwargs", {"use_reentrant": False})
 
-    data = train_data(model_args, data_args, args)
+    data = train_data(model_args, data_args, args, decode=False)
+    done = finished_run(args, len(data.train))  # before decoding crops or loading weights
+    if done:
+        raise RunComplete(done)
+    drop_unreadable(data)
     train_ds, checked = data.train, data.checked
+    if args.resume_from_checkpoint:
+        logger.info("resume: %s", args.resume_from_checkpoint)
+    else:
+        logger.info("no checkpoint to resume from: starting fresh")
     out = Path(args.output_dir)
     if args.process_index == 0:
         (out / "data_mix.json").write_text(json.dumps(data.mix, indent=1) + "\n")
@@ -1050,7 +1260,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     try:
         if model_args.print_memory_plan:
-            print(run_memory_plan(model_args, data_args, args, train_data(model_args, data_args, args)))
+            data = train_data(model_args, data_args, args, decode=False)  # sizes come from the JSONL
+            print(run_memory_plan(model_args, data_args, args, data))
             return 0
         if model_args.rehearse:  # names the stage that failed itself, and exits 2
             from rehearsal import rehearse
@@ -1058,16 +1269,18 @@ def main(argv: list[str] | None = None) -> int:
             return rehearse(sys.argv[1:] if argv is None else argv)
         trainer = build_trainer(model_args, data_args, args)
         trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
-    except (ModelLoadError, DatasetError, NonFiniteLossError, LoraError, OverlongError) as e:
+    except RunComplete as done:
+        if args.process_index == 0:
+            print(done)
+        return 0
+    except (ModelLoadError, DatasetError, NonFiniteLossError, LoraError, OverlongError,
+            CheckpointWriteError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # typically a full disk while saving a checkpoint
         last = latest_complete_checkpoint(args.output_dir)
-        print(
-            f"error: {e}\nthe last complete checkpoint is {last}; rerun with --resume_from_checkpoint auto "
-            "once the problem is fixed",
-            file=sys.stderr,
-        )
+        print(f"error: {e}; the last complete checkpoint is {last}: rerun the same command once the problem "
+              "is fixed (RESUME=auto continues from it)", file=sys.stderr)
         return 2
     return 0 if finish_run(trainer, model_args, data_args, args) else 2
 

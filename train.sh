@@ -33,17 +33,20 @@ DATA_DIR=${DATA_DIR:-./data/manga109s}
 # AutoProcessor), training_curves.png
 OUTPUT_DIR=${OUTPUT_DIR:-./sft_output}
 EPOCHS=${EPOCHS:-3}                    # epochs
+# optimizer steps to train, overriding EPOCHS (unset: EPOCHS decide)
+MAX_STEPS=${MAX_STEPS:-}
 # > 0: train rank-LORA_R LoRA adapters on a frozen base instead of every weight; 0: full fine-tuning
 LORA_R=${LORA_R:-0}
-LORA_ALPHA=${LORA_ALPHA:-$((2 * LORA_R))}   # adapter scale: updates x LORA_ALPHA / LORA_R
+# adapter scale: updates x LORA_ALPHA / LORA_R
+# default: 2 x LORA_R
+LORA_ALPHA=${LORA_ALPHA:-}
 LORA_DROPOUT=${LORA_DROPOUT:-0.05}     # dropout on the adapters' input
 # layers with adapters, comma-separated: language (decoder attention + MLP projections), vision (vision
 # encoder attention + MLP), projector
 LORA_TARGETS=${LORA_TARGETS:-language}
-if [ "$LORA_R" -gt 0 ]; then DEFAULT_LR=2e-4; else DEFAULT_LR=2e-5; fi
 # peak learning rate (LoRA: adapters start at zero and need a larger step)
 # default: 2e-5 (2e-4 with LORA_R)
-LR=${LR:-$DEFAULT_LR}
+LR=${LR:-}
 SCHEDULER=${SCHEDULER:-cosine}         # learning-rate schedule (transformers' lr_scheduler_type)
 WARMUP=${WARMUP:-0.03}                 # warm-up steps; < 1: a fraction of all steps
 WEIGHT_DECAY=${WEIGHT_DECAY:-0.01}     # AdamW weight decay
@@ -85,6 +88,8 @@ REPORT_TO=${REPORT_TO:-none}           # where to log besides the console: tenso
 # 1: rehearse these settings in OUTPUT_DIR/rehearsal and exit (the same as --rehearse)
 REHEARSE=${REHEARSE:-0}
 DRY_RUN=${DRY_RUN:-0}                  # 1: print the command and the variables train.sh sets, and exit
+# forked loader workers would each print tokenizers' fork warning at every evaluation
+export TOKENIZERS_PARALLELISM=${TOKENIZERS_PARALLELISM:-false}
 
 if ! "$PYTHON" -c "import torch, transformers" 2>/dev/null; then
     hint="activate the environment that has requirements.txt installed, or set PYTHON=path/to/python"
@@ -92,6 +97,18 @@ if ! "$PYTHON" -c "import torch, transformers" 2>/dev/null; then
     echo "error: $PYTHON cannot import torch and transformers: $hint" >&2
     exit 2
 fi
+# Every setting is checked before anything loads (one line each: the variable, its value, what it accepts),
+# and look-alikes of settings in the environment (EPOCH=1) are named; see train_settings.py.
+settings=()
+while read -r name; do settings+=("$name=${!name}"); done < <(sed -n 's/^\([A-Z_][A-Z0-9_]*\)=\${\1:-.*/\1/p' train.sh)
+"$PYTHON" train_settings.py "${settings[@]}" || exit $?
+if [ -z "$LR" ]; then
+    if [ "$LORA_R" -gt 0 ]; then LR=2e-4; else LR=2e-5; fi
+fi
+# yes/no settings as the Python side parses them
+bool() { case "$(printf %s "$1" | tr '[:upper:]' '[:lower:]')" in 1|true|yes|on) echo true ;; *) echo false ;; esac; }
+GRADIENT_CHECKPOINTING=$(bool "$GRADIENT_CHECKPOINTING")
+[ "$BF16" != auto ] && BF16=$(bool "$BF16")
 # processes, GPUs visible, GiB of the first, CUDA_VISIBLE_DEVICES to set ("-": leave it); see gpu_launch.py
 launch=$("$PYTHON" gpu_launch.py "$NUM_GPUS") || exit $?
 read -r nproc n_visible gpu_gb devices <<< "${launch##*$'\n'}"   # its last line: ignore any chatter
@@ -141,8 +158,10 @@ elif [ "$nproc" -gt 1 ]; then
 fi
 
 lora_args=()
-[ "$LORA_R" -gt 0 ] && lora_args=(--lora_r "$LORA_R" --lora_alpha "$LORA_ALPHA" --lora_dropout "$LORA_DROPOUT"
-                                 --lora_targets "$LORA_TARGETS")
+[ "$LORA_R" -gt 0 ] && lora_args=(--lora_r "$LORA_R" --lora_dropout "$LORA_DROPOUT" --lora_targets "$LORA_TARGETS"
+                                 ${LORA_ALPHA:+--lora_alpha "$LORA_ALPHA"})
+max_steps_args=()
+[ -n "$MAX_STEPS" ] && max_steps_args=(--max_steps "$MAX_STEPS")
 
 echo "train.sh: model=$MODEL_PATH data=$DATA_DIR out=$OUTPUT_DIR precision=$PRECISION bf16=$BF16" \
      "processes=$nproc visible_gpus=$n_visible${CUDA_VISIBLE_DEVICES+ (CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES)}" \
@@ -177,11 +196,12 @@ cmd=("${launcher[@]}" sft_paddleocr_vl.py \
     --dataloader_num_workers "$NUM_WORKERS" \
     --seed "$SEED" \
     --report_to "$REPORT_TO" \
+    "${max_steps_args[@]}" \
     "${resume_args[@]}" \
     "${lora_args[@]}" \
     "$@")
 if is_on DRY_RUN "$DRY_RUN"; then
-    for var in CUDA_VISIBLE_DEVICES PYTORCH_CUDA_ALLOC_CONF PYTORCH_ALLOC_CONF; do
+    for var in CUDA_VISIBLE_DEVICES PYTORCH_CUDA_ALLOC_CONF PYTORCH_ALLOC_CONF TOKENIZERS_PARALLELISM; do
         [ -n "${!var+x}" ] && printf '%s=%q ' "$var" "${!var}"
     done
     printf '%q ' "${cmd[@]}"

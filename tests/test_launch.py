@@ -42,7 +42,8 @@ def dry_run(tmp_path: Path):
     (fake / "sitecustomize.py").write_text(SITECUSTOMIZE)
 
     def run(gpus: int, **extra: str) -> tuple[int, dict[str, str], list[str], str]:
-        mine = ("CUDA_VISIBLE_DEVICES", "PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF", "NUM_GPUS")
+        mine = ("CUDA_VISIBLE_DEVICES", "PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF", "NUM_GPUS",
+                "TOKENIZERS_PARALLELISM")
         env = {k: v for k, v in os.environ.items() if k not in mine}
         env.update(PYTHON=sys.executable, PYTHONPATH=str(fake), FAKE_GPUS=str(gpus), DRY_RUN="1",
                    DATA_DIR=str(tmp_path / "no_data"), OUTPUT_DIR=str(tmp_path / "out"), **extra)
@@ -171,3 +172,11 @@ def test_yes_no_variables_are_parsed_or_refused(dry_run) -> None:
     assert rc == 0 and "--rehearse" not in cmd, err
     rc, _, _, err = dry_run(0, REHEARSE="maybe")
     assert rc == 2 and err.strip() == "error: REHEARSE=maybe: use 1/true/yes/on or 0/false/no/off", err
+
+
+def test_tokenizers_parallelism_is_off_unless_set(dry_run) -> None:
+    """Forked loader workers would each print tokenizers' fork warning at every evaluation."""
+    rc, env, _, err = dry_run(0)
+    assert rc == 0 and env["TOKENIZERS_PARALLELISM"] == "false", err
+    rc, env, _, err = dry_run(0, TOKENIZERS_PARALLELISM="true")
+    assert rc == 0 and env["TOKENIZERS_PARALLELISM"] == "true", err

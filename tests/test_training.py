@@ -331,3 +331,98 @@ def test_generation_metrics_same_with_loader_workers(tiny_model: Path, prepared:
     assert [w for w, _ in seen] == [0, 2] and seen[0][1] == seen[1][1] and metrics[0] == metrics[1]
     images = [load_image(r, "val") for r in trainer.gen_dataset.records]
     assert seen[0][1] == generate_texts(trainer.model, trainer.processing_class, images, max_new_tokens=6)
+
+
+# ---------------------------------------------------------------- units, reruns, versions
+
+
+def test_cer_is_logged_in_percent_and_labelled(tiny_model: Path, prepared: Path, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """evaluate_model.py and the docs give CER in percent; training's eval_cer, its curves and its
+    best-checkpoint line used fractions (`eval_cer 0.9924`, `val cer (119.9911)`)."""
+    from ocr_metrics import cer_metrics
+
+    trainer = sft.build_trainer(*train_args(tiny_model, prepared, tmp_path / "out", "--max_steps", "1",
+                                            "--eval_generation_samples", "5"))
+    refs = [r["text"] for r in trainer.gen_dataset.records]
+    preds = [t[:-1] if i % 2 else t for i, t in enumerate(refs)]  # every other crop misses its last character
+    monkeypatch.setattr(sft, "generate_texts", lambda *a, **k: list(preds))
+    got = trainer.generation_metrics()
+    want = cer_metrics(preds, refs, "none")
+    assert got["cer"] == pytest.approx(100 * want["cer"]) and 0 < got["cer"] < 100
+    assert got["exact_match"] == pytest.approx(100 * want["exact_match"])
+    assert sft.metric_text("cer", got["cer"]) == f"val CER {100 * want['cer']:.2f} %"
+    assert sft.metric_text("loss", 0.25) == "val loss 0.2500"
+    fig = sft.curves_figure([{"step": 0, "eval_loss": 2.0, "eval_cer": got["cer"]}, {"step": 1, "loss": 1.0}])
+    assert "%" in fig.axes[1].get_ylabel()
+
+
+def test_rerun_of_a_finished_run_says_so_and_loads_nothing(tiny_model: Path, prepared: Path, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """It used to print `resume: .../checkpoint-N`, load the model, and log `train_runtime 0.0005`,
+    `train_loss 0`."""
+    data, out = subset(prepared, tmp_path / "d", 8), tmp_path / "out"
+    argv = ["--model_path", str(tiny_model), "--data_dir", str(data), "--output_dir", str(out), "--report_to",
+            "none", "--disable_tqdm", "true", "--per_device_train_batch_size", "2", "--save_steps", "2",
+            "--eval_strategy", "no", "--resume_from_checkpoint", "auto", "--dataloader_num_workers", "0"]
+    assert sft.main([*argv, "--max_steps", "2"]) == 0
+    model_file = out / "model.safetensors"
+    written = model_file.stat().st_mtime_ns
+    capsys.readouterr()
+
+    real_load = sft.load_model_and_processor
+    monkeypatch.setattr(sft, "load_model_and_processor", lambda *a, **k: pytest.fail("the model was loaded"))
+    assert sft.main([*argv, "--max_steps", "2"]) == 0
+    said = capsys.readouterr().out.strip().splitlines()
+    assert len(said) == 1 and said[0].startswith("the run is already complete at step 2 of 2"), said
+    assert str(out) in said[0] and model_file.stat().st_mtime_ns == written
+
+    # a longer schedule is not complete: it trains on from the last checkpoint
+    monkeypatch.setattr(sft, "load_model_and_processor", real_load)
+    assert sft.main([*argv, "--max_steps", "4"]) == 0
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 4
+
+
+def test_our_arguments_raise_no_deprecation_warning(tmp_path: Path) -> None:
+    """transformers 5.23+ warns that --gradient_checkpointing goes in v6 (activation_checkpointing); 5.18-5.22
+    know only the old name. train.sh passes the old one: both must work, the newer without a warning."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        _, _, args = sft.parse_args(["--output_dir", str(tmp_path), "--gradient_checkpointing", "true",
+                                     "--report_to", "none"])
+        _, _, off = sft.parse_args(["--output_dir", str(tmp_path), "--gradient_checkpointing=false"])
+    ours = [w for w in seen if issubclass(w.category, (FutureWarning, DeprecationWarning))]
+    assert not ours, [str(w.message) for w in ours]
+    assert sft.activation_checkpointing(args) and not sft.activation_checkpointing(off)
+
+
+def test_truncated_crop_is_found_before_training_even_in_a_short_run(
+    tiny_model: Path, prepared: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A truncated PNG used to surface only when its batch came up (step 3 of a demo run, hours into a real
+    one), and a `--max_steps 2` run ended 0 without noticing it. Now every train and val crop is decoded
+    first: an unreadable one is left out, counted and named, and the run goes on."""
+    import logging
+    import shutil
+
+    data = subset(prepared, tmp_path / "d", 8)
+    records = [json.loads(line) for line in (data / "train.jsonl").read_text().splitlines()]
+    broken = tmp_path / "truncated.png"
+    shutil.copy(records[-1]["image"], broken)
+    broken.write_bytes(broken.read_bytes()[: broken.stat().st_size // 2])  # a copy cut off halfway
+    records[-1]["image"] = str(broken)
+    (data / "train.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    assert sft.unreadable(str(broken)) and sft.unreadable(records[0]["image"]) is None
+
+    caplog.set_level(logging.INFO, logger="sft")
+    rc = sft.main(["--model_path", str(tiny_model), "--data_dir", str(data), "--output_dir",
+                   str(tmp_path / "o"), "--max_steps", "2", "--per_device_train_batch_size", "2",
+                   "--save_strategy", "no", "--eval_strategy", "no", "--report_to", "none",
+                   "--disable_tqdm", "true"])
+    assert rc == 0
+    warned = [r.getMessage() for r in caplog.records
+              if r.levelno == logging.WARNING and "decoded" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].startswith("train: 1 of 8 crops cannot be decoded"), warned
+    assert f"train.jsonl:{len(records)}" in warned[0] and str(broken) in warned[0]
