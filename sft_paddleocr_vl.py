@@ -345,15 +345,6 @@ class BF16Trainer(Trainer):
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         self._load_weights(resume_from_checkpoint, model)
 
-    def _save_checkpoint(self, model, trial) -> None:
-        # The record goes in first: trainer_state.json, written last, stays the checkpoint's commit mark.
-        if self.run_setup is not None and self.args.should_save:
-            step = self.state.global_step
-            folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{step}"
-            folder.mkdir(parents=True, exist_ok=True)
-            (folder / RUN_SETUP_FILE).write_text(json.dumps(self.run_setup, indent=1) + "\n")
-        super()._save_checkpoint(model, trial)
-
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         if checkpoint is None or not self.fresh_optimizer:
             return super()._load_optimizer_and_scheduler(checkpoint)
@@ -374,8 +365,12 @@ class BF16Trainer(Trainer):
             write_base(output_dir or self.args.output_dir, self.base_model)
 
     def _save_checkpoint(self, model, trial) -> None:
-        folder = Path(self._get_output_dir(trial)) / f"checkpoint-{self.state.global_step}"
+        folder = Path(self._get_output_dir(trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
         try:
+            # The record goes in first: trainer_state.json, written last, stays the checkpoint's commit mark.
+            if self.run_setup is not None and self.args.should_save:
+                folder.mkdir(parents=True, exist_ok=True)
+                (folder / RUN_SETUP_FILE).write_text(json.dumps(self.run_setup, indent=1) + "\n")
             super()._save_checkpoint(model, trial)
         except Exception as e:  # safetensors, torch.save and open() each report a failed write their own way
             why = write_failure(e, folder)
