@@ -314,6 +314,8 @@ def load_model_and_processor(
         model_path, trust_remote_code=trust_remote_code
     )
     kwargs: dict[str, Any] = {"config": config, "trust_remote_code": trust_remote_code, **_files_only(path)}
+    if kwargs["local_files_only"]:  # transformers does not pass it on to its adapter_config.json lookup (5
+        kwargs["adapter_kwargs"] = {"local_files_only": True}  # retries, 23 s, with the hub unreachable)
     if dtype is not None:
         kwargs["dtype"] = dtype
     if attn_implementation is not None:

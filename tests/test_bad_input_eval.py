@@ -107,6 +107,28 @@ def test_hub_id_with_hf_hub_offline_fails_at_once_naming_both_ways_on(
     assert "HF_HUB_OFFLINE" in str(e.value) and "make_tiny_model.py --release_like v1" in str(e.value)
 
 
+def test_a_cached_hub_model_loads_without_retries_when_the_hub_cannot_be_reached(
+    release_model: Callable[[str], Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shutil
+    import time
+    import types
+
+    from huggingface_hub import constants
+    from huggingface_hub.utils import _http
+
+    repo = tmp_path / "hub" / "models--PaddlePaddle--PaddleOCR-VL"  # as a download leaves it in the cache
+    shutil.copytree(release_model("v1"), repo / "snapshots" / "abc123")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc123")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{closed_port()}")
+    waits: list[float] = []  # huggingface_hub's retries sleep 1+2+4+8+8 s, one warning each
+    monkeypatch.setattr(_http, "time", types.SimpleNamespace(**{**vars(time), "sleep": waits.append}))
+    model, _ = ocr_model.load_model_and_processor("PaddlePaddle/PaddleOCR-VL")
+    assert model is not None and waits == [], "a loader went to the unreachable hub despite the cached copy"
+
+
 def test_a_transformers_error_over_several_lines_is_one_line(tmp_path: Path,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     def fail(*args, **kwargs):
