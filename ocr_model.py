@@ -85,7 +85,6 @@ NO_HUB_HINT = (
     "python tools/make_tiny_model.py --release_like v1 --out ./tiny_model"
 )
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # org/name: exactly one slash, no ./ or / in front
-HUB_PROBE_TIMEOUT_S = 10  # one HEAD request; huggingface_hub's own retries cost 23-28 s before an error
 
 
 def _looks_like_local_path(model_path: str) -> bool:
@@ -143,9 +142,9 @@ def _hub_files_only(model_id: str) -> bool:
             )
         _HUB_ACCESS[model_id] = True
         return True
-    try:
+    try:  # HF_HUB_ETAG_TIMEOUT (10 s unless raised for a slow link), as huggingface_hub's own HEAD waits
         get_session().head(f"{constants.ENDPOINT}/{model_id}/resolve/main/config.json",
-                           timeout=HUB_PROBE_TIMEOUT_S, follow_redirects=False)
+                           timeout=constants.HF_HUB_ETAG_TIMEOUT, follow_redirects=False)
     except Exception as e:  # any failure to get an HTTP answer: DNS, refused, timeout, proxy, TLS
         if not cached:
             reason = str(e).splitlines()[0] if str(e) else type(e).__name__

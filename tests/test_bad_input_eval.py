@@ -129,6 +129,22 @@ def test_a_cached_hub_model_loads_without_retries_when_the_hub_cannot_be_reached
     assert model is not None and waits == [], "a loader went to the unreachable hub despite the cached copy"
 
 
+def test_the_hub_probe_waits_as_long_as_hf_hub_etag_timeout_allows(monkeypatch: pytest.MonkeyPatch) -> None:
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    asked: list[float] = []
+
+    class SlowLink:  # a proxy that answers in 15 s: users raise HF_HUB_ETAG_TIMEOUT (default 10 s) for it
+        def head(self, url: str, *, timeout: float, **kwargs) -> None:
+            asked.append(timeout)
+
+    monkeypatch.setattr(constants, "HF_HUB_ETAG_TIMEOUT", 60)
+    monkeypatch.setattr(huggingface_hub, "get_session", SlowLink)
+    assert ocr_model._hub_files_only("nobody-here/no-such-model") is False
+    assert asked == [60], "the probe gives up before huggingface_hub's own metadata request would"
+
+
 def test_a_transformers_error_over_several_lines_is_one_line(tmp_path: Path,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     def fail(*args, **kwargs):
