@@ -375,6 +375,42 @@ def test_an_interrupted_run_leaves_one_run_and_the_same_command_continues_it(
     assert a["metrics"] == b["metrics"] and a["num_samples"] == total and a["continued_from"] == 8
 
 
+def test_a_model_copied_again_with_new_file_times_continues_and_a_retrained_one_starts_over(
+    tiny_model: Path, data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import os
+    import shutil
+
+    model, out = tmp_path / "model", tmp_path / "out"
+    shutil.copytree(tiny_model, model)
+    real = ocr_model.generate_readings
+    calls: list[int] = []
+
+    def interrupt_second_chunk(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ocr_model, "generate_readings", interrupt_second_chunk)
+    assert evaluate(model, data_dir, out, "--batch_size", "1") == 130
+    monkeypatch.setattr(ocr_model, "generate_readings", real)
+    # a spot node that restarts the job downloads the model again (cp, aws s3 cp): same bytes, new times
+    for path in [*model.iterdir(), data_dir / "test.jsonl"]:
+        os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**11))
+    capsys.readouterr()
+    assert evaluate(model, data_dir, out) == 0
+    assert "continuing: 8 of" in capsys.readouterr().err
+
+    weights = model / "model.safetensors"  # retrained into the same folder: same size, other numbers
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    assert evaluate(model, data_dir, out) == 0
+    assert "starting over" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------- every bad input: exit 2, one line
 
 
