@@ -225,6 +225,17 @@ def test_a_shift_jis_line_in_a_jsonl_is_one_error_naming_file_and_line(tmp_path:
     assert "\n" not in str(e.value)
 
 
+def test_a_windows_shift_jis_line_gets_a_conversion_that_keeps_its_characters(tmp_path: Path) -> None:
+    # Windows (Notepad, Excel) writes Japanese as cp932: ① has no plain Shift-JIS code, and ～ (FF5E) would
+    # come back from iconv -f SHIFT_JIS as the wave dash 〜 (301C), another character than the reference's
+    line = json.dumps({"image": "a.png", "text": "①ドン～！"}, ensure_ascii=False) + "\n"
+    path = tmp_path / "test.jsonl"
+    path.write_bytes(line.encode("cp932"))
+    with pytest.raises(DatasetError) as e:
+        read_jsonl(path)
+    assert "iconv -f CP932 -t UTF-8" in str(e.value)
+
+
 def test_a_byte_order_mark_on_the_first_line_is_read() -> None:
     import tempfile
 
