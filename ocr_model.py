@@ -113,6 +113,9 @@ def _missing_folder(model_path: str) -> str:
     hint = f"; did you mean {str(parent / near[0]) if str(parent) != '.' else near[0]!r}?" if near else ""
     if "/" not in model_path and not near:
         hint = f"; a hub id has the form org/name (PaddlePaddle/PaddleOCR-VL), or {NO_HUB_HINT}"
+    if HUB_ID.fullmatch(model_path):  # maybe a real hub id whose org shares a folder name (a git clone)
+        hint += (f"; not tried as a hub id because {model_path.split('/')[0]!r} is a folder here: run from "
+                 "another folder to load it from the hub")
     return f"model folder {model_path!r} does not exist (resolved to {folder.resolve()}){hint}"
 
 

@@ -81,6 +81,16 @@ def test_a_path_like_model_value_that_does_not_exist_is_named_at_once(
         assert "sft_output" in str(e.value)  # the folder the user meant, beside the typo
 
 
+def test_a_hub_id_whose_org_is_also_a_folder_here_says_why_the_hub_was_not_tried(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_hub_loading: list[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "PaddlePaddle" / "PaddleOCR").mkdir(parents=True)  # a clone of github.com/PaddlePaddle/...
+    with pytest.raises(ModelLoadError) as e:
+        load_config_and_processor("PaddlePaddle/PaddleOCR-VL")
+    assert "hub id" in str(e.value) and "another folder" in str(e.value), str(e.value)
+
+
 def test_hub_id_without_network_fails_at_once_naming_both_ways_on(
     monkeypatch: pytest.MonkeyPatch, no_hub_loading: list[str]
 ) -> None:
