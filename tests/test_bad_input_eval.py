@@ -279,6 +279,20 @@ def test_a_16_bit_grayscale_crop_is_read_as_its_pixels_not_white(tmp_path: Path)
         assert np.abs(np.asarray(image).astype(int) - expected).max() <= 1
 
 
+def test_report_html_shows_a_16_bit_crop_as_the_model_read_it_not_white(tmp_path: Path) -> None:
+    import base64
+    import io
+    import re
+
+    from ocr_report import image_tag
+
+    path = tmp_path / "crop16.png"
+    expected = gray16_png(path)
+    uri = re.search(r'src="data:image/png;base64,([^"]+)"', image_tag(str(path), "crop")).group(1)
+    shown = np.asarray(Image.open(io.BytesIO(base64.b64decode(uri))).convert("L")).astype(int)
+    assert np.abs(shown - expected).max() <= 1  # 120 x 40 is below the thumbnail size: not resized
+
+
 @pytest.mark.parametrize("mode", ["I", "I;16", "F", "F 0..1", "LA", "RGBA", "P", "CMYK", "L", "1"])
 def test_every_mode_reads_as_the_rgb_of_the_same_picture(mode: str) -> None:
     base = Image.new("L", (16, 8), 255)  # white paper, a black glyph, a gray stroke (153: in web palettes)
