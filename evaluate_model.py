@@ -37,7 +37,7 @@ from ocr_report import write_comparison, write_report
 METRICS = {"cer": "CER", "cer_mean": "mean CER", "exact_match": "exact match"}
 RUN_FILE = "run.json"  # the settings of the run the folder holds, and whether it is complete
 PREDICTIONS = "predictions.jsonl"
-CHANGED = {"model_files": "the model's files were saved again", "data_file_stat": "the JSONL was rewritten",
+CHANGED = {"model_files": "the model's files changed", "data_file_sha256": "the JSONL changed",
            "crop_ids_sha256": "other crops"}  # how start_run names a change of the settings' long values
 RESULTS = ("metrics.json", "summary.md", "report.html")  # written once a run is complete
 # --compare says a CER is not a plain win when this share of a run's answers or more is empty: an empty
@@ -332,9 +332,11 @@ def compare_markdown(runs: list[dict], labels: list[str]) -> str:
 def run_settings(args: EvalArguments, records: list[dict], source: str, processor: Any, dtype: str) -> dict:
     """Everything a prediction depends on. Batch size and loader workers are left out: predictions do not
     depend on them (tests/test_evaluate.py), so a rerun may change them and still continue."""
-    def files(folder: Path, patterns: tuple[str, ...]) -> dict[str, list[int]]:
+    def files(folder: Path, patterns: tuple[str, ...]) -> dict[str, str]:
+        # contents, not file times: a model downloaded or copied again (a restarted spot job) has new times
+        # and is the same model. Just loaded, so read from the page cache: 1.9 GB in about 2 s (sha256).
         found = sorted(p for pattern in patterns for p in folder.glob(pattern))
-        return {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in found}
+        return {p.name: sha256_file(p) for p in found}
 
     model = Path(args.model_path).expanduser()
     size = processor.image_processor.size
@@ -342,12 +344,20 @@ def run_settings(args: EvalArguments, records: list[dict], source: str, processo
         "model_path": str(model.resolve()) if model.is_dir() else args.model_path,
         # a model retrained into the same folder is another model
         "model_files": files(model, ("config.json", "*.safetensors")) if model.is_dir() else {},
-        "data_file": source, "data_file_stat": files(Path(source).parent, (Path(source).name,)),
+        "data_file": source, "data_file_sha256": files(Path(source).parent, (Path(source).name,)),
         "crops": len(records),
         "crop_ids_sha256": hashlib.sha256("\n".join(r["id"] for r in records).encode()).hexdigest(),
         "max_new_tokens": args.max_new_tokens, "min_pixels": size["shortest_edge"],
         "max_pixels": size["longest_edge"], "dtype": dtype,
     }
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def start_run(out_dir: Path, settings: dict) -> list[dict]:

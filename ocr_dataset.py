@@ -70,8 +70,8 @@ def _decode_line(raw: bytes, path: Path, lineno: int) -> str:
         return raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
     except UnicodeDecodeError as e:
         try:
-            raw.decode("shift_jis")
-            guess = "it reads as Shift-JIS; convert the file: iconv -f SHIFT_JIS -t UTF-8"
+            raw.decode("cp932")  # Windows' Shift-JIS: SHIFT_JIS lacks ① and turns ～ (FF5E) into 〜 (301C)
+            guess = "it reads as Shift-JIS (cp932); convert the file: iconv -f CP932 -t UTF-8"
         except UnicodeDecodeError:
             guess = "save the file as UTF-8"
         raise DatasetError(f"{path}:{lineno}: not UTF-8 (byte {e.start + 1}: {e.reason}); {guess}") from None

@@ -85,7 +85,6 @@ NO_HUB_HINT = (
     "python tools/make_tiny_model.py --release_like v1 --out ./tiny_model"
 )
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # org/name: exactly one slash, no ./ or / in front
-HUB_PROBE_TIMEOUT_S = 10  # one HEAD request; huggingface_hub's own retries cost 23-28 s before an error
 
 
 def _looks_like_local_path(model_path: str) -> bool:
@@ -114,6 +113,9 @@ def _missing_folder(model_path: str) -> str:
     hint = f"; did you mean {str(parent / near[0]) if str(parent) != '.' else near[0]!r}?" if near else ""
     if "/" not in model_path and not near:
         hint = f"; a hub id has the form org/name (PaddlePaddle/PaddleOCR-VL), or {NO_HUB_HINT}"
+    if HUB_ID.fullmatch(model_path):  # maybe a real hub id whose org shares a folder name (a git clone)
+        hint += (f"; not tried as a hub id because {model_path.split('/')[0]!r} is a folder here: run from "
+                 "another folder to load it from the hub")
     return f"model folder {model_path!r} does not exist (resolved to {folder.resolve()}){hint}"
 
 
@@ -143,9 +145,9 @@ def _hub_files_only(model_id: str) -> bool:
             )
         _HUB_ACCESS[model_id] = True
         return True
-    try:
+    try:  # HF_HUB_ETAG_TIMEOUT (10 s unless raised for a slow link), as huggingface_hub's own HEAD waits
         get_session().head(f"{constants.ENDPOINT}/{model_id}/resolve/main/config.json",
-                           timeout=HUB_PROBE_TIMEOUT_S, follow_redirects=False)
+                           timeout=constants.HF_HUB_ETAG_TIMEOUT, follow_redirects=False)
     except Exception as e:  # any failure to get an HTTP answer: DNS, refused, timeout, proxy, TLS
         if not cached:
             reason = str(e).splitlines()[0] if str(e) else type(e).__name__
@@ -314,6 +316,8 @@ def load_model_and_processor(
         model_path, trust_remote_code=trust_remote_code
     )
     kwargs: dict[str, Any] = {"config": config, "trust_remote_code": trust_remote_code, **_files_only(path)}
+    if kwargs["local_files_only"]:  # transformers does not pass it on to its adapter_config.json lookup (5
+        kwargs["adapter_kwargs"] = {"local_files_only": True}  # retries, 23 s, with the hub unreachable)
     if dtype is not None:
         kwargs["dtype"] = dtype
     if attn_implementation is not None:

@@ -12,8 +12,7 @@ import html
 import io
 from pathlib import Path
 
-from PIL import Image
-
+from ocr_dataset import open_rgb
 from ocr_metrics import NORMALIZATIONS, align, normalize
 
 THUMB = (360, 240)  # largest shown crop size; tall vertical lines are scaled to fit
@@ -44,8 +43,7 @@ def esc(text: str) -> str:
 def image_tag(path: str | None, alt: str) -> str:
     """The crop as an <img> with a PNG data URI (downscaled to THUMB; small crops are shown up to 2x)."""
     try:
-        with Image.open(path or "") as im:
-            im = im.convert("RGB")
+        im = open_rgb(path or "")  # as the model read it: a 16-bit crop is not white, alpha not black
     except (OSError, ValueError):
         return '<p class="meta">(image not found)</p>'
     im.thumbnail(THUMB)

@@ -81,6 +81,16 @@ def test_a_path_like_model_value_that_does_not_exist_is_named_at_once(
         assert "sft_output" in str(e.value)  # the folder the user meant, beside the typo
 
 
+def test_a_hub_id_whose_org_is_also_a_folder_here_says_why_the_hub_was_not_tried(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_hub_loading: list[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "PaddlePaddle" / "PaddleOCR").mkdir(parents=True)  # a clone of github.com/PaddlePaddle/...
+    with pytest.raises(ModelLoadError) as e:
+        load_config_and_processor("PaddlePaddle/PaddleOCR-VL")
+    assert "hub id" in str(e.value) and "another folder" in str(e.value), str(e.value)
+
+
 def test_hub_id_without_network_fails_at_once_naming_both_ways_on(
     monkeypatch: pytest.MonkeyPatch, no_hub_loading: list[str]
 ) -> None:
@@ -105,6 +115,44 @@ def test_hub_id_with_hf_hub_offline_fails_at_once_naming_both_ways_on(
         load_config_and_processor("nobody-here/no-such-model")
     assert no_hub_loading == []
     assert "HF_HUB_OFFLINE" in str(e.value) and "make_tiny_model.py --release_like v1" in str(e.value)
+
+
+def test_a_cached_hub_model_loads_without_retries_when_the_hub_cannot_be_reached(
+    release_model: Callable[[str], Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shutil
+    import time
+    import types
+
+    from huggingface_hub import constants
+    from huggingface_hub.utils import _http
+
+    repo = tmp_path / "hub" / "models--PaddlePaddle--PaddleOCR-VL"  # as a download leaves it in the cache
+    shutil.copytree(release_model("v1"), repo / "snapshots" / "abc123")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc123")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{closed_port()}")
+    waits: list[float] = []  # huggingface_hub's retries sleep 1+2+4+8+8 s, one warning each
+    monkeypatch.setattr(_http, "time", types.SimpleNamespace(**{**vars(time), "sleep": waits.append}))
+    model, _ = ocr_model.load_model_and_processor("PaddlePaddle/PaddleOCR-VL")
+    assert model is not None and waits == [], "a loader went to the unreachable hub despite the cached copy"
+
+
+def test_the_hub_probe_waits_as_long_as_hf_hub_etag_timeout_allows(monkeypatch: pytest.MonkeyPatch) -> None:
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    asked: list[float] = []
+
+    class SlowLink:  # a proxy that answers in 15 s: users raise HF_HUB_ETAG_TIMEOUT (default 10 s) for it
+        def head(self, url: str, *, timeout: float, **kwargs) -> None:
+            asked.append(timeout)
+
+    monkeypatch.setattr(constants, "HF_HUB_ETAG_TIMEOUT", 60)
+    monkeypatch.setattr(huggingface_hub, "get_session", SlowLink)
+    assert ocr_model._hub_files_only("nobody-here/no-such-model") is False
+    assert asked == [60], "the probe gives up before huggingface_hub's own metadata request would"
 
 
 def test_a_transformers_error_over_several_lines_is_one_line(tmp_path: Path,
@@ -187,6 +235,17 @@ def test_a_shift_jis_line_in_a_jsonl_is_one_error_naming_file_and_line(tmp_path:
     assert "\n" not in str(e.value)
 
 
+def test_a_windows_shift_jis_line_gets_a_conversion_that_keeps_its_characters(tmp_path: Path) -> None:
+    # Windows (Notepad, Excel) writes Japanese as cp932: ① has no plain Shift-JIS code, and ～ (FF5E) would
+    # come back from iconv -f SHIFT_JIS as the wave dash 〜 (301C), another character than the reference's
+    line = json.dumps({"image": "a.png", "text": "①ドン～！"}, ensure_ascii=False) + "\n"
+    path = tmp_path / "test.jsonl"
+    path.write_bytes(line.encode("cp932"))
+    with pytest.raises(DatasetError) as e:
+        read_jsonl(path)
+    assert "iconv -f CP932 -t UTF-8" in str(e.value)
+
+
 def test_a_byte_order_mark_on_the_first_line_is_read() -> None:
     import tempfile
 
@@ -218,6 +277,20 @@ def test_a_16_bit_grayscale_crop_is_read_as_its_pixels_not_white(tmp_path: Path)
                   _open(Image.open(path))):
         assert image.mode == "RGB"
         assert np.abs(np.asarray(image).astype(int) - expected).max() <= 1
+
+
+def test_report_html_shows_a_16_bit_crop_as_the_model_read_it_not_white(tmp_path: Path) -> None:
+    import base64
+    import io
+    import re
+
+    from ocr_report import image_tag
+
+    path = tmp_path / "crop16.png"
+    expected = gray16_png(path)
+    uri = re.search(r'src="data:image/png;base64,([^"]+)"', image_tag(str(path), "crop")).group(1)
+    shown = np.asarray(Image.open(io.BytesIO(base64.b64decode(uri))).convert("L")).astype(int)
+    assert np.abs(shown - expected).max() <= 1  # 120 x 40 is below the thumbnail size: not resized
 
 
 @pytest.mark.parametrize("mode", ["I", "I;16", "F", "F 0..1", "LA", "RGBA", "P", "CMYK", "L", "1"])
@@ -335,6 +408,42 @@ def test_an_interrupted_run_leaves_one_run_and_the_same_command_continues_it(
     assert sorted(predictions(out), key=lambda r: r["id"]) == sorted(by_id.values(), key=lambda r: r["id"])
     a, b = (json.loads((d / "metrics.json").read_text()) for d in (out, fresh))
     assert a["metrics"] == b["metrics"] and a["num_samples"] == total and a["continued_from"] == 8
+
+
+def test_a_model_copied_again_with_new_file_times_continues_and_a_retrained_one_starts_over(
+    tiny_model: Path, data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import os
+    import shutil
+
+    model, out = tmp_path / "model", tmp_path / "out"
+    shutil.copytree(tiny_model, model)
+    real = ocr_model.generate_readings
+    calls: list[int] = []
+
+    def interrupt_second_chunk(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ocr_model, "generate_readings", interrupt_second_chunk)
+    assert evaluate(model, data_dir, out, "--batch_size", "1") == 130
+    monkeypatch.setattr(ocr_model, "generate_readings", real)
+    # a spot node that restarts the job downloads the model again (cp, aws s3 cp): same bytes, new times
+    for path in [*model.iterdir(), data_dir / "test.jsonl"]:
+        os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**11))
+    capsys.readouterr()
+    assert evaluate(model, data_dir, out) == 0
+    assert "continuing: 8 of" in capsys.readouterr().err
+
+    weights = model / "model.safetensors"  # retrained into the same folder: same size, other numbers
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    assert evaluate(model, data_dir, out) == 0
+    assert "starting over" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- every bad input: exit 2, one line
