@@ -220,3 +220,18 @@ def test_readme_says_where_owocr_runs() -> None:
     text = (ROOT / "README.md").read_text(encoding="utf-8")
     before_command = text[:text.index("owocr -e mangaocr")].rsplit("\n\n", 2)[-2:]
     assert "your own environment" in " ".join(before_command).replace("\n", " ")
+
+
+def test_repository_map_lists_every_module_and_needs_a_docstring(tmp_path: Path) -> None:
+    text = (ROOT / "docs" / "development.md").read_text(encoding="utf-8")
+    block = text.split(wd.MAP_START)[1].split(wd.MAP_END)[0]
+    folders = (ROOT, ROOT / "tools", ROOT / "benchmarks")
+    modules = [p.relative_to(ROOT) for d in folders for p in d.glob("*.py") if p.name != "__init__.py"]
+    assert modules and all(f"\n{m} " in block for m in modules), block
+    (tmp_path / "tools").mkdir()
+    (tmp_path / "benchmarks").mkdir()
+    (tmp_path / "documented.py").write_text('"""Does one thing. More detail here."""\n')
+    assert "documented.py  Does one thing.\n" in wd.repo_map(tmp_path)
+    (tmp_path / "new_module.py").write_text("x = 1\n")
+    with pytest.raises(ValueError, match="new_module.py: no docstring"):
+        wd.repo_map(tmp_path)

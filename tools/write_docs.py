@@ -12,7 +12,9 @@ Tables (the text between `<!-- flags:SCRIPT -->` and `<!-- /flags -->`, or `<!--
   dataclasses (every Hugging Face `TrainingArguments` flag is accepted too, documented by transformers);
 - `train.sh`'s variables from its own lines: `NAME=${NAME:-default}` and the comment beside or above it
   (a comment line `default: ...` overrides the shown default where it is an expression);
-- the memory plan from `memory_plan.readme_table()`.
+- the memory plan from `memory_plan.readme_table()`;
+- docs/development.md's repository map (between `<!-- repo-map -->` and `<!-- /repo-map -->`) from each
+  module's docstring, its first sentence.
 
 The link and command checks (`check_links`, `check_commands`) are run by tests/test_docs.py.
 """
@@ -29,6 +31,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import textwrap
 from dataclasses import fields
 from pathlib import Path
 
@@ -199,6 +202,10 @@ def render(text: str) -> str:
         out += [text[pos:m.end()], "\n", flags_block(m.group(1)), "\n"]
         pos = end
     text = "".join(out) + text[pos:]
+    if MAP_START in text:
+        start, stop = (re.escape(m) for m in (MAP_START, MAP_END))
+        text = re.sub(f"^{start}$.*?^{stop}$", lambda _: f"{MAP_START}\n{repo_map()}\n{MAP_END}", text,
+                      flags=re.S | re.M)
     from memory_plan import README_MARKERS, readme_table
 
     start, stop = (re.escape(s) for s in README_MARKERS)
@@ -220,6 +227,52 @@ def write_tables(check: bool) -> int:
         return 1
     print("tables: " + (f"rewrote {', '.join(map(str, stale))}" if stale else "up to date"))
     return 0
+
+
+# -- the repository map (docs/development.md) -----------------------------------------------------------
+
+MAP_START, MAP_END = "<!-- repo-map -->", "<!-- /repo-map -->"
+MAP_PACKAGE = "paddleocr_vl_manga"
+
+
+def _summary(path: Path) -> str:
+    """The first sentence of a module's docstring (its first line when that has no full stop)."""
+    import ast
+
+    doc = ast.get_docstring(ast.parse(path.read_text(encoding="utf-8"))) or ""
+    first = doc.strip().split("\n\n")[0].replace("\n", " ")
+    cut = first.find(". ")
+    text = first[: cut + 1] if cut > 0 else first
+    if not text:
+        raise ValueError(f"{path.name}: no docstring (the repository map is written from them)")
+    return text
+
+
+def repo_map(root: Path = ROOT) -> str:
+    """The map between the markers: the commands, the package by stage, tools/ and benchmarks/, each module
+    with the first sentence of its docstring, so the map cannot leave a module out."""
+    rows: list[tuple[str, str]] = []
+    for path in sorted(root.glob("*.py")):
+        rows.append((path.name, _summary(path)))
+    rows.append(("train.sh", "the training command: settings as environment variables (docs/training.md)"))
+    pkg = root / MAP_PACKAGE
+    def order(p: Path) -> tuple:
+        return p.parent.relative_to(pkg).parts, p.name != "__init__.py", p.name
+
+    for path in sorted(pkg.rglob("*.py"), key=order):
+        rel = path.relative_to(root)
+        name = f"{rel.parent}/" if path.name == "__init__.py" else str(rel)
+        rows.append((name, _summary(path)))
+    for folder in ("tools", "benchmarks"):
+        for path in sorted((root / folder).glob("*.py")):
+            if path.name != "__init__.py":
+                rows.append((str(path.relative_to(root)), _summary(path)))
+    width = max(len(name) for name, _ in rows) + 2
+    lines = []
+    for name, text in rows:
+        wrapped = textwrap.wrap(text, 110 - width) or [""]
+        lines += [f"{name:<{width}}{wrapped[0]}"] + [" " * width + more for more in wrapped[1:]]
+    return "```\n" + "\n".join(lines) + "\n```"
 
 
 # -- link and command checks ----------------------------------------------------------------------------
