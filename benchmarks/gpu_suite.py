@@ -44,11 +44,12 @@ from importlib import metadata
 from pathlib import Path
 from typing import IO, Any
 
-from packaging.requirements import Requirement
+from packaging.markers import default_environment
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.gpu_carry import LEFT_OUT, REQUIREMENTS, read_requirements, unmet  # noqa: E402
 from benchmarks.gpu_tables import render_markdown  # noqa: E402
 
 
@@ -118,42 +119,34 @@ def bench_train_recipes() -> set[str]:
     return set()
 
 
-def environment() -> tuple[dict[str, str | None], list[str], list[str]]:
-    """(versions, missing requirements, warnings), from package metadata alone (no torch import).
+def environment(requirements: Path | None = None) -> tuple[dict[str, str | None], list[str]]:
+    """(versions, unmet needs), from package metadata alone (no torch import).
 
-    Checks requirements.txt (what CI installs) and the direct requirements of each package in it, so a carried
-    transformers wheel that needs a newer huggingface-hub than the image's is named before any part runs.
+    Checks requirements.txt, the direct needs of each package in it, and the needs of every wheel that
+    gpu_suite.sh installed from .whl/ (GPU_SUITE_SITE): each one whose installed version (importlib.metadata,
+    the carried copy first) is missing or outside its spec is one line of the second list. gpu_carry.LEFT_OUT
+    (wordfreq) is not checked: the suite does without it.
     """
-    lines = (ROOT / "requirements.txt").read_text(encoding="utf-8").splitlines()
-    reqs = [Requirement(spec) for spec in (line.split("#")[0].strip() for line in lines) if spec]
-    versions: dict[str, str | None] = {}
-    missing, warnings = [], []
+    reqs = read_requirements(requirements or REQUIREMENTS)
+
+    def version_of(name: str) -> str | None:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return None
+
+    requires_of: dict[str, list[str]] = {}
     for req in reqs:
-        try:
-            versions[req.name] = metadata.version(req.name)
-        except metadata.PackageNotFoundError:
-            versions[req.name] = None
-            missing.append(req.name)
-            continue
-        if not req.specifier.contains(versions[req.name], prereleases=True):
-            warnings.append(f"{req.name} {versions[req.name]} is not what CI tests ({req}): carry a wheel "
-                            "(benchmarks/gpu_wheels.sh)")
-        for dep in map(Requirement, metadata.requires(req.name) or []):
-            if dep.marker and not dep.marker.evaluate({"extra": ""}):
-                continue
-            try:
-                have = metadata.version(dep.name)
-            except metadata.PackageNotFoundError:
-                warnings.append(f"{req.name} needs {dep}, which is not installed")
-                continue
-            if not dep.specifier.contains(have, prereleases=True):
-                warnings.append(f"{req.name} needs {dep}, found {have}")
+        if req.name not in LEFT_OUT and version_of(req.name):
+            requires_of[req.name] = metadata.requires(req.name) or []
+    if site := os.environ.get("GPU_SUITE_SITE"):
+        for dist in metadata.distributions(path=[site]):
+            requires_of[dist.metadata["Name"]] = dist.requires or []
+    bad = unmet(reqs, version_of, requires_of, default_environment() | {"extra": ""})
+    versions = {r.name: version_of(r.name) for r in reqs}
     for name in ("torchvision", "huggingface-hub", "tokenizers"):  # they change which code paths run
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
-    return versions, missing, warnings
+        versions[name] = version_of(name)
+    return versions, bad
 
 
 def nvidia_smi() -> str | None:
@@ -337,21 +330,21 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = Path(a.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    versions, missing, warnings = environment()
+    versions, bad = environment()
     results: dict[str, Any] = {"suite": {
         "mode": mode, "config": "tiny" if a.smoke else "full", "status": "running",
         "started_utc": datetime.fromtimestamp(t0, timezone.utc).isoformat(timespec="seconds"),
         "t0": t0, "budget_s": budget, "elapsed_s": time.time() - t0, "device": None, "gpu": nvidia_smi(),
-        "python": sys.version.split()[0], "versions": versions, "warnings": warnings,
+        "python": sys.version.split()[0], "versions": versions, "unmet": bad,
     }, "parts": []}
     plan = planned_s(parts, "gpu")
     print(f"gpu_suite ({mode}): budget {budget:.0f} s from GPU_SUITE_T0 (planned {plan:.0f} s on an H200), "
           f"{time.time() - t0:.0f} s used by set-up; gpu: {results['suite']['gpu']}; "
           f"torch {versions.get('torch')}, transformers {versions.get('transformers')}", flush=True)
-    for w in warnings:
-        print(f"warning: {w}", flush=True)
-    if missing:  # every part would die on its imports: say so in seconds instead of minutes
-        results["suite"]["status"] = (f"aborted: {', '.join(missing)} not installed (carry .whl: "
+    if bad:  # every part would die on its imports, or run on code CI never tested: stop in seconds
+        for line in bad:
+            print(f"unmet: {line}", file=sys.stderr)
+        results["suite"]["status"] = (f"aborted: {len(bad)} unmet need(s): {'; '.join(bad)} (carry them: "
                                       "benchmarks/gpu_wheels.sh, see benchmarks/README.md)")
         write_results(results, out_dir)
         print(f"error: {results['suite']['status']}", file=sys.stderr)

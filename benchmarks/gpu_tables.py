@@ -179,14 +179,15 @@ def readme_blocks(results: dict) -> dict[str, str]:
 
 
 def render_markdown(results: dict) -> str:
-    """results.md: both tables, what each part did, warnings, and the train.sh choice."""
+    """results.md: both tables, what each part did, unmet needs, and the train.sh choice."""
     s = results["suite"]
     out = [f"# GPU suite ({s['mode']}): {gpu_name(s.get('device'))}", "", provenance(results), ""]
     if s.get("gpu"):
         out += [f"nvidia-smi: {s['gpu']}", ""]
     if s.get("status") != "ok":
         out += [f"**Suite: {s.get('status')}**", ""]
-    out += [f"- {w}" for w in s.get("warnings", [])] + ([""] if s.get("warnings") else [])
+    notes = [f"unmet: {w}" for w in s.get("unmet", [])] + s.get("warnings", [])  # warnings: older runs
+    out += [f"- {w}" for w in notes] + ([""] if notes else [])
     out += ["## Training (`benchmarks/bench_train.py`)", "", train_table(results), "",
             "### Rope position ids: from the collator vs from the model", "", rope_table(results), "",
             "## Evaluation (`benchmarks/bench_eval.py`)", "", eval_table(results), "",
