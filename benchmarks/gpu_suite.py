@@ -50,7 +50,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.gpu_carry import LEFT_OUT, REQUIREMENTS, read_requirements, unmet  # noqa: E402
-from benchmarks.gpu_tables import render_markdown  # noqa: E402
+from benchmarks.gpu_fixtures import build as build_fixtures  # noqa: E402
+from benchmarks.gpu_tables import num, render_markdown  # noqa: E402
 
 
 @dataclass
@@ -71,27 +72,32 @@ class Part:
 # `default:rope=0` right after `default`: the same training with the rope position ids left to the model's
 # forward (per-sample host syncs) instead of the collator, so the first run shows what that costs. LoRA at the
 # 8 GiB cap last.
+# The "12 GB" cap is what an RTX 3060 can allocate: it reports 11.76 GiB, and its CUDA context and the
+# display take another 0.3-0.5 GiB, so 11 GiB (bench_train caps the allocator; the H100's context is apart).
+CAP_12GB_CARD = 11
 PARTS = [
-    ("train_12gb", "train", 12, ["seed", "default", "default:rope=0", "default_nogc:bs=2,ga=8"], 105, 50),
+    ("train_12gb", "train", CAP_12GB_CARD, ["seed", "default", "default:rope=0", "default_nogc:bs=2,ga=8"],
+     100, 50),
     ("train_uncapped", "train", None,
-     ["default:bs=16,ga=1", "default_nogc", "default_nogc:bs=16,ga=1"], 75, 40),
+     ["default:bs=16,ga=1", "default_nogc", "default_nogc:bs=16,ga=1"], 70, 40),
     ("fp32_master", "train", None, ["fp32_master:bs=16,ga=1"], 35, 30),
-    ("eval", "eval", None, [], 70, 50),  # 128 one-crop generate() calls of 16 tokens: the seed loop is slow
-    ("lora_8gb", "train", 8, ["lora", "lora_vision"], 45, 35),
+    ("eval", "eval", None, [], 65, 50),  # 128 one-crop generate() calls of 16 tokens: the seed loop is slow
+    ("lora_8gb", "train", 8, ["lora", "lora_vision"], 40, 35),
 ]
 ORDER = [row[0] for row in PARTS]
 
-# Same parts and recipes in both modes; only sizes differ. GPU: 10 timed steps of 16 crops after 2 warm-up
-# steps; 2 synthetic books x 8 pages give the eval's 128 crops (~160 cut).
+# Same parts and recipes in both modes; only sizes differ. Every part reads the crops (and, smoke, the tiny
+# model) that gpu_fixtures.py builds once per suite: GPU 2 synthetic books x 8 pages (171 crops, long ones
+# included), smoke 1 x 3. GPU: 10 timed steps of 16 crops after 2 warm-up steps; eval 128 crops.
 TRAIN_ARGS = {"gpu": ["--config", "full", "--steps", "10", "--warmup", "2", "--check_loss"],
-              "smoke": ["--config", "tiny", "--steps", "1", "--warmup", "0", "--books", "1", "--pages", "3",
-                        "--check_loss"]}
-EVAL_ARGS = {"gpu": ["--model", "full", "--num_samples", "128", "--repeats", "1", "--books", "2",
-                     "--pages", "8", "--batch_size", "16", "--max_new_tokens", "16"],
-             "smoke": ["--model", "tiny", "--num_samples", "8", "--repeats", "1", "--books", "1",
-                       "--pages", "2", "--max_new_tokens", "4"]}
+              "smoke": ["--config", "tiny", "--steps", "1", "--warmup", "0", "--check_loss"]}
+EVAL_ARGS = {"gpu": ["--model", "full", "--num_samples", "128", "--repeats", "1", "--batch_size", "16",
+                     "--max_new_tokens", "16"],
+             "smoke": ["--model", "tiny", "--num_samples", "8", "--repeats", "1", "--max_new_tokens", "4"]}
 BUDGET_S = {"gpu": 360.0, "smoke": 300.0}  # GPU: 6 minutes, the device time an issue's run may take
-SETUP_S = {"gpu": 20.0, "smoke": 10.0}  # planned before the first part: installing the carried wheels
+# planned before the first part: the carried wheels (~5 s), the need check, the fixtures (16 s on a loaded
+# 2-core VM, most of it drawing pages with 2 processes)
+SETUP_S = {"gpu": 40.0, "smoke": 20.0}
 GRACE_S = {"gpu": 20.0, "smoke": 10.0}  # --deadline this long before the slot ends: the last step, the JSON
 RESERVE_S = 10.0  # kept back at the end: the last kill, results files, the shell's exit
 KILL_WAIT_S = 5.0  # SIGTERM -> SIGKILL
@@ -159,12 +165,16 @@ def nvidia_smi() -> str | None:
         return None
 
 
-def command(part: Part, mode: str) -> list[str]:
+def command(part: Part, mode: str, fixtures: dict | None = None) -> list[str]:
     script = Path(part.script) if part.script else ROOT / "benchmarks" / f"bench_{part.kind}.py"
+    shared = []
+    if fixtures:
+        shared = ["--data_dir", fixtures["data_dir"]]
+        shared += ["--tiny_dir", fixtures["tiny_dir"]] if fixtures.get("tiny_dir") else []
     if part.kind == "eval":
-        return [sys.executable, "-u", str(script), *EVAL_ARGS[mode]]
+        return [sys.executable, "-u", str(script), *EVAL_ARGS[mode], *shared]
     cap = ["--memory_cap_gb", f"{part.memory_cap_gb:g}"] if part.memory_cap_gb else []
-    return [sys.executable, "-u", str(script), *TRAIN_ARGS[mode], *cap, "--recipe", *part.recipes]
+    return [sys.executable, "-u", str(script), *TRAIN_ARGS[mode], *cap, *shared, "--recipe", *part.recipes]
 
 
 def _pump(stream: IO[str], tail: deque) -> None:
@@ -255,8 +265,9 @@ def write_results(results: dict, out_dir: Path) -> None:
 
 
 def run_suite(parts: list[Part], mode: str, out_dir: Path, results: dict, deadline: float,
-              env: dict[str, str]) -> dict:
-    """Run the parts inside `deadline` (Unix time), rewriting the results files after each one."""
+              env: dict[str, str], fixtures: dict | None = None) -> dict:
+    """Run the parts inside `deadline` (Unix time), rewriting the results files after each one; each part
+    reads `fixtures` (gpu_fixtures.build), else builds its own data."""
     available = bench_train_recipes()
     plan: list[tuple[Part, dict]] = []
     for part in parts:
@@ -291,8 +302,10 @@ def run_suite(parts: list[Part], mode: str, out_dir: Path, results: dict, deadli
                 write_results(results, out_dir)
                 continue
             json_path = Path(tmp, f"{part.name}.json")
-            cmd = command(part, mode)
+            cmd = command(part, mode, fixtures)
             shown = (os.path.relpath(c, ROOT) if c.startswith(str(ROOT)) else c for c in cmd[2:])
+            if fixtures:  # a temporary folder: name it by what it holds
+                shown = (c.replace(str(Path(fixtures["data_dir"]).parent), "FIXTURES") for c in shown)
             entry["command"] = shlex.join(["python", *shown])
             cmd += ["--json", str(json_path), "--deadline", f"{end - min(GRACE_S[mode], slot / 4):.1f}"]
             print(f"\n== {part.name}: slot {slot:.0f} s\n$ {entry['command']}", flush=True)
@@ -353,13 +366,29 @@ def main(argv: list[str] | None = None) -> int:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     if a.smoke:  # on a shared CPU, intra-op threads of the tiny model's small ops only fight each other
         env.setdefault("OMP_NUM_THREADS", "1")
-    run_suite(parts, mode, out_dir, results, t0 + budget, env)
     s = results["suite"]
+    s["stages_s"] = {"set-up before the suite (wheels)": round(time.time() - t0, 1)}
+    with tempfile.TemporaryDirectory(prefix="gpu_suite_fixtures_") as tmp:
+        t = time.time()
+        try:
+            s["fixtures"] = fixtures = build_fixtures(Path(tmp), mode)
+        except Exception as e:  # noqa: BLE001 (no part can run without data: say why in the results)
+            s["status"] = f"aborted: building the fixtures failed ({type(e).__name__}: {e})"
+            write_results(results, out_dir)
+            print(f"error: {s['status']}", file=sys.stderr)
+            return 2
+        s["stages_s"]["fixtures (data once for every part)"] = round(time.time() - t, 1)
+        print(f"fixtures: {fixtures['crops']} crops, the longest {fixtures['longest_crop']['length']} tokens "
+              f"(max_length {fixtures['max_length']}), in {time.time() - t:.0f} s", flush=True)
+        run_suite(parts, mode, out_dir, results, t0 + budget, env, fixtures)
+    s["stages_s"] |= {p["name"]: p.get("seconds") for p in results["parts"]}
     s["elapsed_s"] = time.time() - t0
     bad = [p["name"] for p in results["parts"] if p["status"].startswith(("failed", "loss check"))]
     s["status"] = f"failed parts: {', '.join(bad)}" if bad else "ok"
     write_results(results, out_dir)
     print("\n" + render_markdown(results), flush=True)
+    print("stages (s): " + ", ".join(f"{k} {num(v, '.0f')}" for k, v in s["stages_s"].items())
+          + f"; total {s['elapsed_s']:.0f} of {budget:.0f}", flush=True)
     return 1 if bad else 0
 
 
