@@ -45,6 +45,12 @@ def test_smoke_suite_writes_results_and_readme_tables(tmp_path: Path) -> None:
     suite, parts = results["suite"], {p["name"]: p for p in results["parts"]}
     assert suite["mode"] == "smoke" and suite["status"] == "ok" and suite["device"].startswith("cpu")
     assert list(parts) == gpu_suite.ORDER and suite["elapsed_s"] <= took + 1
+    # one data folder (and tiny model) for every part, built before the first; its longest crop fits
+    assert len({p["command"].split("--data_dir ")[1].split()[0] for p in parts.values()}) == 1
+    assert all("--tiny_dir" in p["command"] for p in parts.values())
+    fx = suite["fixtures"]
+    assert fx["longest_crop"]["length"] <= fx["max_length"] and fx["crops"] > 1
+    assert list(suite["stages_s"])[-len(parts):] == gpu_suite.ORDER and "stages (s): " in proc.stdout
     for name, part in parts.items():
         assert part["status"] == "ok", (name, part["status"], part.get("log_tail"))
         assert part["seconds"] <= part["slot_s"]
@@ -220,6 +226,24 @@ def test_rope_pairs_match_twins_only() -> None:
                                      "| 4.00 | 1.50× |")
 
 
+def test_12gb_pick_names_the_batch_that_holds_the_longest_crop() -> None:
+    """The pick for cards under 20 GB, timed under the 11 GiB cap, says by memory_plan.py whether it holds
+    the suite's longest crop (every row padded to it) at its batch, else the largest batch that does."""
+    crop = {"id": "x", "width": 1098, "height": 1019, "length": 1529, "image_tokens": 1404}
+    results = {"suite": {"mode": "gpu", "config": "full", "fixtures": {"longest_crop": crop}},
+               "parts": [{"name": "train_12gb", "kind": "train", "status": "ok", "memory_cap_gb": 11,
+                          "recipes": ["default"], "rows": [_row("default", 5.0) | {"settings": {
+                              "precision": "bf16_lean", "bs": 8, "ga": 2, "gc": True}}]}]}
+    line = gpu_tables.choice(results)[0]
+    batch = int(line.split("fits at batch ")[1].split()[0])
+    assert 1 <= batch < 8 and f"BATCH_SIZE={batch} GRAD_ACCUM={16 // batch}" in line
+
+    def gib(b: int) -> float:
+        return gpu_tables._planned_gib("bf16_lean", b, crop["length"], crop["image_tokens"], True)
+
+    assert gib(batch) <= 11 < gib(batch + 1) and f"{gib(8):.2f} GiB at batch 8" in line
+
+
 def test_gpu_plan_fits_six_minutes_on_an_h200() -> None:
     """The shares are planned seconds on an H200: with set-up and the reserve they fit the budget, and every
     part's planned slot holds its minimum. The rope comparison runs right after `default`, early."""
@@ -227,6 +251,7 @@ def test_gpu_plan_fits_six_minutes_on_an_h200() -> None:
     assert gpu_suite.BUDGET_S["gpu"] <= 360
     assert gpu_suite.planned_s(parts, "gpu") <= gpu_suite.BUDGET_S["gpu"]
     assert all(p.min_s <= p.share for p in parts)
+    assert parts[0].memory_cap_gb <= 11.76 - 0.3  # an RTX 3060 reports 11.76 GiB; its context takes 0.3+
     first = parts[0].recipes
     assert first[first.index("default") + 1] == "default:rope=0"
 
