@@ -42,6 +42,10 @@ REQUIREMENTS = ROOT / "requirements.txt"
 # huggingface-hub>=1.31,<3 and tokenizers>=0.23.1,<0.24, which the image meets (benchmarks/README.md has the
 # table): 5.24.0 is the newest release that runs on the image with no hub or kernels carried.
 PINS = {"transformers": "5.24.0"}
+# On the image with no version listed, carried anyway: requirements.txt asks for peft>=0.21, the newest series
+# (0.21.0-0.21.2 of 38 releases), which an image read in 2026-11 may predate; the wheel is 0.5 MB, and an
+# unmet need stops the whole suite on the GPU.
+CARRY_UNLISTED = {"peft"}
 # Requirements the suite does without, never carried nor checked: the device tool carries 64 MiB in all, the
 # working tree included, and wordfreq's wheel is 56.8 MB (word lists of 40+ languages; 3.1.1).
 LEFT_OUT = {"wordfreq": "56.8 MB wheel against the device tool's 64 MiB carry limit; only "
@@ -137,12 +141,14 @@ def resolve(requirements: list[Requirement], image: dict[str, str | None], downl
             continue
         specs[name] = specs.get(name, SpecifierSet()) & req.specifier
         have = image.get(name)
-        if name not in pins and name in image and (have is None or specs[name].contains(have, True)):
+        unlisted = have is None and name in CARRY_UNLISTED
+        if name not in pins and name in image and not unlisted and (
+                have is None or specs[name].contains(have, True)):
             continue  # the image meets it (or is taken to: version unknown)
         reasons.setdefault(name, [])
         note = f"{by}: {req.name}{req.specifier}"
         if note not in reasons[name]:
-            found = f"the image has {have}" if name in image else "not on the image"
+            found = f"the image has {have or 'a version not listed'}" if name in image else "not on the image"
             found = f"pinned to {pins[name]} for the image" if name in pins else found
             reasons[name].append(f"{note} ({found})")
         old = carried.get(name)

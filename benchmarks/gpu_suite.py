@@ -49,7 +49,7 @@ from packaging.markers import default_environment
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.gpu_carry import LEFT_OUT, REQUIREMENTS, read_requirements, unmet  # noqa: E402
+from benchmarks.gpu_carry import REQUIREMENTS, read_requirements, unmet  # noqa: E402
 from benchmarks.gpu_fixtures import build as build_fixtures  # noqa: E402
 from benchmarks.gpu_tables import num, render_markdown  # noqa: E402
 
@@ -128,10 +128,11 @@ def bench_train_recipes() -> set[str]:
 def environment(requirements: Path | None = None) -> tuple[dict[str, str | None], list[str]]:
     """(versions, unmet needs), from package metadata alone (no torch import).
 
-    Checks requirements.txt, the direct needs of each package in it, and the needs of every wheel that
-    gpu_suite.sh installed from .whl/ (GPU_SUITE_SITE): each one whose installed version (importlib.metadata,
-    the carried copy first) is missing or outside its spec is one line of the second list. gpu_carry.LEFT_OUT
-    (wordfreq) is not checked: the suite does without it.
+    Checks requirements.txt and the needs of every wheel that gpu_suite.sh installed from .whl/
+    (GPU_SUITE_SITE): each one whose installed version (importlib.metadata, the carried copy first) is missing
+    or outside its spec is one line of the second list. The image's own packages' needs are the image's
+    business (its torch pins its CUDA libraries, ...), and gpu_carry.LEFT_OUT (wordfreq) is not checked: the
+    suite does without it.
     """
     reqs = read_requirements(requirements or REQUIREMENTS)
 
@@ -142,9 +143,6 @@ def environment(requirements: Path | None = None) -> tuple[dict[str, str | None]
             return None
 
     requires_of: dict[str, list[str]] = {}
-    for req in reqs:
-        if req.name not in LEFT_OUT and version_of(req.name):
-            requires_of[req.name] = metadata.requires(req.name) or []
     if site := os.environ.get("GPU_SUITE_SITE"):
         for dist in metadata.distributions(path=[site]):
             requires_of[dist.metadata["Name"]] = dist.requires or []
