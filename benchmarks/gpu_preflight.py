@@ -13,7 +13,8 @@
    and a CJK font beside them, as .whl/ holds them for the GPU.
 3. `bash benchmarks/gpu_suite.sh OUT_DIR --smoke` with PYTHON=the twin and GPU_WHEELS=those wheels: the same
    `pip install --no-index --no-deps --target` as on the GPU, the same fatal check of every need, then every
-   part on the tiny model. Exit status: the suite's (non-zero on any failure), 2 if the twin cannot be built.
+   part on the tiny model. Exit status: the suite's (non-zero on any failure), 1 also when a part was cut or
+   skipped at its time budget, 2 if the twin cannot be built.
 Prints each stage's seconds at the end.
 """
 
@@ -163,6 +164,14 @@ def main(argv: list[str] | None = None) -> int:
     rc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_suite.sh"), argv[0], "--smoke", *argv[1:]],
                         env=env).returncode
     stages["smoke suite in the twin"] = time.time() - t
+    try:  # a part cut or skipped at its budget here would be one that ran out of time on the GPU too
+        parts = json.loads((Path(argv[0]) / "results.json").read_text(encoding="utf-8"))["parts"]
+        not_ok = [f"{p['name']}: {p['status']}" for p in parts if p["status"] != "ok"]
+    except (OSError, ValueError, KeyError):
+        not_ok = ["no results.json"]
+    if rc == 0 and not_ok:
+        print("error: parts not ok in the twin: " + "; ".join(not_ok), file=sys.stderr)
+        rc = 1
     print("\npreflight stages (s): " + ", ".join(f"{k} {v:.0f}" for k, v in stages.items()), flush=True)
     print(f"preflight: {'OK' if rc == 0 else f'FAILED (exit {rc})'}", flush=True)
     return rc
