@@ -3,6 +3,11 @@
     bash benchmarks/gpu_suite.sh OUT_DIR          # GPU: full-size model, <= 6 min on one H200 (360 s budget)
     bash benchmarks/gpu_suite.sh OUT_DIR --smoke  # CPU: tiny model, tens of seconds (tests/test_gpu_suite.py)
     bash benchmarks/gpu_suite.sh OUT_DIR --only train_12gb eval --budget_s 300
+    bash benchmarks/gpu_suite.sh OUT_DIR --preflight  # here, before every GPU run: the image's twin (README)
+
+Before any part: every need of requirements.txt and of the carried wheels is checked against the installed
+versions (environment(); one unmet need stops the suite, exit 2, each named), then gpu_fixtures.py builds the
+data (and, --smoke, the tiny model) that every part reads: built once, not per part.
 
 Parts (PARTS below; add a row to add one) run one after another, each in its own process: bench_train.py
 --check_loss for groups of recipes under one memory cap, and bench_eval.py (seed loop vs batched generation,
@@ -10,7 +15,8 @@ texts compared). OUT_DIR gets results.json and results.md, both rewritten after 
 (gpu_suite.sh); three files, as the device tool brings back at most eight.
 
 Time. The budget (--budget_s) counts from GPU_SUITE_T0, which gpu_suite.sh sets before it installs the
-carried wheels, so set-up, data preparation and model builds are all inside it. What is left once set-up is
+carried wheels, so set-up, the fixtures and model builds are all inside it; results.json's stages_s has the
+seconds of each. What is left once set-up is
 done is cut into one slot per part, in proportion to the part's share (its planned seconds on an H200); a part
 that ends early hands what it did not use to the next one, and no part can eat into a later part's slot:
   - a part whose slot is shorter than its minimum (min_s) is skipped, and says so;
