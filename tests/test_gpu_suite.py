@@ -69,7 +69,7 @@ def test_smoke_suite_writes_results_and_readme_tables(tmp_path: Path) -> None:
     assert f"| {seed['samples_per_s']:.2f} |" in seed_line and "| 1.00× |" in seed_line
     assert "## train.sh defaults from these figures" in md
     rope = md.split("### Rope position ids")[1].split("## Evaluation")[0]  # measured with and without
-    assert "| `default` |" in rope and "| `default:rope=0` |" in rope and "× |" in rope
+    assert "| `default:bs=2,ga=8` |" in rope and "| `default:bs=2,ga=8,rope=0` |" in rope and "× |" in rope
     assert "== train_12gb: slot" in (out / "suite.log").read_text()
 
     # gpu_tables.py on a README copy: refuses smoke figures unless told, then rewrites only the tables, once.
@@ -253,7 +253,7 @@ def test_gpu_plan_fits_six_minutes_on_an_h200() -> None:
     assert all(p.min_s <= p.share for p in parts)
     assert parts[0].memory_cap_gb <= 11.76 - 0.3  # an RTX 3060 reports 11.76 GiB; its context takes 0.3+
     first = parts[0].recipes
-    assert first[first.index("default") + 1] == "default:rope=0"
+    assert first[first.index("default:bs=2,ga=8") + 1] == "default:bs=2,ga=8,rope=0"
 
 
 def test_recipes_are_read_without_importing_torch() -> None:
