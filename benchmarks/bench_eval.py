@@ -125,17 +125,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--num_workers", type=int, help="also time reading the crop files with 0 and this many "
                     "loader workers (the evaluate_model.py path)")
     ap.add_argument("--deadline", type=float, help="Unix time: no repeat after it; cut the seed loop at it")
+    ap.add_argument("--data_dir", help="prepared crops (every split pooled) instead of --books/--pages "
+                    "(benchmarks/gpu_fixtures.py builds them once per GPU suite)")
+    ap.add_argument("--tiny_dir", help="the tiny model already built (--model tiny)")
     a = ap.parse_args(argv)
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     with tempfile.TemporaryDirectory() as tmp:
-        release, data = Path(tmp, "m109"), Path(tmp, "data")
-        generate(release, books=a.books, pages=a.pages, seed=a.seed)
-        # The split does not matter here (all crops are pooled); random mode works with any book count.
-        prep.run(prep.PrepareArguments(manga109_root=str(release), output_dir=str(data), split_mode="random",
-                                       num_workers=1))
-        records = [r for s in prep.SPLITS for r in read_jsonl(data / f"{s}.jsonl")]
+        release, data = Path(tmp, "m109"), Path(a.data_dir or Path(tmp, "data"))
+        if not a.data_dir:
+            generate(release, books=a.books, pages=a.pages, seed=a.seed)
+            # The split does not matter here (all crops are pooled); random mode works with any book count.
+            prep.run(prep.PrepareArguments(manga109_root=str(release), output_dir=str(data),
+                                           split_mode="random", num_workers=1))
+        records = [r for s in prep.SPLITS if (data / f"{s}.jsonl").is_file()
+                   for r in read_jsonl(data / f"{s}.jsonl")]
         if len(records) < a.num_samples:
             sys.exit(f"error: only {len(records)} crops; raise --books/--pages")
         records = random.Random(a.seed).sample(records, a.num_samples)
@@ -143,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         crops = RecordCrops(records, "bench")
 
         if a.model == "tiny":
-            tiny_dir = build_tiny_model(Path(tmp, "tiny"), charset=CHARSET)
+            tiny_dir = a.tiny_dir or build_tiny_model(Path(tmp, "tiny"), charset=CHARSET)
             model, processor = load_model_and_processor(tiny_dir, dtype=dtype, device=device)
         elif a.model == "full":
             model, processor = full_size_random(device, dtype)

@@ -332,6 +332,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--check_loss", action="store_true", help="compare each recipe's loss to the fp32 one")
     ap.add_argument("--json", help="write the rows to this file (rewritten after every recipe)")
     ap.add_argument("--deadline", type=float, help="Unix time: start no recipe after it, cut timing at it")
+    ap.add_argument("--data_dir", help="prepared crops to train on (train.jsonl) instead of --books/--pages "
+                    "(benchmarks/gpu_fixtures.py builds them once per GPU suite)")
+    ap.add_argument("--tiny_dir", help="the tiny model already built (--config tiny)")
     a = ap.parse_args(argv)
     recipes = [parse_recipe(s) for s in a.recipe]
     if a.steps < 1 or a.warmup < 0:
@@ -353,11 +356,15 @@ def main(argv: list[str] | None = None) -> int:
           f"config {a.config}; memory cap {cap}")
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
-        release, data_dir = Path(tmp, "m109"), Path(tmp, "data")
-        generate(release, books=a.books, pages=a.pages, seed=0, num_workers=a.num_workers, progress=False)
-        prep.run(prep.PrepareArguments(manga109_root=str(release), output_dir=str(data_dir), num_workers=1,
-                                       split_mode="random", test_fraction=0.0, val_fraction=0.0))
-        tiny_dir = build_tiny_model(Path(tmp, "tiny"), charset=CHARSET)
+        release, data_dir = Path(tmp, "m109"), Path(a.data_dir or Path(tmp, "data"))
+        if not a.data_dir:
+            generate(release, books=a.books, pages=a.pages, seed=0, num_workers=a.num_workers, progress=False)
+            prep.run(prep.PrepareArguments(manga109_root=str(release), output_dir=str(data_dir),
+                                           num_workers=1, split_mode="random", test_fraction=0.0,
+                                           val_fraction=0.0))
+        tiny_dir = a.tiny_dir or ""  # full: never used
+        if a.config == "tiny" and not tiny_dir:
+            tiny_dir = build_tiny_model(Path(tmp, "tiny"), charset=CHARSET)
         for recipe in recipes:
             row: dict[str, Any] = {"recipe": recipe.name, "bxa": f"{recipe.bs}x{recipe.ga}", "gc": recipe.gc,
                                    "settings": asdict(recipe), "device": desc, "config": a.config,

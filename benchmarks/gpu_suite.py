@@ -3,6 +3,11 @@
     bash benchmarks/gpu_suite.sh OUT_DIR          # GPU: full-size model, <= 6 min on one H200 (360 s budget)
     bash benchmarks/gpu_suite.sh OUT_DIR --smoke  # CPU: tiny model, tens of seconds (tests/test_gpu_suite.py)
     bash benchmarks/gpu_suite.sh OUT_DIR --only train_12gb eval --budget_s 300
+    bash benchmarks/gpu_suite.sh OUT_DIR --preflight  # here, before every GPU run: the image's twin (README)
+
+Before any part: every need of requirements.txt and of the carried wheels is checked against the installed
+versions (environment(); one unmet need stops the suite, exit 2, each named), then gpu_fixtures.py builds the
+data (and, --smoke, the tiny model) that every part reads: built once, not per part.
 
 Parts (PARTS below; add a row to add one) run one after another, each in its own process: bench_train.py
 --check_loss for groups of recipes under one memory cap, and bench_eval.py (seed loop vs batched generation,
@@ -10,7 +15,8 @@ texts compared). OUT_DIR gets results.json and results.md, both rewritten after 
 (gpu_suite.sh); three files, as the device tool brings back at most eight.
 
 Time. The budget (--budget_s) counts from GPU_SUITE_T0, which gpu_suite.sh sets before it installs the
-carried wheels, so set-up, data preparation and model builds are all inside it. What is left once set-up is
+carried wheels, so set-up, the fixtures and model builds are all inside it; results.json's stages_s has the
+seconds of each. What is left once set-up is
 done is cut into one slot per part, in proportion to the part's share (its planned seconds on an H200); a part
 that ends early hands what it did not use to the next one, and no part can eat into a later part's slot:
   - a part whose slot is shorter than its minimum (min_s) is skipped, and says so;
@@ -44,12 +50,14 @@ from importlib import metadata
 from pathlib import Path
 from typing import IO, Any
 
-from packaging.requirements import Requirement
+from packaging.markers import default_environment
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.gpu_tables import render_markdown  # noqa: E402
+from benchmarks.gpu_carry import REQUIREMENTS, read_requirements, unmet  # noqa: E402
+from benchmarks.gpu_fixtures import build as build_fixtures  # noqa: E402
+from benchmarks.gpu_tables import num, render_markdown  # noqa: E402
 
 
 @dataclass
@@ -66,31 +74,39 @@ class Part:
 # The parts, in the order they run: name, kind, memory cap (GiB), bench_train.py recipes, share (s), minimum
 # slot (s). To add one, add a row. The shares are estimates until a GPU run: each part's seconds in results.md
 # are what to tune them by; their sum stays within the budget less set-up (tests/test_gpu_suite.py). The seed
-# and ours at the 12 GB cap come first (the ratio's reference, and the choice for cards under 20 GB), with
-# `default:rope=0` right after `default`: the same training with the rope position ids left to the model's
-# forward (per-sample host syncs) instead of the collator, so the first run shows what that costs. LoRA at the
-# 8 GiB cap last.
+# and ours at the 12 GB cap come first (the ratio's reference, and the choice for cards under 20 GB). The data
+# holds a 1529-token crop, and by memory_plan.py only batch 2 of ours holds it under 11 GiB (10.5 GiB planned;
+# `default`'s 8 x 2: 23.5, so it is timed last, to show where it stops), with its rope=0 twin right after it:
+# the same training with the rope position ids left to the model's forward (per-sample host syncs) instead of
+# the collator, so the first run shows what that costs. Uncapped, by the plan on an 80 GB card:
+# default:bs=16 48 GiB, default_nogc:bs=4 44, default_nogc (8 x 2) 84 (at the edge; 16 x 1 would be 170).
+# LoRA at the 8 GiB cap last.
+# The "12 GB" cap is what an RTX 3060 can allocate: it reports 11.76 GiB, and its CUDA context and the
+# display take another 0.3-0.5 GiB, so 11 GiB (bench_train caps the allocator; the H100's context is apart).
+CAP_12GB_CARD = 11
 PARTS = [
-    ("train_12gb", "train", 12, ["seed", "default", "default:rope=0", "default_nogc:bs=2,ga=8"], 105, 50),
+    ("train_12gb", "train", CAP_12GB_CARD,
+     ["seed", "default:bs=2,ga=8", "default:bs=2,ga=8,rope=0", "default"], 100, 50),
     ("train_uncapped", "train", None,
-     ["default:bs=16,ga=1", "default_nogc", "default_nogc:bs=16,ga=1"], 75, 40),
+     ["default:bs=16,ga=1", "default_nogc:bs=4,ga=4", "default_nogc"], 70, 40),
     ("fp32_master", "train", None, ["fp32_master:bs=16,ga=1"], 35, 30),
-    ("eval", "eval", None, [], 70, 50),  # 128 one-crop generate() calls of 16 tokens: the seed loop is slow
-    ("lora_8gb", "train", 8, ["lora", "lora_vision"], 45, 35),
+    ("eval", "eval", None, [], 65, 50),  # 128 one-crop generate() calls of 16 tokens: the seed loop is slow
+    ("lora_8gb", "train", 8, ["lora", "lora_vision"], 40, 35),
 ]
 ORDER = [row[0] for row in PARTS]
 
-# Same parts and recipes in both modes; only sizes differ. GPU: 10 timed steps of 16 crops after 2 warm-up
-# steps; 2 synthetic books x 8 pages give the eval's 128 crops (~160 cut).
+# Same parts and recipes in both modes; only sizes differ. Every part reads the crops (and, smoke, the tiny
+# model) that gpu_fixtures.py builds once per suite: GPU 2 synthetic books x 8 pages (171 crops, long ones
+# included), smoke 1 x 3. GPU: 10 timed steps of 16 crops after 2 warm-up steps; eval 128 crops.
 TRAIN_ARGS = {"gpu": ["--config", "full", "--steps", "10", "--warmup", "2", "--check_loss"],
-              "smoke": ["--config", "tiny", "--steps", "1", "--warmup", "0", "--books", "1", "--pages", "3",
-                        "--check_loss"]}
-EVAL_ARGS = {"gpu": ["--model", "full", "--num_samples", "128", "--repeats", "1", "--books", "2",
-                     "--pages", "8", "--batch_size", "16", "--max_new_tokens", "16"],
-             "smoke": ["--model", "tiny", "--num_samples", "8", "--repeats", "1", "--books", "1",
-                       "--pages", "2", "--max_new_tokens", "4"]}
+              "smoke": ["--config", "tiny", "--steps", "1", "--warmup", "0", "--check_loss"]}
+EVAL_ARGS = {"gpu": ["--model", "full", "--num_samples", "128", "--repeats", "1", "--batch_size", "16",
+                     "--max_new_tokens", "16"],
+             "smoke": ["--model", "tiny", "--num_samples", "8", "--repeats", "1", "--max_new_tokens", "4"]}
 BUDGET_S = {"gpu": 360.0, "smoke": 300.0}  # GPU: 6 minutes, the device time an issue's run may take
-SETUP_S = {"gpu": 20.0, "smoke": 10.0}  # planned before the first part: installing the carried wheels
+# planned before the first part: the carried wheels (~5 s), the need check, the fixtures (16 s on a loaded
+# 2-core VM, most of it drawing pages with 2 processes)
+SETUP_S = {"gpu": 40.0, "smoke": 20.0}
 GRACE_S = {"gpu": 20.0, "smoke": 10.0}  # --deadline this long before the slot ends: the last step, the JSON
 RESERVE_S = 10.0  # kept back at the end: the last kill, results files, the shell's exit
 KILL_WAIT_S = 5.0  # SIGTERM -> SIGKILL
@@ -118,42 +134,32 @@ def bench_train_recipes() -> set[str]:
     return set()
 
 
-def environment() -> tuple[dict[str, str | None], list[str], list[str]]:
-    """(versions, missing requirements, warnings), from package metadata alone (no torch import).
+def environment(requirements: Path | None = None) -> tuple[dict[str, str | None], list[str]]:
+    """(versions, unmet needs), from package metadata alone (no torch import).
 
-    Checks requirements.txt (what CI installs) and the direct requirements of each package in it, so a carried
-    transformers wheel that needs a newer huggingface-hub than the image's is named before any part runs.
+    Checks requirements.txt and the needs of every wheel that gpu_suite.sh installed from .whl/
+    (GPU_SUITE_SITE): each one whose installed version (importlib.metadata, the carried copy first) is missing
+    or outside its spec is one line of the second list. The image's own packages' needs are the image's
+    business (its torch pins its CUDA libraries, ...), and gpu_carry.LEFT_OUT (wordfreq) is not checked: the
+    suite does without it.
     """
-    lines = (ROOT / "requirements.txt").read_text(encoding="utf-8").splitlines()
-    reqs = [Requirement(spec) for spec in (line.split("#")[0].strip() for line in lines) if spec]
-    versions: dict[str, str | None] = {}
-    missing, warnings = [], []
-    for req in reqs:
+    reqs = read_requirements(requirements or REQUIREMENTS)
+
+    def version_of(name: str) -> str | None:
         try:
-            versions[req.name] = metadata.version(req.name)
+            return metadata.version(name)
         except metadata.PackageNotFoundError:
-            versions[req.name] = None
-            missing.append(req.name)
-            continue
-        if not req.specifier.contains(versions[req.name], prereleases=True):
-            warnings.append(f"{req.name} {versions[req.name]} is not what CI tests ({req}): carry a wheel "
-                            "(benchmarks/gpu_wheels.sh)")
-        for dep in map(Requirement, metadata.requires(req.name) or []):
-            if dep.marker and not dep.marker.evaluate({"extra": ""}):
-                continue
-            try:
-                have = metadata.version(dep.name)
-            except metadata.PackageNotFoundError:
-                warnings.append(f"{req.name} needs {dep}, which is not installed")
-                continue
-            if not dep.specifier.contains(have, prereleases=True):
-                warnings.append(f"{req.name} needs {dep}, found {have}")
+            return None
+
+    requires_of: dict[str, list[str]] = {}
+    if site := os.environ.get("GPU_SUITE_SITE"):
+        for dist in metadata.distributions(path=[site]):
+            requires_of[dist.metadata["Name"]] = dist.requires or []
+    bad = unmet(reqs, version_of, requires_of, default_environment() | {"extra": ""})
+    versions = {r.name: version_of(r.name) for r in reqs}
     for name in ("torchvision", "huggingface-hub", "tokenizers"):  # they change which code paths run
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
-    return versions, missing, warnings
+        versions[name] = version_of(name)
+    return versions, bad
 
 
 def nvidia_smi() -> str | None:
@@ -166,12 +172,16 @@ def nvidia_smi() -> str | None:
         return None
 
 
-def command(part: Part, mode: str) -> list[str]:
+def command(part: Part, mode: str, fixtures: dict | None = None) -> list[str]:
     script = Path(part.script) if part.script else ROOT / "benchmarks" / f"bench_{part.kind}.py"
+    shared = []
+    if fixtures:
+        shared = ["--data_dir", fixtures["data_dir"]]
+        shared += ["--tiny_dir", fixtures["tiny_dir"]] if fixtures.get("tiny_dir") else []
     if part.kind == "eval":
-        return [sys.executable, "-u", str(script), *EVAL_ARGS[mode]]
+        return [sys.executable, "-u", str(script), *EVAL_ARGS[mode], *shared]
     cap = ["--memory_cap_gb", f"{part.memory_cap_gb:g}"] if part.memory_cap_gb else []
-    return [sys.executable, "-u", str(script), *TRAIN_ARGS[mode], *cap, "--recipe", *part.recipes]
+    return [sys.executable, "-u", str(script), *TRAIN_ARGS[mode], *cap, *shared, "--recipe", *part.recipes]
 
 
 def _pump(stream: IO[str], tail: deque) -> None:
@@ -262,8 +272,9 @@ def write_results(results: dict, out_dir: Path) -> None:
 
 
 def run_suite(parts: list[Part], mode: str, out_dir: Path, results: dict, deadline: float,
-              env: dict[str, str]) -> dict:
-    """Run the parts inside `deadline` (Unix time), rewriting the results files after each one."""
+              env: dict[str, str], fixtures: dict | None = None) -> dict:
+    """Run the parts inside `deadline` (Unix time), rewriting the results files after each one; each part
+    reads `fixtures` (gpu_fixtures.build), else builds its own data."""
     available = bench_train_recipes()
     plan: list[tuple[Part, dict]] = []
     for part in parts:
@@ -298,8 +309,10 @@ def run_suite(parts: list[Part], mode: str, out_dir: Path, results: dict, deadli
                 write_results(results, out_dir)
                 continue
             json_path = Path(tmp, f"{part.name}.json")
-            cmd = command(part, mode)
+            cmd = command(part, mode, fixtures)
             shown = (os.path.relpath(c, ROOT) if c.startswith(str(ROOT)) else c for c in cmd[2:])
+            if fixtures:  # a temporary folder: name it by what it holds
+                shown = (c.replace(str(Path(fixtures["data_dir"]).parent), "FIXTURES") for c in shown)
             entry["command"] = shlex.join(["python", *shown])
             cmd += ["--json", str(json_path), "--deadline", f"{end - min(GRACE_S[mode], slot / 4):.1f}"]
             print(f"\n== {part.name}: slot {slot:.0f} s\n$ {entry['command']}", flush=True)
@@ -337,21 +350,21 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = Path(a.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    versions, missing, warnings = environment()
+    versions, bad = environment()
     results: dict[str, Any] = {"suite": {
         "mode": mode, "config": "tiny" if a.smoke else "full", "status": "running",
         "started_utc": datetime.fromtimestamp(t0, timezone.utc).isoformat(timespec="seconds"),
         "t0": t0, "budget_s": budget, "elapsed_s": time.time() - t0, "device": None, "gpu": nvidia_smi(),
-        "python": sys.version.split()[0], "versions": versions, "warnings": warnings,
+        "python": sys.version.split()[0], "versions": versions, "unmet": bad,
     }, "parts": []}
     plan = planned_s(parts, "gpu")
     print(f"gpu_suite ({mode}): budget {budget:.0f} s from GPU_SUITE_T0 (planned {plan:.0f} s on an H200), "
           f"{time.time() - t0:.0f} s used by set-up; gpu: {results['suite']['gpu']}; "
           f"torch {versions.get('torch')}, transformers {versions.get('transformers')}", flush=True)
-    for w in warnings:
-        print(f"warning: {w}", flush=True)
-    if missing:  # every part would die on its imports: say so in seconds instead of minutes
-        results["suite"]["status"] = (f"aborted: {', '.join(missing)} not installed (carry .whl: "
+    if bad:  # every part would die on its imports, or run on code CI never tested: stop in seconds
+        for line in bad:
+            print(f"unmet: {line}", file=sys.stderr)
+        results["suite"]["status"] = (f"aborted: {len(bad)} unmet need(s): {'; '.join(bad)} (carry them: "
                                       "benchmarks/gpu_wheels.sh, see benchmarks/README.md)")
         write_results(results, out_dir)
         print(f"error: {results['suite']['status']}", file=sys.stderr)
@@ -360,13 +373,29 @@ def main(argv: list[str] | None = None) -> int:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     if a.smoke:  # on a shared CPU, intra-op threads of the tiny model's small ops only fight each other
         env.setdefault("OMP_NUM_THREADS", "1")
-    run_suite(parts, mode, out_dir, results, t0 + budget, env)
     s = results["suite"]
+    s["stages_s"] = {"set-up before the suite (wheels)": round(time.time() - t0, 1)}
+    with tempfile.TemporaryDirectory(prefix="gpu_suite_fixtures_") as tmp:
+        t = time.time()
+        try:
+            s["fixtures"] = fixtures = build_fixtures(Path(tmp), mode)
+        except Exception as e:  # noqa: BLE001 (no part can run without data: say why in the results)
+            s["status"] = f"aborted: building the fixtures failed ({type(e).__name__}: {e})"
+            write_results(results, out_dir)
+            print(f"error: {s['status']}", file=sys.stderr)
+            return 2
+        s["stages_s"]["fixtures (data once for every part)"] = round(time.time() - t, 1)
+        print(f"fixtures: {fixtures['crops']} crops, the longest {fixtures['longest_crop']['length']} tokens "
+              f"(max_length {fixtures['max_length']}), in {time.time() - t:.0f} s", flush=True)
+        run_suite(parts, mode, out_dir, results, t0 + budget, env, fixtures)
+    s["stages_s"] |= {p["name"]: p.get("seconds") for p in results["parts"]}
     s["elapsed_s"] = time.time() - t0
     bad = [p["name"] for p in results["parts"] if p["status"].startswith(("failed", "loss check"))]
     s["status"] = f"failed parts: {', '.join(bad)}" if bad else "ok"
     write_results(results, out_dir)
     print("\n" + render_markdown(results), flush=True)
+    print("stages (s): " + ", ".join(f"{k} {num(v, '.0f')}" for k, v in s["stages_s"].items())
+          + f"; total {s['elapsed_s']:.0f} of {budget:.0f}", flush=True)
     return 1 if bad else 0
 
 

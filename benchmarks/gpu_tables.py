@@ -11,8 +11,9 @@ kept byte for byte, and a second run with the same JSON changes nothing:
 
 A --smoke results.json (tiny model on CPU) is refused unless --allow_smoke (the tests use it on a copy): its
 figures say the suite works, not what a GPU does. It also prints the recipes train.sh's defaults should come
-from (the fastest that ran under the 12 GB cap, and the fastest overall). gpu_suite.py renders results.md with
-the same functions; nothing here imports torch.
+from (the fastest that ran under the 12 GB card's cap, and the fastest overall), and for the first, by
+memory_plan.py, the batch at which it holds the suite's longest crop under that cap. gpu_suite.py renders
+results.md with the same functions; only that plan imports torch (a meta-device model: no memory).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import argparse
 import json
 import re
 import sys
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -152,11 +154,48 @@ def provenance(results: dict) -> str:
             f"{s['budget_s']:.0f} s budget), copied by `benchmarks/gpu_tables.py` from its results.json.")
 
 
+@cache
+def _planned_gib(precision: str, batch_size: int, seq_len: int, image_tokens: int, gc: bool) -> float:
+    """memory_plan.py's total for the full-size model (weights, gradients, optimizer, activations), GiB."""
+    from transformers import PaddleOCRVLConfig
+
+    sys.path.insert(0, str(ROOT))
+    from memory_plan import GIB, memory_plan
+
+    config = PaddleOCRVLConfig(text_config={"tie_word_embeddings": False}, tie_word_embeddings=False)
+    rows = memory_plan(config, batch_size=batch_size, seq_len=seq_len, image_tokens=image_tokens,
+                       gradient_checkpointing=gc, bf16_autocast=True, lora_r=0, lora_targets="language",
+                       lora_precision=precision)
+    return next(r for r in rows if r.mode == precision).total / GIB
+
+
+def longest_crop_plan(results: dict, row: dict) -> str:
+    """Whether `row`'s recipe holds the suite's longest crop under its cap by memory_plan.py (every row of a
+    batch padded to it), else the largest batch that does. Full-size runs only (the plan is the 0.9B's)."""
+    crop = (results["suite"].get("fixtures") or {}).get("longest_crop")
+    settings, cap = row.get("settings") or {}, row.get("memory_cap_gb")
+    if not crop or results["suite"].get("config") != "full" or not cap or "bs" not in settings:
+        return ""
+
+    def gib(b: int) -> float:
+        return _planned_gib(settings["precision"], b, crop["length"], crop["image_tokens"], settings["gc"])
+
+    bs = settings["bs"]
+    fit = next((b for b in range(bs, 0, -1) if gib(b) <= cap), None)
+    head = f"; the longest crop ({crop['length']} tokens) by memory_plan.py: {gib(bs):.2f} GiB at batch {bs}"
+    if fit == bs:
+        return f"{head}, fits {cap:g} GiB"
+    if fit:
+        return (f"{head}, over {cap:g} GiB: fits at batch {fit} ({gib(fit):.2f} GiB; BATCH_SIZE={fit} "
+                f"GRAD_ACCUM={max(1, bs * settings.get('ga', 1) // fit)})")
+    return f"{head}; not even batch 1 fits {cap:g} GiB ({gib(1):.2f})"
+
+
 def choice(results: dict) -> list[str]:
     """train.sh's candidates: our full fine-tune (not seed, lowres or LoRA), loss checked; fastest wins."""
     rows = [r for r in train_rows(results) if r["status"] == "ok" and r.get("check", {"ok": True})["ok"]
             and r.get("settings", {}).get("precision") in ("bf16_lean", "fp32_master")
-            and not r["settings"].get("min_pixels")]
+            and not r["settings"].get("min_pixels") and not r["settings"].get("lora_r")]
     if not rows:
         return ["no recipe of ours was measured: no choice for train.sh"]
     fits = [r for r in rows if r["memory_cap_gb"] is not None and r["memory_cap_gb"] <= 12]
@@ -164,9 +203,10 @@ def choice(results: dict) -> list[str]:
     if fits:
         r = max(fits, key=lambda r: r["samples_per_s"])
         lines.append(f"cards under 20 GB: `{r['recipe']}` ({r['samples_per_s']:.2f} samples/s under the "
-                     f"{r['memory_cap_gb']:g} GiB cap, peak {num(r.get('peak_gib'), '.2f')} GiB)")
+                     f"{r['memory_cap_gb']:g} GiB cap, peak {num(r.get('peak_gib'), '.2f')} GiB"
+                     f"{longest_crop_plan(results, r)})")
     else:
-        lines.append("cards under 20 GB: none of ours ran under the 12 GiB cap")
+        lines.append("cards under 20 GB: none of ours ran under the 12 GB card's cap")
     r = max(rows, key=lambda r: r["samples_per_s"])
     lines.append(f"cards of 20 GB and more: `{r['recipe']}` ({r['samples_per_s']:.2f} samples/s, peak "
                  f"{num(r.get('peak_gib'), '.2f')} GiB, reserved {num(r.get('reserved_gib'), '.2f')} GiB)")
@@ -179,14 +219,22 @@ def readme_blocks(results: dict) -> dict[str, str]:
 
 
 def render_markdown(results: dict) -> str:
-    """results.md: both tables, what each part did, warnings, and the train.sh choice."""
+    """results.md: both tables, what each part did, unmet needs, and the train.sh choice."""
     s = results["suite"]
     out = [f"# GPU suite ({s['mode']}): {gpu_name(s.get('device'))}", "", provenance(results), ""]
     if s.get("gpu"):
         out += [f"nvidia-smi: {s['gpu']}", ""]
     if s.get("status") != "ok":
         out += [f"**Suite: {s.get('status')}**", ""]
-    out += [f"- {w}" for w in s.get("warnings", [])] + ([""] if s.get("warnings") else [])
+    notes = [f"unmet: {w}" for w in s.get("unmet", [])] + s.get("warnings", [])  # warnings: older runs
+    if fx := s.get("fixtures"):
+        crop = fx["longest_crop"]
+        notes.append(f"data: {fx['crops']} crops built once for every part, the longest {crop['length']} "
+                     f"tokens ({crop['width']}×{crop['height']} px, {crop['image_tokens']} image tokens; "
+                     f"max_length {fx['max_length']})")
+    if st := s.get("stages_s"):
+        notes.append("seconds per stage: " + ", ".join(f"{k} {num(v, '.0f')}" for k, v in st.items()))
+    out += [f"- {w}" for w in notes] + ([""] if notes else [])
     out += ["## Training (`benchmarks/bench_train.py`)", "", train_table(results), "",
             "### Rope position ids: from the collator vs from the model", "", rope_table(results), "",
             "## Evaluation (`benchmarks/bench_eval.py`)", "", eval_table(results), "",

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -19,6 +20,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import bench_eval  # noqa: E402
 import bench_train  # noqa: E402
+import gpu_carry  # noqa: E402
 import gpu_suite  # noqa: E402
 import gpu_tables  # noqa: E402
 
@@ -43,6 +45,12 @@ def test_smoke_suite_writes_results_and_readme_tables(tmp_path: Path) -> None:
     suite, parts = results["suite"], {p["name"]: p for p in results["parts"]}
     assert suite["mode"] == "smoke" and suite["status"] == "ok" and suite["device"].startswith("cpu")
     assert list(parts) == gpu_suite.ORDER and suite["elapsed_s"] <= took + 1
+    # one data folder (and tiny model) for every part, built before the first; its longest crop fits
+    assert len({p["command"].split("--data_dir ")[1].split()[0] for p in parts.values()}) == 1
+    assert all("--tiny_dir" in p["command"] for p in parts.values())
+    fx = suite["fixtures"]
+    assert fx["longest_crop"]["length"] <= fx["max_length"] and fx["crops"] > 1
+    assert list(suite["stages_s"])[-len(parts):] == gpu_suite.ORDER and "stages (s): " in proc.stdout
     for name, part in parts.items():
         assert part["status"] == "ok", (name, part["status"], part.get("log_tail"))
         assert part["seconds"] <= part["slot_s"]
@@ -61,7 +69,7 @@ def test_smoke_suite_writes_results_and_readme_tables(tmp_path: Path) -> None:
     assert f"| {seed['samples_per_s']:.2f} |" in seed_line and "| 1.00× |" in seed_line
     assert "## train.sh defaults from these figures" in md
     rope = md.split("### Rope position ids")[1].split("## Evaluation")[0]  # measured with and without
-    assert "| `default` |" in rope and "| `default:rope=0` |" in rope and "× |" in rope
+    assert "| `default:bs=2,ga=8` |" in rope and "| `default:bs=2,ga=8,rope=0` |" in rope and "× |" in rope
     assert "== train_12gb: slot" in (out / "suite.log").read_text()
 
     # gpu_tables.py on a README copy: refuses smoke figures unless told, then rewrites only the tables, once.
@@ -218,6 +226,24 @@ def test_rope_pairs_match_twins_only() -> None:
                                      "| 4.00 | 1.50× |")
 
 
+def test_12gb_pick_names_the_batch_that_holds_the_longest_crop() -> None:
+    """The pick for cards under 20 GB, timed under the 11 GiB cap, says by memory_plan.py whether it holds
+    the suite's longest crop (every row padded to it) at its batch, else the largest batch that does."""
+    crop = {"id": "x", "width": 1098, "height": 1019, "length": 1529, "image_tokens": 1404}
+    results = {"suite": {"mode": "gpu", "config": "full", "fixtures": {"longest_crop": crop}},
+               "parts": [{"name": "train_12gb", "kind": "train", "status": "ok", "memory_cap_gb": 11,
+                          "recipes": ["default"], "rows": [_row("default", 5.0) | {"settings": {
+                              "precision": "bf16_lean", "bs": 8, "ga": 2, "gc": True}}]}]}
+    line = gpu_tables.choice(results)[0]
+    batch = int(line.split("fits at batch ")[1].split()[0])
+    assert 1 <= batch < 8 and f"BATCH_SIZE={batch} GRAD_ACCUM={16 // batch}" in line
+
+    def gib(b: int) -> float:
+        return gpu_tables._planned_gib("bf16_lean", b, crop["length"], crop["image_tokens"], True)
+
+    assert gib(batch) <= 11 < gib(batch + 1) and f"{gib(8):.2f} GiB at batch 8" in line
+
+
 def test_gpu_plan_fits_six_minutes_on_an_h200() -> None:
     """The shares are planned seconds on an H200: with set-up and the reserve they fit the budget, and every
     part's planned slot holds its minimum. The rope comparison runs right after `default`, early."""
@@ -225,8 +251,9 @@ def test_gpu_plan_fits_six_minutes_on_an_h200() -> None:
     assert gpu_suite.BUDGET_S["gpu"] <= 360
     assert gpu_suite.planned_s(parts, "gpu") <= gpu_suite.BUDGET_S["gpu"]
     assert all(p.min_s <= p.share for p in parts)
+    assert parts[0].memory_cap_gb <= 11.76 - 0.3  # an RTX 3060 reports 11.76 GiB; its context takes 0.3+
     first = parts[0].recipes
-    assert first[first.index("default") + 1] == "default:rope=0"
+    assert first[first.index("default:bs=2,ga=8") + 1] == "default:bs=2,ga=8,rope=0"
 
 
 def test_recipes_are_read_without_importing_torch() -> None:
@@ -275,3 +302,99 @@ def test_bench_eval_seed_loop_stops_at_the_deadline(monkeypatch: pytest.MonkeyPa
     assert calls == [16, 16, 8]
     calls.clear()
     assert bench_eval.seed_loop_until(None, None, images, 4, deadline=0.0) == ["t"] * 16 and calls == [16]
+
+
+def test_image_plus_carried_wheels_meet_every_need_of_requirements() -> None:
+    """The preflight's static part, no download: requirements.txt, and the Requires-Dist of each wheel in the
+    committed lock, against gpu_image.txt plus the lock. jaconv was the suite's first abort on the image."""
+    lock, image = gpu_carry.read_lock(), gpu_carry.read_image()
+    assert gpu_carry.static_unmet(gpu_carry.read_requirements(), image, lock) == []
+    carried = {c["name"]: c["version"] for c in lock["carried"]}
+    lacking = {"jaconv", "editdistance", "torch-optimi", "python-dotenv"}  # absent from the image
+    assert lacking | gpu_carry.CARRY_UNLISTED <= set(carried)
+    assert carried["transformers"] == gpu_carry.PINS["transformers"] and "huggingface-hub" not in carried
+    assert "wordfreq" in lock["left_out"] and "wordfreq" not in carried
+
+
+def fake_wheels(tmp_path: Path, requires: dict[str, tuple[str, list[str]]]):
+    """A download() for gpu_carry.resolve that writes a wheel holding only METADATA, from {name: (version,
+    Requires-Dist)}, whatever spec it is asked for; it records the specs asked."""
+    asked: list[str] = []
+
+    def download(spec: str) -> Path:
+        asked.append(spec)
+        name = gpu_carry.Requirement(spec).name
+        version, reqs = requires[gpu_carry.canonicalize_name(name)]
+        stem = f"{name.replace('-', '_')}-{version}"
+        wheel = tmp_path / f"{stem}-py3-none-any.whl"
+        meta = f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n"
+        meta += "".join(f"Requires-Dist: {r}\n" for r in reqs) + "\nlong description: Requires-Dist: x\n"
+        with zipfile.ZipFile(wheel, "w") as z:
+            z.writestr(f"{stem}.dist-info/METADATA", meta)
+        return wheel
+
+    return download, asked
+
+
+def test_carried_set_is_derived_from_requirements_and_wheel_metadata(tmp_path: Path) -> None:
+    """Resolving again from the lock's own metadata gives the lock's set, and a need the image fails pulls in
+    its wheel, recursively; markers are evaluated for CPython 3.12 on Linux."""
+    lock, image = gpu_carry.read_lock(), gpu_carry.read_image()
+    meta = {c["name"]: (c["version"], c["requires"]) for c in lock["carried"]}
+    download, _ = fake_wheels(tmp_path, meta)
+    prefer = {n: v for n, (v, _) in meta.items()}
+    got = gpu_carry.resolve(gpu_carry.read_requirements(), image, download, gpu_carry.PINS, prefer)
+    assert {n: c.version for n, c in got.items()} == prefer
+
+    # hub too old on a doctored image: transformers' need carries hub, and hub's own need its wheel
+    doctored = dict(image, **{"huggingface-hub": "1.0.0"})
+    meta |= {"huggingface-hub": ("1.40.0", ["new-dep>=2", "win-only; sys_platform == 'win32'",
+                                            "old-py; python_version < '3.10'"]),
+             "new-dep": ("2.1", [])}
+    download, asked = fake_wheels(tmp_path, meta)
+    got = gpu_carry.resolve(gpu_carry.read_requirements(), doctored, download, gpu_carry.PINS, prefer)
+    tf = f"transformers {gpu_carry.PINS['transformers']}"
+    hub = next(r for r in meta["transformers"][1] if r.startswith("huggingface-hub"))
+    hub = str(gpu_carry.Requirement(hub))
+    assert got["huggingface-hub"].why[0] == f"{tf}: {hub} (the image has 1.0.0)"
+    assert "new-dep" in got and "win-only" not in got and "old-py" not in got
+    assert hub in asked and f"transformers=={gpu_carry.PINS['transformers']}" in asked
+
+
+def test_an_unmet_need_is_named_and_fatal(tmp_path: Path) -> None:
+    """A doctored image (old hub) and lock (jaconv not carried): gpu_carry.py check exits 1 naming each."""
+    image, text = tmp_path / "image.txt", gpu_carry.IMAGE.read_text()
+    hub_line = next(line for line in text.splitlines() if line.startswith("huggingface-hub=="))
+    image.write_text(text.replace(hub_line, "huggingface-hub==1.0.0"))
+    lock = gpu_carry.read_lock()
+    lock["carried"] = [c for c in lock["carried"] if c["name"] != "jaconv"]
+    lock_path = tmp_path / "lock.json"
+    lock_path.write_text(json.dumps(lock))
+    script = ROOT / "benchmarks" / "gpu_carry.py"
+    cmd = [sys.executable, str(script), "check", "--image", str(image), "--lock", str(lock_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1
+    jaconv = next(r for r in gpu_carry.read_requirements() if r.name == "jaconv")
+    transformers = next(c for c in lock["carried"] if c["name"] == "transformers")
+    hub = next(r for r in transformers["requires"] if r.startswith("huggingface-hub"))
+    hub = str(gpu_carry.Requirement(hub))
+    assert f"unmet: requirements.txt needs {jaconv}: not installed" in proc.stderr
+    assert f"unmet: transformers {transformers['version']} needs {hub}: found 1.0.0" in proc.stderr
+    assert "2 need(s) unmet" in proc.stderr
+    good = subprocess.run([sys.executable, str(script), "check"], capture_output=True, text=True, timeout=60)
+    assert good.returncode == 0, good.stderr
+
+
+def test_suite_stops_before_any_part_naming_each_unmet_need(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                           capsys: pytest.CaptureFixture) -> None:
+    reqs = tmp_path / "requirements.txt"
+    reqs.write_text("packaging>=1\njaconv>=99  # newer than any\nno-such-package-xyz>=1\nwordfreq>=99\n")
+    monkeypatch.setattr(gpu_suite, "REQUIREMENTS", reqs)
+    monkeypatch.setattr(gpu_suite, "run_suite", lambda *a, **k: pytest.fail("a part ran"))
+    assert gpu_suite.main([str(tmp_path / "out"), "--smoke"]) == 2
+    err = capsys.readouterr().err
+    assert "unmet: requirements.txt needs jaconv>=99: found" in err
+    assert "unmet: requirements.txt needs no-such-package-xyz>=1: not installed" in err
+    assert "wordfreq" not in err  # left out on purpose (gpu_carry.LEFT_OUT), never checked
+    suite = json.loads((tmp_path / "out" / "results.json").read_text())["suite"]
+    assert suite["status"].startswith("aborted: 2 unmet need(s)") and len(suite["unmet"]) == 2
