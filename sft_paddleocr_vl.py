@@ -1251,6 +1251,17 @@ def save_final_model(trainer: BF16Trainer, base: str, output_dir: str) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return run(argv)
+    finally:
+        # Each rank tears its process group down itself: left to interpreter exit, gloo's threads can still
+        # run while their objects are destroyed, which aborts the rank ("terminate called without an active
+        # exception", once in 7 two-process rehearsals here) and torchrun then fails the whole run.
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def run(argv: list[str] | None = None) -> int:
     model_args, data_args, args = parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     try:
