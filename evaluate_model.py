@@ -29,10 +29,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ocr_dataset import DatasetError, OCRDataset, RecordCrops, spread_sample
 from ocr_metrics import NORMALIZATIONS, all_metrics, edit_distance, normalize
 from ocr_quantize import METHODS as QUANTIZE_METHODS
 from ocr_report import write_comparison, write_report
+from paddleocr_vl_manga.data.dataset import DatasetError, OCRDataset, RecordCrops, spread_sample
 
 METRICS = {"cer": "CER", "cer_mean": "mean CER", "exact_match": "exact match"}
 RUN_FILE = "run.json"  # the settings of the run the folder holds, and whether it is complete
@@ -153,7 +153,7 @@ def predict_records(model: Any, processor: Any, records: list[dict], source: str
     from tqdm import tqdm
 
     import ocr_model
-    from custom_collator import num_image_tokens
+    from paddleocr_vl_manga.data.collator import num_image_tokens
 
     # Sorting the whole split by image-token count (JSONL width/height, else the file's header: nothing is
     # decoded) keeps batch padding small; a prediction does not depend on which batch it is in (tested). A
@@ -408,9 +408,9 @@ def write_atomic(path: Path, text: str) -> None:
 
 def evaluate(args: EvalArguments) -> dict:
 
-    from custom_collator import configure_image_size
     from ocr_model import default_num_workers, generation_flag_error, load_for_inference, pixel_bounds_error
-    from sample_lengths import filter_split
+    from paddleocr_vl_manga.data.collator import configure_image_size
+    from paddleocr_vl_manga.data.lengths import filter_split
 
     if args.batch_size <= 0:
         raise EvalError(f"--batch_size must be positive, got {args.batch_size}")

@@ -59,8 +59,8 @@ from safetensors.torch import save_file
 from transformers import PaddleOCRVLForConditionalGeneration
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
-from custom_collator import saved_pixel_bounds
 from ocr_gguf import GGUF_TYPES, GGUFError, converter_dir, export_gguf
+from paddleocr_vl_manga.data.collator import saved_pixel_bounds
 
 logger = logging.getLogger(__name__)
 

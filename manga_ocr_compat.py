@@ -41,7 +41,10 @@ def _check_type(img_or_path: Any) -> None:
 
 def _open(img_or_path: ImageInput) -> Image.Image:
     # manga-ocr also converts to grayscale ("L" then RGB); we keep colour, as our model was trained on it.
-    from ocr_dataset import open_rgb, rgb_image  # 16-bit, alpha, ...: as training and evaluation read them
+    from paddleocr_vl_manga.data.dataset import (  # 16-bit, alpha, ...: as training and evaluation read them
+        open_rgb,
+        rgb_image,
+    )
 
     if isinstance(img_or_path, str | Path):
         return open_rgb(img_or_path)

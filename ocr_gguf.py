@@ -160,7 +160,7 @@ def gguf_chat_template(training_prompt: str, eos_token: str) -> str:
     parts: "text" and llama-server's "media_marker" parts carry their text, HF-style "image" parts become
     mtmd's default marker.
     """
-    from custom_collator import BOS_TEXT, IMAGE_TRIPLET, PROMPT
+    from paddleocr_vl_manga.data.collator import BOS_TEXT, IMAGE_TRIPLET, PROMPT
 
     head, tail = f"{BOS_TEXT}User: {IMAGE_TRIPLET}", f"{PROMPT}\n"
     if not (training_prompt.startswith(head + tail) and len(training_prompt) > len(head + tail)):
@@ -211,8 +211,8 @@ def gguf_chat_template(training_prompt: str, eos_token: str) -> str:
 
 def training_prompt(export_dir: Path):
     """(the generation prompt training used, the processor) of an exported folder, loaded as training does."""
-    from custom_collator import PromptError, generation_prompt
     from ocr_model import ModelLoadError, load_config_and_processor
+    from paddleocr_vl_manga.data.collator import PromptError, generation_prompt
 
     try:
         processor = load_config_and_processor(str(export_dir)).processor
@@ -271,7 +271,7 @@ def _converter_input(export_dir: Path, stage: Path) -> Path:
         vision["architectures"] = [VISION_ARCHITECTURE]
     _write_json(stage / "config.json", config)
 
-    from custom_collator import saved_pixel_bounds
+    from paddleocr_vl_manga.data.collator import saved_pixel_bounds
 
     bounds = saved_pixel_bounds(export_dir)
     if bounds is None:

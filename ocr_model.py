@@ -41,7 +41,7 @@ from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, PreTrainedConfig
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, cached_file
 
-from custom_collator import (
+from paddleocr_vl_manga.data.collator import (
     IMAGE_END,
     IMAGE_PLACEHOLDER,
     IMAGE_START,
@@ -448,7 +448,7 @@ class _Batches(torch.utils.data.Dataset):
         return len(self.batches)
 
     def __getitem__(self, b: int) -> tuple[list[int], dict[str, torch.Tensor] | _WorkerError]:
-        from custom_collator import generation_batch  # fit_image happens in there
+        from paddleocr_vl_manga.data.collator import generation_batch  # fit_image happens in there
 
         idx = self.batches[b]
         try:
@@ -603,7 +603,7 @@ def crop_chunks(
     """
     from torch.utils.data import DataLoader
 
-    from custom_collator import num_image_tokens
+    from paddleocr_vl_manga.data.collator import num_image_tokens
 
     n = len(crops)
     if n == 0:

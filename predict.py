@@ -28,7 +28,9 @@ class PredictError(Exception):
 
 
 def open_image(path: str) -> Image.Image:
-    from ocr_dataset import open_rgb  # every mode converted as training and evaluation convert it
+    from paddleocr_vl_manga.data.dataset import (
+        open_rgb,  # every mode converted as training and evaluation convert it
+    )
 
     try:
         return open_rgb(path)
@@ -66,7 +68,7 @@ def boxes_from_manga109(
     """The page's <text> boxes, validated and clipped exactly as prepare_manga109_data.py does."""
     from lxml import etree
 
-    import prepare_manga109_data as prep
+    import paddleocr_vl_manga.data.manga109 as prep
 
     try:
         tree = etree.parse(xml_path, etree.XMLParser(resolve_entities=False, no_network=True))
@@ -95,8 +97,8 @@ def boxes_from_manga109(
 
 
 def run(a: argparse.Namespace) -> int:
-    from custom_collator import configure_image_size
     from ocr_model import default_num_workers, generation_flag_error, load_for_inference, pixel_bounds_error
+    from paddleocr_vl_manga.data.collator import configure_image_size
 
     flags = generation_flag_error(a.max_new_tokens, a.min_pixels, a.max_pixels)
     if flags:
@@ -182,8 +184,8 @@ def write_predictions(a: argparse.Namespace, model: Any, processor: Any, jobs: l
                       page: Image.Image | None, out: Any) -> None:
     from contextlib import closing
 
-    from ocr_dataset import fitted_size
     from ocr_model import crop_chunks, generate_texts, pin_memory
+    from paddleocr_vl_manga.data.dataset import fitted_size
 
     crops = PageCrops(page, [j["bbox"] for j in jobs]) if page else FileCrops(a.images)
     chunks = crop_chunks(processor, crops, batch_size=a.batch_size, chunk_size=8 * a.batch_size,

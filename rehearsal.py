@@ -47,7 +47,7 @@ import torch
 from transformers import TrainerCallback, TrainingArguments
 
 import sft_paddleocr_vl as sft
-from ocr_dataset import OCRDataset, spread_sample
+from paddleocr_vl_manga.data.dataset import OCRDataset, spread_sample
 
 logger = logging.getLogger("sft.rehearsal")
 

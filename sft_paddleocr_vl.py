@@ -43,17 +43,7 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.training_args import ParallelMode
 
-from custom_collator import (
-    OCRCollator,
-    OverlongError,
-    answer_ids,
-    answer_tokens_line,
-    configure_image_size,
-    logits_positions,
-    whitespace_start,
-)
 from export_model import ExportError, export_model, write_base
-from ocr_dataset import DatasetError, OCRDataset, RecordCrops, mixed_train_dataset, spread_sample
 from ocr_lora import (
     ADAPTER_DIR,
     DEFAULT_DROPOUT,
@@ -72,7 +62,30 @@ from ocr_model import (
     load_model_and_processor,
     workers_fork,
 )
-from sample_lengths import SUMMARY_FILE, SplitLengths, check_fits, filter_split, image_tokens, write_summary
+from paddleocr_vl_manga.data.collator import (
+    OCRCollator,
+    OverlongError,
+    answer_ids,
+    answer_tokens_line,
+    configure_image_size,
+    logits_positions,
+    whitespace_start,
+)
+from paddleocr_vl_manga.data.dataset import (
+    DatasetError,
+    OCRDataset,
+    RecordCrops,
+    mixed_train_dataset,
+    spread_sample,
+)
+from paddleocr_vl_manga.data.lengths import (
+    SUMMARY_FILE,
+    SplitLengths,
+    check_fits,
+    filter_split,
+    image_tokens,
+    write_summary,
+)
 
 logger = logging.getLogger("sft")
 

@@ -50,9 +50,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import sft_paddleocr_vl as sft  # noqa: E402
-from custom_collator import OCRCollator  # noqa: E402
 from memory_plan import memory_plan  # noqa: E402
 from ocr_lora import add_lora, is_lora  # noqa: E402
+from paddleocr_vl_manga.data.collator import OCRCollator  # noqa: E402
 from tools.make_synthetic_manga109 import CHARSET  # noqa: E402
 
 PARTS = ("vision", "projector", "decoder", "logits")

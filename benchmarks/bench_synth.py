@@ -22,8 +22,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tools")]
 
 from make_synthetic_manga109 import generate  # noqa: E402
 
-import prepare_manga109_data as prep  # noqa: E402
-import synthesize_lines as synth  # noqa: E402
+import paddleocr_vl_manga.data.manga109 as prep  # noqa: E402
+import paddleocr_vl_manga.data.synth.lines as synth  # noqa: E402
 
 
 def main() -> None:

@@ -21,10 +21,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ocr_dataset import OCRDataset, load_image  # noqa: E402
 from ocr_metrics import cer_metrics  # noqa: E402
 from ocr_model import generate_texts, load_model_and_processor  # noqa: E402
 from ocr_quantize import METHODS, quantize_model  # noqa: E402
+from paddleocr_vl_manga.data.dataset import OCRDataset, load_image  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -50,8 +50,8 @@ def processor_for(mode: str, tiny_dir: Path | None) -> Any:
 def add_long_crops(data_dir: Path, processor: Any, n: int, max_length: int = MAX_LENGTH) -> list[dict]:
     """Append n enlarged copies of the longest crop to train.jsonl, each as long as max_length allows;
     returns their records with "length" (tokens) and "image_tokens"."""
-    from ocr_dataset import OCRDataset
-    from sample_lengths import image_tokens, sequence_lengths
+    from paddleocr_vl_manga.data.dataset import OCRDataset
+    from paddleocr_vl_manga.data.lengths import image_tokens, sequence_lengths
 
     jsonl = data_dir / "train.jsonl"
     ds = OCRDataset(jsonl)
@@ -83,7 +83,7 @@ def add_long_crops(data_dir: Path, processor: Any, n: int, max_length: int = MAX
 
 def build(out: Path, mode: str) -> dict[str, Any]:
     """Build the suite's fixtures under out; returns their paths, sizes, the longest crop and seconds."""
-    import prepare_manga109_data as prep
+    import paddleocr_vl_manga.data.manga109 as prep
     from tools.make_synthetic_manga109 import CHARSET, generate
 
     t = time.time()

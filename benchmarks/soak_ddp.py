@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 
 def build_fixtures(work: Path) -> tuple[Path, Path]:
-    import prepare_manga109_data as prep
+    import paddleocr_vl_manga.data.manga109 as prep
     from tools.make_synthetic_manga109 import CHARSET, generate
     from tools.make_tiny_model import build_tiny_model
 

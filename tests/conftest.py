@@ -56,7 +56,7 @@ def release_model(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], P
 @pytest.fixture(scope="session")
 def prepared(synthetic_release: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The synthetic release prepared with a book-level split (3 train, 1 val, 1 test book)."""
-    import prepare_manga109_data as prep
+    import paddleocr_vl_manga.data.manga109 as prep
 
     out = tmp_path_factory.mktemp("prepared")
     prep.run(prep.PrepareArguments(manga109_root=str(synthetic_release), output_dir=str(out), num_workers=1,
@@ -68,7 +68,7 @@ def prepared(synthetic_release: Path, tmp_path_factory: pytest.TempPathFactory) 
 @pytest.fixture(scope="session")
 def data_dir(synthetic_release: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The synthetic release prepared with prepare's default split settings (read-only)."""
-    import prepare_manga109_data as prep
+    import paddleocr_vl_manga.data.manga109 as prep
 
     out = tmp_path_factory.mktemp("data")
     prep.run(prep.PrepareArguments(manga109_root=str(synthetic_release), output_dir=str(out), num_workers=1))
@@ -91,7 +91,7 @@ def extreme_data(extreme_release: Path, tmp_path_factory: pytest.TempPathFactory
     is one book. Every split has a crop of 600+ tokens with the release's v1 processor (about 1100 at most;
     the tiny model's processor caps images at 64 tokens, so about 220 there), a 10 x 400, a 400 x 10 and a
     12 x 12 crop and 100+ character texts; prepare skips the empty boxes. About 7 s to build on 2 cores."""
-    import prepare_manga109_data as prep
+    import paddleocr_vl_manga.data.manga109 as prep
 
     out = tmp_path_factory.mktemp("extreme_data")
     prep.run(prep.PrepareArguments(manga109_root=str(extreme_release), output_dir=str(out), num_workers=1))

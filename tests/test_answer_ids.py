@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from custom_collator import RELEASE_PROMPTS, OCRCollator, answer_ids, whitespace_start
+from paddleocr_vl_manga.data.collator import RELEASE_PROMPTS, OCRCollator, answer_ids, whitespace_start
 from tools.make_tiny_model import build_release_tokenizer, release_processor
 
 # kana, kanji (byte fallback), Latin after which the release merges "▁" ("▁O"), full-width, an inner space
@@ -62,7 +62,7 @@ def test_prompt_then_answer_is_what_generation_sees(tokenizers) -> None:
 
 def test_collator_labels_same_on_either_prefix_space_setting(prepared: Path) -> None:
     """The training batch of the release-like 1.5 processor (its template renders as the release's)."""
-    from ocr_dataset import OCRDataset
+    from paddleocr_vl_manga.data.dataset import OCRDataset
 
     ds = OCRDataset(prepared / "train.jsonl", max_samples=3)
     exs = [{**ds[i], "text": t} for i, t in enumerate(["OK", "あいう", "魔王様 OK！"])]

@@ -20,8 +20,8 @@ from PIL import Image
 import evaluate_model
 import ocr_model
 import predict
-from ocr_dataset import DatasetError, load_image, read_jsonl, rgb_image
 from ocr_model import ModelLoadError, load_config_and_processor
+from paddleocr_vl_manga.data.dataset import DatasetError, load_image, read_jsonl, rgb_image
 
 
 def evaluate(tiny_model: Path, data_dir: Path, out: Path, *extra: str) -> int:

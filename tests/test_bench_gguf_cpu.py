@@ -60,7 +60,7 @@ def test_defaults() -> None:
 
 
 def test_the_cli_call_is_greedy_forced_length_and_our_prompt(tmp_path: Path) -> None:
-    from ocr_dataset import PROMPT
+    from paddleocr_vl_manga.data.dataset import PROMPT
 
     runner = bench_gguf_cpu.LlamaCli(Path("/bin/llama-mtmd-cli"), tmp_path / "m.gguf", tmp_path / "p.gguf",
                                      threads=3, max_new_tokens=16, workdir=tmp_path)

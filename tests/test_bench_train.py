@@ -11,10 +11,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import prepare_manga109_data as prep
-from custom_collator import OCRCollator
-from ocr_dataset import OCRDataset
+import paddleocr_vl_manga.data.manga109 as prep
 from ocr_model import load_model_and_processor
+from paddleocr_vl_manga.data.collator import OCRCollator
+from paddleocr_vl_manga.data.dataset import OCRDataset
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))

@@ -13,9 +13,9 @@ from PIL import Image
 
 import manga_ocr_compat
 from manga_ocr_compat import MangaOcr, post_process
-from ocr_dataset import read_jsonl
 from ocr_metrics import normalize
 from ocr_model import generate_texts
+from paddleocr_vl_manga.data.dataset import read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 TRICKY = ["", " ", "ab 12", "…", "……", "・", "・・", "・・・", ".", "..", "。。", "．．", "！？!?", "ﾃｽﾄ ｶﾞ",

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import sft_paddleocr_vl as sft
-from ocr_dataset import DatasetError, mixed_train_dataset, parse_data_dirs
+from paddleocr_vl_manga.data.dataset import DatasetError, mixed_train_dataset, parse_data_dirs
 
 
 def synth_folder(prepared: Path, dst: Path, copies: int = 3) -> Path:

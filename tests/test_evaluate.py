@@ -16,12 +16,12 @@ from PIL import Image
 
 import evaluate_model
 import ocr_model
-import prepare_manga109_data as prep
-from custom_collator import num_image_tokens
-from ocr_dataset import load_image, read_jsonl
+import paddleocr_vl_manga.data.manga109 as prep
 from ocr_metrics import NORMALIZATIONS, all_metrics
 from ocr_model import generate_readings as ocr_model_generate_readings
 from ocr_model import generate_texts, load_model_and_processor
+from paddleocr_vl_manga.data.collator import num_image_tokens
+from paddleocr_vl_manga.data.dataset import load_image, read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 

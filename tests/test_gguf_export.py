@@ -19,7 +19,7 @@ import pytest
 import export_model
 import ocr_gguf
 import sft_paddleocr_vl as sft
-from custom_collator import IMAGE_TRIPLET, PROMPT
+from paddleocr_vl_manga.data.collator import IMAGE_TRIPLET, PROMPT
 from tools.make_tiny_model import build_release_like
 
 TRAINED_PIXELS = (3136, 50176)  # not the v1.5 base's 112896 / 1003520: the mmproj must carry these

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from manga_ocr_compat import MangaOcr
-from ocr_dataset import read_jsonl
+from paddleocr_vl_manga.data.dataset import read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 # Only the package is imported here (its __init__ is a version number); the client below imports its engines.

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import prepare_manga109_data as prep
+import paddleocr_vl_manga.data.manga109 as prep
 
 REPO = Path(__file__).resolve().parents[1]
 

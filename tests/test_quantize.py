@@ -9,10 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from custom_collator import OCRCollator
-from ocr_dataset import OCRDataset
 from ocr_model import generate_texts, load_model_and_processor
 from ocr_quantize import METHODS, QuantizeError, quantize_model, quantized_linear_names
+from paddleocr_vl_manga.data.collator import OCRCollator
+from paddleocr_vl_manga.data.dataset import OCRDataset
 
 
 def is_int8_linear(module: nn.Module) -> bool:

@@ -12,10 +12,10 @@ import pytest
 from launch import TRAIN_SH, free_port, train_env
 
 import sft_paddleocr_vl as sft
-from ocr_dataset import OCRDataset
 from ocr_model import load_config_and_processor
+from paddleocr_vl_manga.data.dataset import OCRDataset
+from paddleocr_vl_manga.data.lengths import sequence_lengths
 from rehearsal import KILLED_AT, STEPS
-from sample_lengths import sequence_lengths
 
 # batch 2 x accumulation 2 (train_env), CER on 4 crops at every evaluation, two loader workers
 ENV = {"NUM_WORKERS": "2", "EVAL_GENERATION_SAMPLES": "4", "OMP_NUM_THREADS": "1"}

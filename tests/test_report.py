@@ -13,9 +13,9 @@ import pytest
 from PIL import Image, ImageStat
 
 import evaluate_model
-from ocr_dataset import read_jsonl
 from ocr_metrics import NORMALIZATIONS, all_metrics, edit_distance, normalize
 from ocr_report import diff_lines
+from paddleocr_vl_manga.data.dataset import read_jsonl
 from tools.write_docs import chromium, chromium_binary  # one owner of the headless-Chromium flags
 
 WORST = 4

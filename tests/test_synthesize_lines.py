@@ -15,9 +15,9 @@ import pytest
 from fontTools.ttLib import TTFont
 from PIL import ImageFont
 
-import synthesize_lines as S
-from ocr_dataset import OCRDataset
-from tools.fonts import find_cjk_fonts
+import paddleocr_vl_manga.data.synth.lines as S
+from paddleocr_vl_manga.data.dataset import OCRDataset
+from paddleocr_vl_manga.data.synth.fonts import find_cjk_fonts
 
 # The core generator runs on the fonts `make setup` installs (IPA gothic/mincho), whatever else is here.
 FONTS = find_cjk_fonts()
@@ -183,7 +183,7 @@ def test_tate_chu_yoko_only_for_short_half_width_runs():
 
 
 def test_font_styles_and_the_pack(monkeypatch: pytest.MonkeyPatch):
-    from tools.fonts import find_manga_fonts, font_style
+    from paddleocr_vl_manga.data.synth.fonts import find_manga_fonts, font_style
 
     files = ("ume-tmo3.ttf", "ume-tgo4.ttf", "HachiMaruPop_400Regular.ttf", "kouzan-mouhitsu.ttf",
              "KleeOne_400Regular.ttf", "MTLmr3m.ttf")

@@ -16,7 +16,7 @@ from PIL import Image
 TOOLS = Path(__file__).resolve().parents[1] / "tools"
 sys.path.insert(0, str(TOOLS))
 synth = importlib.import_module("make_synthetic_manga109")
-fonts = importlib.import_module("fonts")
+fonts = importlib.import_module('paddleocr_vl_manga.data.synth.fonts')
 
 pytestmark = pytest.mark.skipif(not fonts.find_cjk_fonts(), reason=fonts.INSTALL_HINT)
 

@@ -10,12 +10,12 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-import custom_collator
+import paddleocr_vl_manga.data.collator as custom_collator
 import sft_paddleocr_vl as sft
-from custom_collator import OCRCollator, OverlongError, PromptError
-from ocr_dataset import OCRDataset, load_image
 from ocr_model import generate_texts, load_model_and_processor
-from sample_lengths import sequence_lengths
+from paddleocr_vl_manga.data.collator import OCRCollator, OverlongError, PromptError
+from paddleocr_vl_manga.data.dataset import OCRDataset, load_image
+from paddleocr_vl_manga.data.lengths import sequence_lengths
 
 
 @pytest.fixture(scope="module")

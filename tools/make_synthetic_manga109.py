@@ -22,14 +22,15 @@ import random
 import sys
 from pathlib import Path
 
-import numpy as np
 from lxml import etree
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-if str(Path(__file__).resolve().parent) not in sys.path:
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fonts import INSTALL_HINT, find_cjk_fonts  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as `python tools/X.py`: the package is at the root
+    sys.path.insert(0, str(ROOT))
+from paddleocr_vl_manga.data.synth.fonts import INSTALL_HINT, find_cjk_fonts  # noqa: E402
+from paddleocr_vl_manga.data.synth.screentone import draw_screentone  # noqa: E402
 
 HIRAGANA = "".join(chr(c) for c in range(0x3041, 0x3094))
 KATAKANA = "".join(chr(c) for c in range(0x30A1, 0x30F5)) + "ー"
@@ -145,34 +146,6 @@ def _rotated_glyph(path: str, size: int, ch: str) -> Image.Image:
 
 def _init_worker(fonts: list[str]) -> None:
     _FONTS[:] = fonts
-
-
-def draw_screentone(rng: random.Random, img: Image.Image, box: tuple[int, int, int, int]) -> None:
-    """Fill one panel with tone: a gradient plus dots or hatching, all vectorized."""
-    x0, y0, x1, y1 = box
-    w, h = x1 - x0, y1 - y0
-    yy, xx = np.ogrid[:h, :w]
-    angle = rng.uniform(0, math.pi)
-    ramp = (xx * math.cos(angle) + yy * math.sin(angle)) / max(w, h)
-    lo, hi = sorted(rng.sample(range(90, 256), 2))
-    tone = lo + (hi - lo) * (ramp - ramp.min()) / max(float(np.ptp(ramp)), 1e-6)
-    period = rng.randint(4, 12)
-    style = rng.random()
-    if style < 0.35:  # screen-tone dots
-        tone = np.where((xx % period < period // 2) & (yy % period < period // 2), tone * 0.55, tone)
-    elif style < 0.7:  # diagonal hatching
-        tone = np.where((xx + yy * rng.choice([1, -1])) % period < 2, tone * 0.4, tone)
-    img.paste(Image.fromarray(np.clip(tone, 0, 255).astype(np.uint8)), (x0, y0))
-    draw = ImageDraw.Draw(img)
-    for _ in range(rng.randint(10, 40)):  # ink strokes and shapes so it looks drawn, not just toned
-        pts = [(rng.randint(x0, x1), rng.randint(y0, y1)) for _ in range(2)]
-        if rng.random() < 0.6:
-            draw.line(pts, fill=rng.randint(0, 120), width=rng.randint(1, 4))
-        else:
-            (ax, ay), (bx, by) = pts
-            shape = draw.ellipse if rng.random() < 0.5 else draw.rectangle
-            shape([min(ax, bx), min(ay, by), max(ax, bx), max(ay, by)], outline=rng.randint(0, 80),
-                  fill=rng.choice([None, rng.randint(60, 230)]), width=rng.randint(1, 3))
 
 
 def _panels(rng: random.Random, width: int, height: int) -> list[tuple[int, int, int, int]]:

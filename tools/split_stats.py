@@ -43,8 +43,8 @@ def has_latin_and_digit(text: str) -> bool:
 def split_stats(data_dir: str | Path, processors: dict[str, Any], threshold: int = 600) -> dict[str, dict]:
     """{split: {books, crops, thin, tiny, long, long_latin_digits, max_tokens: {name: n}, over: {name: n}}};
     `over` counts sequences longer than `threshold` tokens. processors: {name: a loaded processor}."""
-    from ocr_dataset import OCRDataset
-    from sample_lengths import sequence_lengths
+    from paddleocr_vl_manga.data.dataset import OCRDataset
+    from paddleocr_vl_manga.data.lengths import sequence_lengths
 
     stats = {}
     for split in SPLITS:

@@ -68,7 +68,13 @@ def script_module(script: str) -> str:
 
 def has_parser(script: str, root: Path = ROOT) -> bool:
     path = root / script
-    return path.suffix == ".py" and path.is_file() and "ArgumentParser" in path.read_text(encoding="utf-8")
+    if path.suffix != ".py" or not path.is_file():
+        return False
+    text = path.read_text(encoding="utf-8")
+    leaf = re.search(r"^from ([\w.]+) import main$", text, re.M)  # a command: its parser is in the package
+    if leaf:
+        text = (root / Path(*leaf.group(1).split("."))).with_suffix(".py").read_text(encoding="utf-8")
+    return "ArgumentParser" in text
 
 
 _PARSERS: dict[str, argparse.ArgumentParser] = {}

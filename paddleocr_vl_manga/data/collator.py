@@ -34,7 +34,7 @@ try:  # the PIL image-processor module needs no torchvision; fall back for relea
 except ImportError:
     from transformers.models.paddleocr_vl.image_processing_paddleocr_vl import smart_resize
 
-from ocr_dataset import PROMPT, build_messages, fit_image, fitted_size
+from paddleocr_vl_manga.data.dataset import PROMPT, build_messages, fit_image, fitted_size
 
 IGNORE_INDEX = -100
 BOS_TEXT = "<|begin_of_sentence|>"

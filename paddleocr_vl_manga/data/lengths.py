@@ -16,10 +16,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from custom_collator import answer_ids, num_image_tokens, prompt_ids
-from ocr_dataset import AUG_PAD, DatasetError, OCRDataset, fitted_size
+from paddleocr_vl_manga.data.collator import answer_ids, num_image_tokens, prompt_ids
+from paddleocr_vl_manga.data.dataset import AUG_PAD, DatasetError, OCRDataset, fitted_size
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("sample_lengths")  # the name before the move to paddleocr_vl_manga
 SUMMARY_FILE = "sample_lengths.json"
 
 

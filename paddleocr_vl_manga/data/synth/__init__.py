@@ -1,0 +1,1 @@
+"""Synthetic manga text lines (fonts, text, rendering, the multi-process run)."""

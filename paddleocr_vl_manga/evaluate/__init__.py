@@ -1,0 +1,1 @@
+"""Metrics (CER, exact match under four normalizations), evaluation runs and their reports."""

@@ -1,0 +1,1 @@
+"""Reading crops and pages: predict and the manga-ocr-compatible `MangaOcr`."""

@@ -1,0 +1,1 @@
+"""Loading PaddleOCR-VL checkpoints (release prompt checked), batched generation, LoRA, quantization."""
