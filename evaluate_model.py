@@ -30,9 +30,9 @@ from pathlib import Path
 from typing import Any
 
 from ocr_metrics import NORMALIZATIONS, all_metrics, edit_distance, normalize
-from ocr_quantize import METHODS as QUANTIZE_METHODS
 from ocr_report import write_comparison, write_report
 from paddleocr_vl_manga.data.dataset import DatasetError, OCRDataset, RecordCrops, spread_sample
+from paddleocr_vl_manga.model.quantize import METHODS as QUANTIZE_METHODS
 
 METRICS = {"cer": "CER", "cer_mean": "mean CER", "exact_match": "exact match"}
 RUN_FILE = "run.json"  # the settings of the run the folder holds, and whether it is complete
@@ -152,7 +152,7 @@ def predict_records(model: Any, processor: Any, records: list[dict], source: str
 
     from tqdm import tqdm
 
-    import ocr_model
+    import paddleocr_vl_manga.model.loading as ocr_model
     from paddleocr_vl_manga.data.collator import num_image_tokens
 
     # Sorting the whole split by image-token count (JSONL width/height, else the file's header: nothing is
@@ -408,9 +408,14 @@ def write_atomic(path: Path, text: str) -> None:
 
 def evaluate(args: EvalArguments) -> dict:
 
-    from ocr_model import default_num_workers, generation_flag_error, load_for_inference, pixel_bounds_error
     from paddleocr_vl_manga.data.collator import configure_image_size
     from paddleocr_vl_manga.data.lengths import filter_split
+    from paddleocr_vl_manga.model.loading import (
+        default_num_workers,
+        generation_flag_error,
+        load_for_inference,
+        pixel_bounds_error,
+    )
 
     if args.batch_size <= 0:
         raise EvalError(f"--batch_size must be positive, got {args.batch_size}")
@@ -489,7 +494,7 @@ def compare(paths: list[str], output_dir: str | None, limit: int) -> int:
 def main(argv: list[str] | None = None) -> int:
     from transformers import HfArgumentParser
 
-    from ocr_model import ModelLoadError
+    from paddleocr_vl_manga.model.loading import ModelLoadError
 
     (args,) = HfArgumentParser(EvalArguments).parse_args_into_dataclasses(args=argv)
     try:

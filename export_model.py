@@ -249,8 +249,8 @@ def merge_adapter(ckpt: Path, base: str, dst: Path) -> Path:
     from peft import PeftModel
     from transformers import AutoProcessor
 
-    from ocr_lora import merge_lora
-    from ocr_model import ModelLoadError, load_model_and_processor
+    from paddleocr_vl_manga.model.loading import ModelLoadError, load_model_and_processor
+    from paddleocr_vl_manga.model.lora import merge_lora
 
     try:
         model, _ = load_model_and_processor(base, dtype=torch.float32)

@@ -66,7 +66,7 @@ class MangaOcr:
         max_new_tokens: int | None = None,
         quantize: str | None = None,
     ) -> None:
-        from ocr_model import load_for_inference
+        from paddleocr_vl_manga.model.loading import load_for_inference
 
         path = str(pretrained_model_name_or_path)
         if path == MANGA_OCR_DEFAULT:
@@ -83,7 +83,7 @@ class MangaOcr:
         """Wrap an already loaded model and processor (benchmarks, notebooks) without reloading; with
         `quantize`, its linear layers become int8 in place (it must be an fp32 model on the CPU)."""
         if quantize is not None:
-            from ocr_quantize import quantize_model
+            from paddleocr_vl_manga.model.quantize import quantize_model
 
             model = quantize_model(model, quantize)
         self = cls.__new__(cls)
@@ -109,7 +109,7 @@ class MangaOcr:
 
         Always one text per input: an input that cannot be read is answered "" with a warning, so one bad
         crop never loses the others (a crop the processor would refuse is padded into shape)."""
-        from ocr_model import generate_texts
+        from paddleocr_vl_manga.model.loading import generate_texts
 
         opened: list[Image.Image | None] = []
         for x in images:

@@ -67,7 +67,7 @@ from typing import NamedTuple
 
 import torch
 
-from ocr_lora import DEFAULT_DROPOUT, lora_parameter_count, parse_targets, target_linears
+from paddleocr_vl_manga.model.lora import DEFAULT_DROPOUT, lora_parameter_count, parse_targets, target_linears
 
 GIB = 2**30
 # Where each part of PaddleOCR-VL lives (transformers 5 module names) and in which order the gradient meets

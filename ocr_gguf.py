@@ -211,8 +211,8 @@ def gguf_chat_template(training_prompt: str, eos_token: str) -> str:
 
 def training_prompt(export_dir: Path):
     """(the generation prompt training used, the processor) of an exported folder, loaded as training does."""
-    from ocr_model import ModelLoadError, load_config_and_processor
     from paddleocr_vl_manga.data.collator import PromptError, generation_prompt
+    from paddleocr_vl_manga.model.loading import ModelLoadError, load_config_and_processor
 
     try:
         processor = load_config_and_processor(str(export_dir)).processor

@@ -97,8 +97,13 @@ def boxes_from_manga109(
 
 
 def run(a: argparse.Namespace) -> int:
-    from ocr_model import default_num_workers, generation_flag_error, load_for_inference, pixel_bounds_error
     from paddleocr_vl_manga.data.collator import configure_image_size
+    from paddleocr_vl_manga.model.loading import (
+        default_num_workers,
+        generation_flag_error,
+        load_for_inference,
+        pixel_bounds_error,
+    )
 
     flags = generation_flag_error(a.max_new_tokens, a.min_pixels, a.max_pixels)
     if flags:
@@ -184,8 +189,8 @@ def write_predictions(a: argparse.Namespace, model: Any, processor: Any, jobs: l
                       page: Image.Image | None, out: Any) -> None:
     from contextlib import closing
 
-    from ocr_model import crop_chunks, generate_texts, pin_memory
     from paddleocr_vl_manga.data.dataset import fitted_size
+    from paddleocr_vl_manga.model.loading import crop_chunks, generate_texts, pin_memory
 
     crops = PageCrops(page, [j["bbox"] for j in jobs]) if page else FileCrops(a.images)
     chunks = crop_chunks(processor, crops, batch_size=a.batch_size, chunk_size=8 * a.batch_size,
@@ -211,7 +216,7 @@ def write_predictions(a: argparse.Namespace, model: Any, processor: Any, jobs: l
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ocr_quantize import METHODS as QUANTIZE_METHODS
+    from paddleocr_vl_manga.model.quantize import METHODS as QUANTIZE_METHODS
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("images", nargs="+", help="crop image files (not folders: crops/*.png), or one page "
@@ -241,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--trust_remote_code", action="store_true", help="allow the checkpoint's own code")
     a = ap.parse_args(argv)
 
-    from ocr_model import ModelLoadError
+    from paddleocr_vl_manga.model.loading import ModelLoadError
 
     try:
         if a.batch_size <= 0:

@@ -44,24 +44,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.training_args import ParallelMode
 
 from export_model import ExportError, export_model, write_base
-from ocr_lora import (
-    ADAPTER_DIR,
-    DEFAULT_DROPOUT,
-    LoraError,
-    add_lora,
-    is_lora,
-    load_adapter_weights,
-    merge_lora,
-)
 from ocr_metrics import cer_metrics
-from ocr_model import (
-    CheckedModel,
-    ModelLoadError,
-    generate_texts,
-    load_config_and_processor,
-    load_model_and_processor,
-    workers_fork,
-)
 from paddleocr_vl_manga.data.collator import (
     OCRCollator,
     OverlongError,
@@ -85,6 +68,23 @@ from paddleocr_vl_manga.data.lengths import (
     filter_split,
     image_tokens,
     write_summary,
+)
+from paddleocr_vl_manga.model.loading import (
+    CheckedModel,
+    ModelLoadError,
+    generate_texts,
+    load_config_and_processor,
+    load_model_and_processor,
+    workers_fork,
+)
+from paddleocr_vl_manga.model.lora import (
+    ADAPTER_DIR,
+    DEFAULT_DROPOUT,
+    LoraError,
+    add_lora,
+    is_lora,
+    load_adapter_weights,
+    merge_lora,
 )
 
 logger = logging.getLogger("sft")

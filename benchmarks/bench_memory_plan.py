@@ -51,8 +51,8 @@ sys.path.insert(0, str(ROOT))
 
 import sft_paddleocr_vl as sft  # noqa: E402
 from memory_plan import memory_plan  # noqa: E402
-from ocr_lora import add_lora, is_lora  # noqa: E402
 from paddleocr_vl_manga.data.collator import OCRCollator  # noqa: E402
+from paddleocr_vl_manga.model.lora import add_lora, is_lora  # noqa: E402
 from tools.make_synthetic_manga109 import CHARSET  # noqa: E402
 
 PARTS = ("vision", "projector", "decoder", "logits")
@@ -64,7 +64,7 @@ def build(config: str, dtype: torch.dtype, tmp: str) -> tuple[Any, Any]:
         from benchmarks.full_size import build_full_size_random
 
         return build_full_size_random(dtype=dtype, device="cpu")
-    from ocr_model import load_model_and_processor
+    from paddleocr_vl_manga.model.loading import load_model_and_processor
     from tools.make_tiny_model import build_tiny_model
 
     folder = Path(tmp, "tiny")

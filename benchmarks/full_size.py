@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from transformers import PaddleOCRVLConfig, PaddleOCRVLForConditionalGeneration
 
-from ocr_model import ensure_release_prompt
+from paddleocr_vl_manga.model.loading import ensure_release_prompt
 from tools.make_tiny_model import (
     IMAGE_END,
     IMAGE_START,

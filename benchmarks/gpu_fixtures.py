@@ -39,7 +39,7 @@ def processor_for(mode: str, tiny_dir: Path | None) -> Any:
         return AutoProcessor.from_pretrained(tiny_dir)
     from transformers import PaddleOCRVLConfig
 
-    from ocr_model import ensure_release_prompt
+    from paddleocr_vl_manga.model.loading import ensure_release_prompt
     from tools.make_tiny_model import release_processor
 
     processor = release_processor("v1")

@@ -113,7 +113,7 @@ def sft_argv(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
 def test_training_start_logs_first_answer_ids_and_pieces(tiny_model: Path, prepared: Path, tmp_path: Path,
                                                          caplog: pytest.LogCaptureFixture) -> None:
     import sft_paddleocr_vl as sft
-    from ocr_model import load_config_and_processor
+    from paddleocr_vl_manga.model.loading import load_config_and_processor
 
     data = with_first_text(prepared, tmp_path / "d", "OK魔王")
     tok = load_config_and_processor(str(tiny_model)).processor.tokenizer

@@ -18,10 +18,10 @@ import pytest
 from PIL import Image
 
 import evaluate_model
-import ocr_model
+import paddleocr_vl_manga.model.loading as ocr_model
 import predict
-from ocr_model import ModelLoadError, load_config_and_processor
 from paddleocr_vl_manga.data.dataset import DatasetError, load_image, read_jsonl, rgb_image
+from paddleocr_vl_manga.model.loading import ModelLoadError, load_config_and_processor
 
 
 def evaluate(tiny_model: Path, data_dir: Path, out: Path, *extra: str) -> int:
@@ -323,7 +323,7 @@ def test_transparent_pixels_are_white_paper() -> None:
 
 
 def answer_empty_every_other(monkeypatch: pytest.MonkeyPatch) -> None:
-    from ocr_model import Reading
+    from paddleocr_vl_manga.model.loading import Reading
 
     def readings(model, processor, chunk, **kwargs):
         return [Reading("" if i % 2 else "ア", "eos") for i in chunk.positions]

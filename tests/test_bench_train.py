@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 
 import paddleocr_vl_manga.data.manga109 as prep
-from ocr_model import load_model_and_processor
 from paddleocr_vl_manga.data.collator import OCRCollator
 from paddleocr_vl_manga.data.dataset import OCRDataset
+from paddleocr_vl_manga.model.loading import load_model_and_processor
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))

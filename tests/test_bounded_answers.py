@@ -14,7 +14,7 @@ from PIL import Image
 
 import evaluate_model
 from manga_ocr_compat import MangaOcr
-from ocr_model import (
+from paddleocr_vl_manga.model.loading import (
     LOOP_MIN_SPAN,
     LoopAndCapStop,
     auto_max_new_tokens,
@@ -115,7 +115,7 @@ def test_evaluate_reports_how_answers_ended(tiny_model: Path, data_dir: Path, tm
 def test_generation_workers_only_where_they_fork(monkeypatch) -> None:
     import multiprocessing
 
-    from ocr_model import default_num_workers
+    from paddleocr_vl_manga.model.loading import default_num_workers
 
     monkeypatch.setattr(multiprocessing, "get_start_method", lambda allow_none=False: "spawn")
     assert default_num_workers("cuda") == 0  # each spawned worker would import torch at every call

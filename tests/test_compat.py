@@ -14,8 +14,8 @@ from PIL import Image
 import manga_ocr_compat
 from manga_ocr_compat import MangaOcr, post_process
 from ocr_metrics import normalize
-from ocr_model import generate_texts
 from paddleocr_vl_manga.data.dataset import read_jsonl
+from paddleocr_vl_manga.model.loading import generate_texts
 
 REPO = Path(__file__).resolve().parents[1]
 TRICKY = ["", " ", "ab 12", "…", "……", "・", "・・", "・・・", ".", "..", "。。", "．．", "！？!?", "ﾃｽﾄ ｶﾞ",
@@ -86,7 +86,7 @@ def test_shim_package_on_pythonpath(tiny_model: Path, crops: list[str], tmp_path
 @pytest.mark.parametrize("args", [(), ("kha-white/manga-ocr-base",)], ids=["no_argument", "manga_ocr_id"])
 def test_manga_ocr_default_follows_the_environment(args: tuple, monkeypatch: pytest.MonkeyPatch) -> None:
     # `MangaOcr()` is manga-ocr's usual call: it must load $MANGA_OCR_COMPAT_MODEL, never the hub's base.
-    import ocr_model  # MangaOcr imports load_for_inference from here when called
+    import paddleocr_vl_manga.model.loading as ocr_model  # MangaOcr imports load_for_inference from here when called
 
     asked: list[str] = []
 

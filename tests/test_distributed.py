@@ -17,7 +17,7 @@ import pytest
 from launch import TRAIN_SH, assert_same_weights, child_pids, final_state, free_port, rank_of, train_env
 from safetensors.torch import load_file
 
-from ocr_model import load_model_and_processor
+from paddleocr_vl_manga.model.loading import load_model_and_processor
 
 # 8 steps x 2 crops x 2 ranks = 32 of the 43 train crops: one epoch, so the ranks' shards stay disjoint.
 # Checkpoints every 2 steps leave 6 steps of work after the first one for the kill test to interrupt.

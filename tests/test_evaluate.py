@@ -15,13 +15,13 @@ import torch
 from PIL import Image
 
 import evaluate_model
-import ocr_model
 import paddleocr_vl_manga.data.manga109 as prep
+import paddleocr_vl_manga.model.loading as ocr_model
 from ocr_metrics import NORMALIZATIONS, all_metrics
-from ocr_model import generate_readings as ocr_model_generate_readings
-from ocr_model import generate_texts, load_model_and_processor
 from paddleocr_vl_manga.data.collator import num_image_tokens
 from paddleocr_vl_manga.data.dataset import load_image, read_jsonl
+from paddleocr_vl_manga.model.loading import generate_readings as ocr_model_generate_readings
+from paddleocr_vl_manga.model.loading import generate_texts, load_model_and_processor
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -370,7 +370,7 @@ def test_loader_workers_stay_quiet_when_the_main_process_leaves() -> None:
     anything else is still reported."""
     code = (
         "import sys, signal\n"
-        "from ocr_model import _quiet_worker\n"
+        "from paddleocr_vl_manga.model.loading import _quiet_worker\n"
         "_quiet_worker(0)\n"
         "assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN\n"
         "for kind in (ConnectionResetError, EOFError, BrokenPipeError):\n"

@@ -13,9 +13,9 @@ from test_training import StopAt, subset, train_args
 from transformers import AutoModelForImageTextToText
 
 import sft_paddleocr_vl as sft
-from ocr_lora import TARGET_GROUPS, LoraError, add_lora
-from ocr_model import generate_texts, load_model_and_processor
 from paddleocr_vl_manga.data.dataset import OCRDataset, load_image
+from paddleocr_vl_manga.model.loading import generate_texts, load_model_and_processor
+from paddleocr_vl_manga.model.lora import TARGET_GROUPS, LoraError, add_lora
 
 R = 4
 LORA = ["--lora_r", str(R), "--lora_alpha", "8", "--lora_dropout", "0"]

@@ -13,9 +13,9 @@ from PIL import Image
 
 import sft_paddleocr_vl as sft
 from memory_plan import GIB, GpuMemory, format_plan, gpu_memory_bytes, memory_plan
-from ocr_lora import add_lora
-from ocr_model import load_config_and_processor, load_model_and_processor
 from paddleocr_vl_manga.data.collator import OCRCollator
+from paddleocr_vl_manga.model.loading import load_config_and_processor, load_model_and_processor
+from paddleocr_vl_manga.model.lora import add_lora
 from tools.make_synthetic_manga109 import CHARSET
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))

@@ -12,8 +12,8 @@ import pytest
 from PIL import Image
 
 import predict
-from ocr_model import generate_texts, load_model_and_processor
 from paddleocr_vl_manga.data.dataset import read_jsonl
+from paddleocr_vl_manga.model.loading import generate_texts, load_model_and_processor
 
 REPO = Path(__file__).resolve().parents[1]
 TOKENS = ["--max_new_tokens", "6"]

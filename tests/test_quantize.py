@@ -9,10 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from ocr_model import generate_texts, load_model_and_processor
-from ocr_quantize import METHODS, QuantizeError, quantize_model, quantized_linear_names
 from paddleocr_vl_manga.data.collator import OCRCollator
 from paddleocr_vl_manga.data.dataset import OCRDataset
+from paddleocr_vl_manga.model.loading import generate_texts, load_model_and_processor
+from paddleocr_vl_manga.model.quantize import METHODS, QuantizeError, quantize_model, quantized_linear_names
 
 
 def is_int8_linear(module: nn.Module) -> bool:

@@ -20,10 +20,10 @@ import evaluate_model
 import export_model
 import predict
 import sft_paddleocr_vl as sft
-from ocr_model import ModelLoadError, generate_texts, load_model_and_processor
 from paddleocr_vl_manga.data.collator import OCRCollator, generation_batch, generation_prompt
 from paddleocr_vl_manga.data.dataset import OCRDataset, load_image, read_jsonl
 from paddleocr_vl_manga.data.lengths import sequence_lengths
+from paddleocr_vl_manga.model.loading import ModelLoadError, generate_texts, load_model_and_processor
 from tools.make_synthetic_manga109 import CHARSET
 
 # transformers' integration test on PaddlePaddle/PaddleOCR-VL: the prompt starts

@@ -11,8 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from ocr_model import load_model_and_processor
 from paddleocr_vl_manga.data.collator import OCRCollator, logits_positions
+from paddleocr_vl_manga.model.loading import load_model_and_processor
 
 # (width, height): tall, wide, square and small crops, so every row has its own image grid and length
 SIZES = [(40, 300), (300, 40), (120, 120), (64, 200)]

@@ -14,10 +14,10 @@ from PIL import Image
 
 import evaluate_model
 import sft_paddleocr_vl as sft
-from ocr_model import load_model_and_processor
 from paddleocr_vl_manga.data.collator import OCRCollator, generation_batch, num_image_tokens
 from paddleocr_vl_manga.data.dataset import OCRDataset, fit_image, fitted_size, read_jsonl, spread_sample
 from paddleocr_vl_manga.data.lengths import SUMMARY_FILE, sequence_lengths
+from paddleocr_vl_manga.model.loading import load_model_and_processor
 
 
 @pytest.fixture(scope="module")

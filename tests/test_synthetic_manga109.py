@@ -204,7 +204,7 @@ def test_extreme_data_has_the_real_data_extremes_in_every_split(extreme_release,
     default fixture cannot pass tests on this one."""
     import json
 
-    from ocr_model import load_config_and_processor
+    from paddleocr_vl_manga.model.loading import load_config_and_processor
     from tools.split_stats import SPLITS, split_stats
 
     v1 = load_config_and_processor(str(release_model("v1"))).processor

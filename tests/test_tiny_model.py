@@ -14,7 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText, AutoProcessor, LogitsProcessor, LogitsProcessorList
 
-from ocr_model import ModelLoadError, load_model_and_processor
+from paddleocr_vl_manga.model.loading import ModelLoadError, load_model_and_processor
 from tools.make_synthetic_manga109 import CHARSET
 from tools.make_tiny_model import build_tiny_model, main
 

@@ -12,10 +12,10 @@ from transformers import TrainerCallback
 
 import paddleocr_vl_manga.data.collator as custom_collator
 import sft_paddleocr_vl as sft
-from ocr_model import generate_texts, load_model_and_processor
 from paddleocr_vl_manga.data.collator import OCRCollator, OverlongError, PromptError
 from paddleocr_vl_manga.data.dataset import OCRDataset, load_image
 from paddleocr_vl_manga.data.lengths import sequence_lengths
+from paddleocr_vl_manga.model.loading import generate_texts, load_model_and_processor
 
 
 @pytest.fixture(scope="module")

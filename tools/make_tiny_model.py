@@ -206,7 +206,9 @@ def _random_model(
         "patch_size": 14,
         "spatial_merge_size": 2,
     }
-    from ocr_model import declare_mrope_section  # transformers does not list the key it reads: no warning
+    from paddleocr_vl_manga.model.loading import (
+        declare_mrope_section,  # transformers does not list the key it reads: no warning
+    )
 
     declare_mrope_section()
     config = PaddleOCRVLConfig(

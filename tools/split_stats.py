@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threshold", type=int, default=600, help="count sequences longer than this (tokens)")
     ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = ap.parse_args(argv)
-    from ocr_model import load_config_and_processor
+    from paddleocr_vl_manga.model.loading import load_config_and_processor
 
     processors = {m: load_config_and_processor(m).processor for m in args.model}
     stats = split_stats(args.data_dir, processors, args.threshold)

@@ -50,7 +50,7 @@ from paddleocr_vl_manga.data.collator import (
     generation_prompt,
 )
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("ocr_model")  # the name before the move to paddleocr_vl_manga
 
 
 def declare_mrope_section() -> None:
@@ -358,7 +358,7 @@ def load_for_inference(
     model, processor = load_model_and_processor(model_path, dtype=dtype, device=device,
                                                 trust_remote_code=trust_remote_code)
     if quantize is not None:
-        from ocr_quantize import quantize_model
+        from paddleocr_vl_manga.model.quantize import quantize_model
 
         model = quantize_model(model, quantize)
     return model, processor, device
