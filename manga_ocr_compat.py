@@ -22,7 +22,7 @@ from typing import Any
 
 from PIL import Image
 
-from ocr_metrics import manga_ocr_post_process as post_process
+from paddleocr_vl_manga.evaluate.metrics import manga_ocr_post_process as post_process
 
 __all__ = ["MangaOcr", "post_process"]
 

@@ -68,10 +68,10 @@ import paddleocr_vl_manga.data.manga109 as prep  # noqa: E402
 import sft_paddleocr_vl as sft  # noqa: E402
 from benchmarks.full_size import build_full_size_random  # noqa: E402
 from benchmarks.gpu_tables import rope_pairs  # noqa: E402
-from evaluate_model import device_description  # noqa: E402
 from paddleocr_vl_manga.data.collator import OCRCollator  # noqa: E402
 from paddleocr_vl_manga.data.dataset import OCRDataset  # noqa: E402
 from paddleocr_vl_manga.data.lengths import filter_split  # noqa: E402
+from paddleocr_vl_manga.evaluate.evaluation import device_description  # noqa: E402
 from paddleocr_vl_manga.model.loading import load_model_and_processor  # noqa: E402
 from paddleocr_vl_manga.model.lora import add_lora  # noqa: E402
 from tools.make_synthetic_manga109 import CHARSET, generate  # noqa: E402

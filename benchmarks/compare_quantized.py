@@ -21,8 +21,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ocr_metrics import cer_metrics  # noqa: E402
 from paddleocr_vl_manga.data.dataset import OCRDataset, load_image  # noqa: E402
+from paddleocr_vl_manga.evaluate.metrics import cer_metrics  # noqa: E402
 from paddleocr_vl_manga.model.loading import generate_texts, load_model_and_processor  # noqa: E402
 from paddleocr_vl_manga.model.quantize import METHODS, quantize_model  # noqa: E402
 

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import evaluate_model
+import paddleocr_vl_manga.evaluate.evaluation as evaluate_model
 import paddleocr_vl_manga.model.loading as ocr_model
 import predict
 from paddleocr_vl_manga.data.dataset import DatasetError, load_image, read_jsonl, rgb_image
@@ -284,7 +284,7 @@ def test_report_html_shows_a_16_bit_crop_as_the_model_read_it_not_white(tmp_path
     import io
     import re
 
-    from ocr_report import image_tag
+    from paddleocr_vl_manga.evaluate.report import image_tag
 
     path = tmp_path / "crop16.png"
     expected = gray16_png(path)

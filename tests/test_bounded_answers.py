@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-import evaluate_model
+import paddleocr_vl_manga.evaluate.evaluation as evaluate_model
 from manga_ocr_compat import MangaOcr
 from paddleocr_vl_manga.model.loading import (
     LOOP_MIN_SPAN,

@@ -13,8 +13,8 @@ from PIL import Image
 
 import manga_ocr_compat
 from manga_ocr_compat import MangaOcr, post_process
-from ocr_metrics import normalize
 from paddleocr_vl_manga.data.dataset import read_jsonl
+from paddleocr_vl_manga.evaluate.metrics import normalize
 from paddleocr_vl_manga.model.loading import generate_texts
 
 REPO = Path(__file__).resolve().parents[1]

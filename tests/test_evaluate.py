@@ -14,12 +14,12 @@ import pytest
 import torch
 from PIL import Image
 
-import evaluate_model
 import paddleocr_vl_manga.data.manga109 as prep
+import paddleocr_vl_manga.evaluate.evaluation as evaluate_model
 import paddleocr_vl_manga.model.loading as ocr_model
-from ocr_metrics import NORMALIZATIONS, all_metrics
 from paddleocr_vl_manga.data.collator import num_image_tokens
 from paddleocr_vl_manga.data.dataset import load_image, read_jsonl
+from paddleocr_vl_manga.evaluate.metrics import NORMALIZATIONS, all_metrics
 from paddleocr_vl_manga.model.loading import generate_readings as ocr_model_generate_readings
 from paddleocr_vl_manga.model.loading import generate_texts, load_model_and_processor
 

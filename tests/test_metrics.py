@@ -6,7 +6,14 @@ import random
 
 import pytest
 
-from ocr_metrics import NORMALIZATIONS, align, all_metrics, cer_metrics, edit_distance, normalize
+from paddleocr_vl_manga.evaluate.metrics import (
+    NORMALIZATIONS,
+    align,
+    all_metrics,
+    cer_metrics,
+    edit_distance,
+    normalize,
+)
 
 
 def test_normalize_each_mode() -> None:

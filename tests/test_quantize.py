@@ -102,7 +102,7 @@ def test_every_entry_point_takes_quantize(trained: tuple[Path, list, list[str]],
     """MangaOcr(quantize=), MangaOcr.from_model(quantize=), predict/evaluate --quantize: one loader."""
     import json
 
-    import evaluate_model
+    import paddleocr_vl_manga.evaluate.evaluation as evaluate_model
     import predict
     from manga_ocr_compat import MangaOcr
 

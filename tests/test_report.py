@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageStat
 
-import evaluate_model
-from ocr_metrics import NORMALIZATIONS, all_metrics, edit_distance, normalize
-from ocr_report import diff_lines
+import paddleocr_vl_manga.evaluate.evaluation as evaluate_model
 from paddleocr_vl_manga.data.dataset import read_jsonl
+from paddleocr_vl_manga.evaluate.metrics import NORMALIZATIONS, all_metrics, edit_distance, normalize
+from paddleocr_vl_manga.evaluate.report import diff_lines
 from tools.write_docs import chromium, chromium_binary  # one owner of the headless-Chromium flags
 
 WORST = 4

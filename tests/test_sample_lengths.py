@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-import evaluate_model
+import paddleocr_vl_manga.evaluate.evaluation as evaluate_model
 import sft_paddleocr_vl as sft
 from paddleocr_vl_manga.data.collator import OCRCollator, generation_batch, num_image_tokens
 from paddleocr_vl_manga.data.dataset import OCRDataset, fit_image, fitted_size, read_jsonl, spread_sample

@@ -340,7 +340,7 @@ def test_cer_is_logged_in_percent_and_labelled(tiny_model: Path, prepared: Path,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     """evaluate_model.py and the docs give CER in percent; training's eval_cer, its curves and its
     best-checkpoint line used fractions (`eval_cer 0.9924`, `val cer (119.9911)`)."""
-    from ocr_metrics import cer_metrics
+    from paddleocr_vl_manga.evaluate.metrics import cer_metrics
 
     trainer = sft.build_trainer(*train_args(tiny_model, prepared, tmp_path / "out", "--max_steps", "1",
                                             "--eval_generation_samples", "5"))

@@ -12,8 +12,8 @@ import html
 import io
 from pathlib import Path
 
-from ocr_metrics import NORMALIZATIONS, align, normalize
 from paddleocr_vl_manga.data.dataset import open_rgb
+from paddleocr_vl_manga.evaluate.metrics import NORMALIZATIONS, align, normalize
 
 THUMB = (360, 240)  # largest shown crop size; tall vertical lines are scaled to fit
 CER_BINS = [(0.0, 0.0, "0 %"), (0.0, 0.1, "≤ 10 %"), (0.1, 0.25, "10–25 %"), (0.25, 0.5, "25–50 %"),
