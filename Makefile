@@ -33,7 +33,7 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt Makefile | $(BIN)/pyth
 # ~/.cache/paddleocr-vl-manga once (a no-op when there). Not fatal: --gguf fetches it itself, its tests skip.
 # Not part of the demo, which makes no GGUF: the first fetch took 2 min (75 s CPU) on the 2-core dev VM.
 gguf-converter: $(VENV)/.installed
-	@$(BIN)/python ocr_gguf.py --fetch >/dev/null || echo "warning: no llama.cpp converter (offline?): the GGUF tests will skip"
+	@$(BIN)/python -m paddleocr_vl_manga.export.gguf --fetch >/dev/null || echo "warning: no llama.cpp converter (offline?): the GGUF tests will skip"
 
 setup: $(VENV)/.installed gguf-converter
 

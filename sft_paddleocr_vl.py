@@ -43,7 +43,6 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.training_args import ParallelMode
 
-from export_model import ExportError, export_model, write_base
 from paddleocr_vl_manga.data.collator import (
     OCRCollator,
     OverlongError,
@@ -69,6 +68,7 @@ from paddleocr_vl_manga.data.lengths import (
     write_summary,
 )
 from paddleocr_vl_manga.evaluate.metrics import cer_metrics
+from paddleocr_vl_manga.export.layout import ExportError, export_model, write_base
 from paddleocr_vl_manga.model.loading import (
     CheckedModel,
     ModelLoadError,

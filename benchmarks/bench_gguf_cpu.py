@@ -76,7 +76,14 @@ from benchmarks.bench_compat_cpu import (  # noqa: E402
     time_interleaved,
 )
 from benchmarks.bench_eval import full_size_random  # noqa: E402
-from ocr_gguf import (  # noqa: E402
+from paddleocr_vl_manga.data.collator import (  # noqa: E402
+    IMAGE_TRIPLET,
+    configure_image_size,
+    generation_prompt,
+    num_image_tokens,
+)
+from paddleocr_vl_manga.data.dataset import PROMPT  # noqa: E402
+from paddleocr_vl_manga.export.gguf import (  # noqa: E402
     GGUF_TYPES,
     MEDIA_MARKER,
     GGUFError,
@@ -85,13 +92,6 @@ from ocr_gguf import (  # noqa: E402
     export_gguf,
     extract_llama_cpp,
 )
-from paddleocr_vl_manga.data.collator import (  # noqa: E402
-    IMAGE_TRIPLET,
-    configure_image_size,
-    generation_prompt,
-    num_image_tokens,
-)
-from paddleocr_vl_manga.data.dataset import PROMPT  # noqa: E402
 from paddleocr_vl_manga.model.loading import ImageList, crop_chunks, load_model_and_processor  # noqa: E402
 from tools.make_synthetic_manga109 import CHARSET  # noqa: E402
 from tools.make_tiny_model import RELEASES, build_release_like, save_release_layout  # noqa: E402

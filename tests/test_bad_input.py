@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-import export_model
 import paddleocr_vl_manga.data.manga109 as prep
 import paddleocr_vl_manga.data.synth.lines as synth
+import paddleocr_vl_manga.export.layout as export_model
 
 COMMANDS = {"prepare": prep.main, "synthesize": synth.main, "export": export_model.main}
 PREP = ["--manga109_root", "{release}", "--output_dir", "{t}/o", "--num_workers", "1"]

@@ -31,7 +31,7 @@ def test_no_build_names_the_cache_and_what_to_do(empty_cache: Path, error_line: 
 
 
 def test_build_cache_sits_beside_the_converter_cache(empty_cache: Path) -> None:
-    from ocr_gguf import LLAMA_CPP_PYTHON, default_cache
+    from paddleocr_vl_manga.export.gguf import LLAMA_CPP_PYTHON, default_cache
 
     assert bench_gguf_cpu.build_cache() == default_cache().parent / f"llama.cpp-{LLAMA_CPP_PYTHON}-build"
     assert bench_gguf_cpu.build_cache().is_relative_to(empty_cache)

@@ -1,7 +1,7 @@
 """export_model.py --gguf: llama.cpp's converter (ocr_gguf) on an export of a release-like checkpoint, the
 chat template's image marker, and --base read from the checkpoint.
 
-The conversion tests need the converter in the cache (`make setup`, or `python ocr_gguf.py --fetch`) or
+The conversion tests need the converter in the cache (`make setup`, or `python -m paddleocr_vl_manga.export.gguf --fetch`) or
 LLAMA_CPP_DIR; they skip without it (no network in tests). The rest runs anywhere.
 """
 
@@ -16,8 +16,8 @@ from pathlib import Path
 import jinja2
 import pytest
 
-import export_model
-import ocr_gguf
+import paddleocr_vl_manga.export.gguf as ocr_gguf
+import paddleocr_vl_manga.export.layout as export_model
 import sft_paddleocr_vl as sft
 from paddleocr_vl_manga.data.collator import IMAGE_TRIPLET, PROMPT
 from tools.make_tiny_model import build_release_like
@@ -257,7 +257,7 @@ def test_converter_without_paddleocr_fails_clearly(run_dir: Path, tmp_path: Path
 
 def test_unwritable_cache_fails_clearly(tmp_path: Path, monkeypatch, capsys) -> None:
     # No write access to ~/.cache (here: a cache "folder" under a file): one error line naming the way out,
-    # from `make setup` (ocr_gguf.py --fetch) and from export_model.py --gguf alike, before any download.
+    # from `make setup` (-m paddleocr_vl_manga.export.gguf --fetch) and from export_model.py --gguf alike, before any download.
     (tmp_path / "file").write_text("")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "file" / "cache"))
     monkeypatch.delenv("LLAMA_CPP_DIR", raising=False)
@@ -277,8 +277,8 @@ def test_demo_does_not_fetch_the_converter(tmp_path: Path) -> None:
         return subprocess.run(["make", "-n", target, f"VENV={tmp_path / 'venv'}"], cwd=root, check=True,
                               capture_output=True, text=True).stdout
 
-    assert "ocr_gguf.py --fetch" not in plan("demo") and "tools/demo.sh" in plan("demo")
-    assert "ocr_gguf.py --fetch" in plan("test") and "ocr_gguf.py --fetch" in plan("setup")
+    assert "-m paddleocr_vl_manga.export.gguf --fetch" not in plan("demo") and "tools/demo.sh" in plan("demo")
+    assert "-m paddleocr_vl_manga.export.gguf --fetch" in plan("test") and "-m paddleocr_vl_manga.export.gguf --fetch" in plan("setup")
 
 
 def fake_converter(folder: Path) -> Path:

@@ -149,8 +149,8 @@ def test_adapter_checkpoint_exports_like_the_final_model(lora_run: Path, tiny_mo
                                                          tmp_path: Path, error_line) -> None:
     """A LoRA checkpoint-N holds the adapter only: export_model merges it into the base; the evaluation
     scripts name the way instead of failing on a missing config.json."""
-    import export_model
     import paddleocr_vl_manga.evaluate.evaluation as evaluate_model
+    import paddleocr_vl_manga.export.layout as export_model
 
     best = json.loads((lora_run / "trainer_state.json").read_text())["best_model_checkpoint"]
     out = tmp_path / "exported"

@@ -16,8 +16,8 @@ from PIL import Image
 from safetensors import safe_open
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-import export_model
 import paddleocr_vl_manga.evaluate.evaluation as evaluate_model
+import paddleocr_vl_manga.export.layout as export_model
 import predict
 import sft_paddleocr_vl as sft
 from paddleocr_vl_manga.data.collator import OCRCollator, generation_batch, generation_prompt

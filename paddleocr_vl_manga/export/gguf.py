@@ -1,7 +1,7 @@
 """GGUF files for llama.cpp from an exported model folder (export_model.py --gguf), made by llama.cpp's own
 converter.
 
-    from ocr_gguf import export_gguf
+    from paddleocr_vl_manga.export.gguf import export_gguf
     model_gguf, mmproj_gguf = export_gguf("./ft-2000", "./ft-2000", "q8_0")
 
 The converter is not copied into this repo: it comes from the source distribution of llama-cpp-python on PyPI
@@ -42,7 +42,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("ocr_gguf")  # the name before the move to paddleocr_vl_manga
 
 # llama-cpp-python 0.3.36 vendors a llama.cpp whose converter knows PaddleOCR-VL (PaddleOCRModel and the
 # mmproj PaddleOCRVisionModel with the image processor's pixel bounds). The converter needs sentencepiece (it
@@ -78,7 +78,7 @@ def converter_dir(fetch: bool = False) -> Path:
     if not (cache / "llama.cpp" / "convert_hf_to_gguf.py").is_file():
         if not fetch:
             raise GGUFError(f"llama.cpp's converter is not in {cache}: run `make setup` (or python "
-                            "ocr_gguf.py --fetch), or set LLAMA_CPP_DIR to a llama.cpp checkout")
+                            "-m paddleocr_vl_manga.export.gguf --fetch), or set LLAMA_CPP_DIR to a llama.cpp checkout")
         try:
             fetch_converter(cache)
         except OSError as e:  # e.g. no write access to ~/.cache: say how to put the converter elsewhere
