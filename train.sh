@@ -101,7 +101,7 @@ fi
 # and look-alikes of settings in the environment (EPOCH=1) are named; see train_settings.py.
 settings=()
 while read -r name; do settings+=("$name=${!name}"); done < <(sed -n 's/^\([A-Z_][A-Z0-9_]*\)=\${\1:-.*/\1/p' train.sh)
-"$PYTHON" train_settings.py "${settings[@]}" || exit $?
+"$PYTHON" -m paddleocr_vl_manga.train.settings "${settings[@]}" || exit $?
 if [ -z "$LR" ]; then
     if [ "$LORA_R" -gt 0 ]; then LR=2e-4; else LR=2e-5; fi
 fi
@@ -110,7 +110,7 @@ bool() { case "$(printf %s "$1" | tr '[:upper:]' '[:lower:]')" in 1|true|yes|on)
 GRADIENT_CHECKPOINTING=$(bool "$GRADIENT_CHECKPOINTING")
 [ "$BF16" != auto ] && BF16=$(bool "$BF16")
 # processes, GPUs visible, GiB of the first, CUDA_VISIBLE_DEVICES to set ("-": leave it); see gpu_launch.py
-launch=$("$PYTHON" gpu_launch.py "$NUM_GPUS") || exit $?
+launch=$("$PYTHON" -m paddleocr_vl_manga.train.launch "$NUM_GPUS") || exit $?
 read -r nproc n_visible gpu_gb devices <<< "${launch##*$'\n'}"   # its last line: ignore any chatter
 [ "$devices" != - ] && export CUDA_VISIBLE_DEVICES="$devices"
 # Crop shapes vary from step to step, which fragments the caching allocator; expandable segments don't.

@@ -49,10 +49,10 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import sft_paddleocr_vl as sft  # noqa: E402
-from memory_plan import memory_plan  # noqa: E402
+import paddleocr_vl_manga.train.sft as sft  # noqa: E402
 from paddleocr_vl_manga.data.collator import OCRCollator  # noqa: E402
 from paddleocr_vl_manga.model.lora import add_lora, is_lora  # noqa: E402
+from paddleocr_vl_manga.train.memory_plan import memory_plan  # noqa: E402
 from tools.make_synthetic_manga109 import CHARSET  # noqa: E402
 
 PARTS = ("vision", "projector", "decoder", "logits")

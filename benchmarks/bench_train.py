@@ -65,7 +65,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import paddleocr_vl_manga.data.manga109 as prep  # noqa: E402
-import sft_paddleocr_vl as sft  # noqa: E402
+import paddleocr_vl_manga.train.sft as sft  # noqa: E402
 from benchmarks.full_size import build_full_size_random  # noqa: E402
 from benchmarks.gpu_tables import rope_pairs  # noqa: E402
 from paddleocr_vl_manga.data.collator import OCRCollator  # noqa: E402

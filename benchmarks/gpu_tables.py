@@ -160,7 +160,7 @@ def _planned_gib(precision: str, batch_size: int, seq_len: int, image_tokens: in
     from transformers import PaddleOCRVLConfig
 
     sys.path.insert(0, str(ROOT))
-    from memory_plan import GIB, memory_plan
+    from paddleocr_vl_manga.train.memory_plan import GIB, memory_plan
 
     config = PaddleOCRVLConfig(text_config={"tie_word_embeddings": False}, tie_word_embeddings=False)
     rows = memory_plan(config, batch_size=batch_size, seq_len=seq_len, image_tokens=image_tokens,

@@ -112,7 +112,7 @@ def sft_argv(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
 
 def test_training_start_logs_first_answer_ids_and_pieces(tiny_model: Path, prepared: Path, tmp_path: Path,
                                                          caplog: pytest.LogCaptureFixture) -> None:
-    import sft_paddleocr_vl as sft
+    import paddleocr_vl_manga.train.sft as sft
     from paddleocr_vl_manga.model.loading import load_config_and_processor
 
     data = with_first_text(prepared, tmp_path / "d", "OK魔王")
@@ -139,7 +139,7 @@ def test_text_starting_with_whitespace_is_labelled_without_it(tokenizers) -> Non
 def test_text_starting_with_a_space_trains(tiny_model: Path, prepared: Path, tmp_path: Path,
                                            caplog: pytest.LogCaptureFixture) -> None:
     """One such crop among 150k must not refuse the run."""
-    import sft_paddleocr_vl as sft
+    import paddleocr_vl_manga.train.sft as sft
 
     data = with_first_text(prepared, tmp_path / "d", " 魔王")
     tok = build_release_tokenizer()
@@ -154,7 +154,7 @@ def test_label_starting_with_a_space_stops_before_training(tiny_model: Path, pre
                                                            error_line, monkeypatch: pytest.MonkeyPatch,
                                                            rehearse: bool) -> None:
     """A tokenizer whose prefix space answer_ids could not remove (simulated: "▁" put before every answer)."""
-    import sft_paddleocr_vl as sft
+    import paddleocr_vl_manga.train.sft as sft
 
     def spaced(tokenizer, texts):
         space = tokenizer(" ", add_special_tokens=False)["input_ids"][:1]
@@ -175,7 +175,7 @@ def test_label_starting_with_a_space_stops_before_training(tiny_model: Path, pre
 def test_prefix_space_the_labels_kept_would_be_caught(tokenizers, monkeypatch: pytest.MonkeyPatch) -> None:
     """Had answer_ids kept the tokenizer's prefix space, the start-of-training check would stop the run: on
     all 6 answers, bare ("▁", "あ") or merged ("▁O", "K")."""
-    import sft_paddleocr_vl as sft
+    import paddleocr_vl_manga.train.sft as sft
 
     tok = tokenizers[True]
     records = [{"id": f"r{i}", "text": t} for i, t in enumerate(TEXTS)]
@@ -191,8 +191,8 @@ def test_prefix_space_the_labels_kept_would_be_caught(tokenizers, monkeypatch: p
 
 
 def test_rehearsal_reports_first_answer_tokens(tiny_model: Path, prepared: Path, tmp_path: Path) -> None:
-    import rehearsal
-    import sft_paddleocr_vl as sft
+    import paddleocr_vl_manga.train.rehearsal as rehearsal
+    import paddleocr_vl_manga.train.sft as sft
 
     data = with_first_text(prepared, tmp_path / "d", "OK魔王")
     m, d, a = sft.parse_args(sft_argv(tiny_model, data, tmp_path / "o"))

@@ -203,7 +203,7 @@ def test_loading_the_release_config_does_not_warn_about_mrope_section(release_mo
 def test_training_evaluation_bar_stays_off_a_log_file(monkeypatch: pytest.MonkeyPatch) -> None:
     from transformers import TrainerControl, TrainerState, TrainingArguments
 
-    import sft_paddleocr_vl as sft
+    import paddleocr_vl_manga.train.sft as sft
 
     class NotATerminal:
         def isatty(self) -> bool:

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from launch import TRAIN_SH, train_env
 
-import sft_paddleocr_vl as sft
+import paddleocr_vl_manga.train.sft as sft
 
 
 def test_full_disk_during_a_save_is_one_line_and_the_rerun_recovers(

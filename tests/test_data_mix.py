@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-import sft_paddleocr_vl as sft
+import paddleocr_vl_manga.train.sft as sft
 from paddleocr_vl_manga.data.dataset import DatasetError, mixed_train_dataset, parse_data_dirs
 
 

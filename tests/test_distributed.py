@@ -168,7 +168,7 @@ def test_output_dir_not_shared_by_a_node_fails_clearly(tmp_path: Path, monkeypat
     """Rank 1 on another host can't see the marker rank 0 wrote: every rank stops with one clear line."""
     import torch.distributed as dist
 
-    import sft_paddleocr_vl as sft
+    import paddleocr_vl_manga.train.sft as sft
 
     *_, args = sft.parse_args(["--model_path", "m", "--output_dir", str(tmp_path / "o")])
     monkeypatch.setattr(type(args), "world_size", property(lambda self: 2))

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from launch import REPO, TRAIN_SH, assert_same_weights, final_state, train_env
 
-import sft_paddleocr_vl as sft
+import paddleocr_vl_manga.train.sft as sft
 
 TRAIN = [*TRAIN_SH, "--max_steps", "8", "--max_eval_samples", "4", "--load_best_model_at_end", "false",
          "--disable_tqdm", "true"]

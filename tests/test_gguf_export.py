@@ -18,7 +18,7 @@ import pytest
 
 import paddleocr_vl_manga.export.gguf as ocr_gguf
 import paddleocr_vl_manga.export.layout as export_model
-import sft_paddleocr_vl as sft
+import paddleocr_vl_manga.train.sft as sft
 from paddleocr_vl_manga.data.collator import IMAGE_TRIPLET, PROMPT
 from tools.make_tiny_model import build_release_like
 

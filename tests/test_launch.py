@@ -16,7 +16,7 @@ import pytest
 import torch
 from launch import TRAIN_SH
 
-import sft_paddleocr_vl as sft
+import paddleocr_vl_manga.train.sft as sft
 
 # What torch sees on a node with FAKE_GPUS GPUs of 80 GiB; as in CUDA, CUDA_VISIBLE_DEVICES hides the rest.
 SITECUSTOMIZE = """
@@ -150,7 +150,7 @@ def test_build_trainer_never_wraps_in_data_parallel(tmp_path: Path, nothing_load
 
 def test_plan_launch_table() -> None:
     """The decision itself, as train.sh gets it from gpu_launch.py."""
-    from gpu_launch import LaunchError, plan_launch
+    from paddleocr_vl_manga.train.launch import LaunchError, plan_launch
 
     assert plan_launch("auto", 0, None) == (1, None)
     assert plan_launch("auto", 8, None) == (8, None)

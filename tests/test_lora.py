@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from test_training import StopAt, subset, train_args
 from transformers import AutoModelForImageTextToText
 
-import sft_paddleocr_vl as sft
+import paddleocr_vl_manga.train.sft as sft
 from paddleocr_vl_manga.data.dataset import OCRDataset, load_image
 from paddleocr_vl_manga.model.loading import generate_texts, load_model_and_processor
 from paddleocr_vl_manga.model.lora import TARGET_GROUPS, LoraError, add_lora

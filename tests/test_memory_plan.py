@@ -11,11 +11,11 @@ import pytest
 import torch
 from PIL import Image
 
-import sft_paddleocr_vl as sft
-from memory_plan import GIB, GpuMemory, format_plan, gpu_memory_bytes, memory_plan
+import paddleocr_vl_manga.train.sft as sft
 from paddleocr_vl_manga.data.collator import OCRCollator
 from paddleocr_vl_manga.model.loading import load_config_and_processor, load_model_and_processor
 from paddleocr_vl_manga.model.lora import add_lora
+from paddleocr_vl_manga.train.memory_plan import GIB, GpuMemory, format_plan, gpu_memory_bytes, memory_plan
 from tools.make_synthetic_manga109 import CHARSET
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -192,7 +192,7 @@ def test_sft_prints_the_plan_without_loading_weights(tiny_model: Path, prepared:
                                                      monkeypatch, capsys, caplog) -> None:
     """--print_memory_plan: the plan for the longest train crop, and no weights read; a run logs it at start
     and warns when the chosen mode does not fit the visible GPU."""
-    import memory_plan as mp
+    import paddleocr_vl_manga.train.memory_plan as mp
 
     argv = ["--model_path", str(tiny_model), "--data_dir", str(prepared), "--output_dir", str(tmp_path / "o"),
             "--report_to", "none", "--per_device_train_batch_size", "4", "--lora_r", "8"]
@@ -218,7 +218,7 @@ def test_docs_memory_table_is_what_the_plan_says() -> None:
     """The docs' table is written by `python tools/write_docs.py`; a changed formula must rewrite it."""
     import re
 
-    from memory_plan import README_MARKERS, readme_table
+    from paddleocr_vl_manga.train.memory_plan import README_MARKERS, readme_table
 
     text = (Path(__file__).resolve().parents[1] / "docs" / "lora-and-memory.md").read_text(encoding="utf-8")
     found = re.search(re.escape(README_MARKERS[0]) + ".*?" + re.escape(README_MARKERS[1]), text, flags=re.S)

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 from launch import TRAIN_SH, free_port, train_env
 
-import sft_paddleocr_vl as sft
+import paddleocr_vl_manga.train.sft as sft
 from paddleocr_vl_manga.data.dataset import OCRDataset
 from paddleocr_vl_manga.data.lengths import sequence_lengths
 from paddleocr_vl_manga.model.loading import load_config_and_processor
-from rehearsal import KILLED_AT, STEPS
+from paddleocr_vl_manga.train.rehearsal import KILLED_AT, STEPS
 
 # batch 2 x accumulation 2 (train_env), CER on 4 crops at every evaluation, two loader workers
 ENV = {"NUM_WORKERS": "2", "EVAL_GENERATION_SAMPLES": "4", "OMP_NUM_THREADS": "1"}

@@ -18,8 +18,8 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 import paddleocr_vl_manga.evaluate.evaluation as evaluate_model
 import paddleocr_vl_manga.export.layout as export_model
+import paddleocr_vl_manga.train.sft as sft
 import predict
-import sft_paddleocr_vl as sft
 from paddleocr_vl_manga.data.collator import OCRCollator, generation_batch, generation_prompt
 from paddleocr_vl_manga.data.dataset import OCRDataset, load_image, read_jsonl
 from paddleocr_vl_manga.data.lengths import sequence_lengths

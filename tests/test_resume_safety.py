@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-import sft_paddleocr_vl as sft
+import paddleocr_vl_manga.train.sft as sft
 
 STEPS, SAVE_EVERY = 4, 2
 

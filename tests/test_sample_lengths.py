@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 import paddleocr_vl_manga.evaluate.evaluation as evaluate_model
-import sft_paddleocr_vl as sft
+import paddleocr_vl_manga.train.sft as sft
 from paddleocr_vl_manga.data.collator import OCRCollator, generation_batch, num_image_tokens
 from paddleocr_vl_manga.data.dataset import OCRDataset, fit_image, fitted_size, read_jsonl, spread_sample
 from paddleocr_vl_manga.data.lengths import SUMMARY_FILE, sequence_lengths

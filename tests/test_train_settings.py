@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from launch import TRAIN_SH
 
-import train_settings
+import paddleocr_vl_manga.train.settings as train_settings
 
 
 @pytest.fixture

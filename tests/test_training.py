@@ -11,7 +11,7 @@ import torch
 from transformers import TrainerCallback
 
 import paddleocr_vl_manga.data.collator as custom_collator
-import sft_paddleocr_vl as sft
+import paddleocr_vl_manga.train.sft as sft
 from paddleocr_vl_manga.data.collator import OCRCollator, OverlongError, PromptError
 from paddleocr_vl_manga.data.dataset import OCRDataset, load_image
 from paddleocr_vl_manga.data.lengths import sequence_lengths

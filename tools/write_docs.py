@@ -212,7 +212,7 @@ def render(text: str) -> str:
         start, stop = (re.escape(m) for m in (MAP_START, MAP_END))
         text = re.sub(f"^{start}$.*?^{stop}$", lambda _: f"{MAP_START}\n{repo_map()}\n{MAP_END}", text,
                       flags=re.S | re.M)
-    from memory_plan import README_MARKERS, readme_table
+    from paddleocr_vl_manga.train.memory_plan import README_MARKERS, readme_table
 
     start, stop = (re.escape(s) for s in README_MARKERS)
     return re.sub(f"^{start}$.*?^{stop}$", lambda _: readme_table(), text, flags=re.S | re.M)

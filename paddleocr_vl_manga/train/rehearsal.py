@@ -46,7 +46,7 @@ from typing import Any, NamedTuple
 import torch
 from transformers import TrainerCallback, TrainingArguments
 
-import sft_paddleocr_vl as sft
+import paddleocr_vl_manga.train.sft as sft
 from paddleocr_vl_manga.data.dataset import OCRDataset, spread_sample
 
 logger = logging.getLogger("sft.rehearsal")

@@ -1,6 +1,6 @@
 """How train.sh launches on this machine: how many processes, and on which GPUs.
 
-    python gpu_launch.py auto    # prints "NPROC VISIBLE GPU_GB DEVICES", e.g. "4 4 79 -"
+    python -m paddleocr_vl_manga.train.launch auto    # prints "NPROC VISIBLE GPU_GB DEVICES", e.g. "4 4 79 -"
 
 One process per GPU, always: a single process that sees several GPUs gets wrapped in nn.DataParallel by the
 Trainer (n_gpu = torch.cuda.device_count()), which splits pixel_values (every image's patches back to back)
@@ -48,7 +48,7 @@ def plan_launch(num_gpus: str, visible: int, cuda_visible_devices: str | None) -
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
-        print("usage: python gpu_launch.py auto|N", file=sys.stderr)
+        print("usage: python -m paddleocr_vl_manga.train.launch auto|N", file=sys.stderr)
         return 2
     import torch
 
