@@ -18,8 +18,8 @@ import pytest
 from PIL import Image
 
 import paddleocr_vl_manga.evaluate.evaluation as evaluate_model
+import paddleocr_vl_manga.infer.predict as predict
 import paddleocr_vl_manga.model.loading as ocr_model
-import predict
 from paddleocr_vl_manga.data.dataset import DatasetError, load_image, read_jsonl, rgb_image
 from paddleocr_vl_manga.model.loading import ModelLoadError, load_config_and_processor
 
@@ -268,7 +268,7 @@ def gray16_png(path: Path) -> np.ndarray:
 
 
 def test_a_16_bit_grayscale_crop_is_read_as_its_pixels_not_white(tmp_path: Path) -> None:
-    from manga_ocr_compat import _open
+    from paddleocr_vl_manga.infer.manga_ocr import _open
 
     path = tmp_path / "crop16.png"
     expected = np.stack([gray16_png(path)] * 3, axis=-1)

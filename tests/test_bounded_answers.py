@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 import paddleocr_vl_manga.evaluate.evaluation as evaluate_model
-from manga_ocr_compat import MangaOcr
+from paddleocr_vl_manga.infer.manga_ocr import MangaOcr
 from paddleocr_vl_manga.model.loading import (
     LOOP_MIN_SPAN,
     LoopAndCapStop,

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-import manga_ocr_compat
-from manga_ocr_compat import MangaOcr, post_process
+import paddleocr_vl_manga.infer.manga_ocr as manga_ocr_compat
 from paddleocr_vl_manga.data.dataset import read_jsonl
 from paddleocr_vl_manga.evaluate.metrics import normalize
+from paddleocr_vl_manga.infer.manga_ocr import MangaOcr, post_process
 from paddleocr_vl_manga.model.loading import generate_texts
 
 REPO = Path(__file__).resolve().parents[1]

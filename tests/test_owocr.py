@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from manga_ocr_compat import MangaOcr
 from paddleocr_vl_manga.data.dataset import read_jsonl
+from paddleocr_vl_manga.infer.manga_ocr import MangaOcr
 
 REPO = Path(__file__).resolve().parents[1]
 # Only the package is imported here (its __init__ is a version number); the client below imports its engines.

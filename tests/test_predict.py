@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-import predict
+import paddleocr_vl_manga.infer.predict as predict
 from paddleocr_vl_manga.data.dataset import read_jsonl
 from paddleocr_vl_manga.model.loading import generate_texts, load_model_and_processor
 

@@ -103,8 +103,8 @@ def test_every_entry_point_takes_quantize(trained: tuple[Path, list, list[str]],
     import json
 
     import paddleocr_vl_manga.evaluate.evaluation as evaluate_model
-    import predict
-    from manga_ocr_compat import MangaOcr
+    import paddleocr_vl_manga.infer.predict as predict
+    from paddleocr_vl_manga.infer.manga_ocr import MangaOcr
 
     folder, images, _ = trained
     mocr = MangaOcr(folder, quantize="int8", raw=True, max_new_tokens=24)

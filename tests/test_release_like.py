@@ -18,8 +18,8 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 import paddleocr_vl_manga.evaluate.evaluation as evaluate_model
 import paddleocr_vl_manga.export.layout as export_model
+import paddleocr_vl_manga.infer.predict as predict
 import paddleocr_vl_manga.train.sft as sft
-import predict
 from paddleocr_vl_manga.data.collator import OCRCollator, generation_batch, generation_prompt
 from paddleocr_vl_manga.data.dataset import OCRDataset, load_image, read_jsonl
 from paddleocr_vl_manga.data.lengths import sequence_lengths
@@ -184,7 +184,7 @@ def test_pipeline_and_export(release_model, prepared: Path, tmp_path: Path, vers
         assert {k for k in pre if pre[k] != base_pre[k]} == {"min_pixels", "max_pixels"}
         assert (pre["min_pixels"], pre["max_pixels"]) == (3136, 50176)
         # ... and whoever loads the model reads at the budget it was trained with, unless told otherwise
-        from manga_ocr_compat import MangaOcr
+        from paddleocr_vl_manga.infer.manga_ocr import MangaOcr
 
         size = MangaOcr(out, force_cpu=True).processor.image_processor.size
         assert (size["shortest_edge"], size["longest_edge"]) == (3136, 50176)

@@ -10,7 +10,7 @@ from pathlib import Path
 # The repo root holds manga_ocr_compat.py and the modules it uses; only this folder needs to be on the path.
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from manga_ocr_compat import MangaOcr, post_process  # noqa: E402
+from paddleocr_vl_manga.infer.manga_ocr import MangaOcr, post_process  # noqa: E402
 
 __version__ = "0.1.16+paddleocr-vl"  # the manga-ocr release whose interface and output this follows
 __all__ = ["MangaOcr", "post_process"]
