@@ -98,7 +98,7 @@ if ! "$PYTHON" -c "import torch, transformers" 2>/dev/null; then
     exit 2
 fi
 # Every setting is checked before anything loads (one line each: the variable, its value, what it accepts),
-# and look-alikes of settings in the environment (EPOCH=1) are named; see train_settings.py.
+# and look-alikes of settings in the environment (EPOCH=1) are named; see paddleocr_vl_manga/train/settings.py.
 settings=()
 while read -r name; do settings+=("$name=${!name}"); done < <(sed -n 's/^\([A-Z_][A-Z0-9_]*\)=\${\1:-.*/\1/p' train.sh)
 "$PYTHON" -m paddleocr_vl_manga.train.settings "${settings[@]}" || exit $?
@@ -109,7 +109,7 @@ fi
 bool() { case "$(printf %s "$1" | tr '[:upper:]' '[:lower:]')" in 1|true|yes|on) echo true ;; *) echo false ;; esac; }
 GRADIENT_CHECKPOINTING=$(bool "$GRADIENT_CHECKPOINTING")
 [ "$BF16" != auto ] && BF16=$(bool "$BF16")
-# processes, GPUs visible, GiB of the first, CUDA_VISIBLE_DEVICES to set ("-": leave it); see gpu_launch.py
+# processes, GPUs visible, GiB of the first, CUDA_VISIBLE_DEVICES to set ("-": leave it); see paddleocr_vl_manga/train/launch.py
 launch=$("$PYTHON" -m paddleocr_vl_manga.train.launch "$NUM_GPUS") || exit $?
 read -r nproc n_visible gpu_gb devices <<< "${launch##*$'\n'}"   # its last line: ignore any chatter
 [ "$devices" != - ] && export CUDA_VISIBLE_DEVICES="$devices"

@@ -36,7 +36,7 @@ def test_post_process_is_manga_ocrs() -> None:
 
 def test_normalization_and_post_process_are_one_implementation() -> None:
     assert all(normalize(t, "mangaocr") == post_process(t) for t in TRICKY)
-    assert manga_ocr_compat.post_process.__module__ == "ocr_metrics"
+    assert manga_ocr_compat.post_process.__module__ == "paddleocr_vl_manga.evaluate.metrics"
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +86,8 @@ def test_shim_package_on_pythonpath(tiny_model: Path, crops: list[str], tmp_path
 @pytest.mark.parametrize("args", [(), ("kha-white/manga-ocr-base",)], ids=["no_argument", "manga_ocr_id"])
 def test_manga_ocr_default_follows_the_environment(args: tuple, monkeypatch: pytest.MonkeyPatch) -> None:
     # `MangaOcr()` is manga-ocr's usual call: it must load $MANGA_OCR_COMPAT_MODEL, never the hub's base.
-    import paddleocr_vl_manga.model.loading as ocr_model  # MangaOcr imports load_for_inference from here when called
+    # MangaOcr imports load_for_inference from here when called
+    import paddleocr_vl_manga.model.loading as ocr_model
 
     asked: list[str] = []
 

@@ -1,7 +1,8 @@
 """export_model.py --gguf: llama.cpp's converter (ocr_gguf) on an export of a release-like checkpoint, the
 chat template's image marker, and --base read from the checkpoint.
 
-The conversion tests need the converter in the cache (`make setup`, or `python -m paddleocr_vl_manga.export.gguf --fetch`) or
+The conversion tests need the converter in the cache (`make setup`, or
+`python -m paddleocr_vl_manga.export.gguf --fetch`) or
 LLAMA_CPP_DIR; they skip without it (no network in tests). The rest runs anywhere.
 """
 
@@ -257,7 +258,8 @@ def test_converter_without_paddleocr_fails_clearly(run_dir: Path, tmp_path: Path
 
 def test_unwritable_cache_fails_clearly(tmp_path: Path, monkeypatch, capsys) -> None:
     # No write access to ~/.cache (here: a cache "folder" under a file): one error line naming the way out,
-    # from `make setup` (-m paddleocr_vl_manga.export.gguf --fetch) and from export_model.py --gguf alike, before any download.
+    # from `make setup` (-m paddleocr_vl_manga.export.gguf --fetch) and from export_model.py --gguf alike,
+    # before any download.
     (tmp_path / "file").write_text("")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "file" / "cache"))
     monkeypatch.delenv("LLAMA_CPP_DIR", raising=False)
@@ -278,7 +280,8 @@ def test_demo_does_not_fetch_the_converter(tmp_path: Path) -> None:
                               capture_output=True, text=True).stdout
 
     assert "-m paddleocr_vl_manga.export.gguf --fetch" not in plan("demo") and "tools/demo.sh" in plan("demo")
-    assert "-m paddleocr_vl_manga.export.gguf --fetch" in plan("test") and "-m paddleocr_vl_manga.export.gguf --fetch" in plan("setup")
+    fetch = "-m paddleocr_vl_manga.export.gguf --fetch"
+    assert fetch in plan("test") and fetch in plan("setup")
 
 
 def fake_converter(folder: Path) -> Path:

@@ -149,7 +149,7 @@ def test_build_trainer_never_wraps_in_data_parallel(tmp_path: Path, nothing_load
 
 
 def test_plan_launch_table() -> None:
-    """The decision itself, as train.sh gets it from gpu_launch.py."""
+    """The decision itself, as train.sh gets it from paddleocr_vl_manga.train.launch."""
     from paddleocr_vl_manga.train.launch import LaunchError, plan_launch
 
     assert plan_launch("auto", 0, None) == (1, None)

@@ -67,7 +67,8 @@ def test_owocr_manga_ocr_engine_runs_our_model(tiny_model: Path, data_dir: Path,
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["available"], proc.stderr  # owocr found `manga_ocr` and built the model, else it only warns
     assert Path(out["shim"]) == REPO / "compat" / "manga_ocr" / "__init__.py"
-    assert (out["model"], out["hidden_size"]) == ("manga_ocr_compat", 64)  # the tiny model via the env var
+    # the tiny model via the env var
+    assert (out["model"], out["hidden_size"]) == ("paddleocr_vl_manga.infer.manga_ocr", 64)
     # owocr returns (success, [text]) for its Manga OCR engine; the text is ours, called directly. One
     # thread here as in the client: the same summation order, so the random model's 128 greedy tokens (owocr
     # passes no max_new_tokens) cannot part on a rounding tie.

@@ -20,7 +20,8 @@ def train_sh(tmp_path: Path):
     `python -c "import torch, transformers"` probe at once (no 3-13 s import) and logs every other start."""
     log = tmp_path / "python_starts.log"
     wrapper = tmp_path / "python"
-    wrapper.write_text(f'#!/bin/sh\n[ "$1" = -c ] && exit 0\necho "$1" >> {log}\n'
+    wrapper.write_text(f'#!/bin/sh\n[ "$1" = -c ] && exit 0\n'
+                       f'[ "$1" = -m ] && echo "$2" >> {log} || echo "$1" >> {log}\n'  # the module after -m
                        f'exec {sys.executable} "$@"\n')
     wrapper.chmod(0o755)
 
@@ -66,7 +67,8 @@ def test_bad_setting_is_one_line_before_anything_loads(train_sh, settings, start
     errors = [line for line in err.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and errors[0].startswith(f"error: {starts}") and accepts in errors[0], err
     assert len(err.strip().splitlines()) == 1, err  # nothing else: no usage page, no bash complaint
-    assert started == ["train_settings.py"], started  # neither the GPU probe nor the training script ran
+    # neither the GPU probe nor the training script ran
+    assert started == ["paddleocr_vl_manga.train.settings"], started
 
 
 def test_resume_needs_a_complete_checkpoint(train_sh, tmp_path: Path) -> None:
@@ -113,7 +115,8 @@ def test_typo_warns_and_max_steps_reaches_the_trainer(train_sh) -> None:
     warnings = [line for line in err.splitlines() if line.startswith("warning: ")]
     assert len(warnings) == 1 and warnings[0].startswith("warning: EPOCH=1 is not a train.sh setting"), err
     assert "did you mean EPOCHS?" in warnings[0]
-    assert started == ["train_settings.py", "gpu_launch.py"]  # DRY_RUN: nothing trained
+    # DRY_RUN: nothing trained
+    assert started == ["paddleocr_vl_manga.train.settings", "paddleocr_vl_manga.train.launch"]
 
 
 def test_max_steps_is_passed_on(tmp_path: Path) -> None:

@@ -1,1 +1,2 @@
-"""What the model sees for a record: Manga109 preparation, synthetic lines, the dataset, prompt, collator, image sizing and sample lengths."""
+"""What the model sees for a record: Manga109 preparation, synthetic lines, the dataset, prompt, collator,
+image sizing and sample lengths."""

@@ -77,8 +77,9 @@ def converter_dir(fetch: bool = False) -> Path:
     cache = default_cache()
     if not (cache / "llama.cpp" / "convert_hf_to_gguf.py").is_file():
         if not fetch:
-            raise GGUFError(f"llama.cpp's converter is not in {cache}: run `make setup` (or python "
-                            "-m paddleocr_vl_manga.export.gguf --fetch), or set LLAMA_CPP_DIR to a llama.cpp checkout")
+            raise GGUFError(f"llama.cpp's converter is not in {cache}: run `make setup` (or python -m "
+                            "paddleocr_vl_manga.export.gguf --fetch), or set LLAMA_CPP_DIR to a llama.cpp "
+                            "checkout")
         try:
             fetch_converter(cache)
         except OSError as e:  # e.g. no write access to ~/.cache: say how to put the converter elsewhere
