@@ -16,11 +16,11 @@ What differs from a plain Trainer run, and why:
 - a memory plan (weights, gradients, optimizer state, activation estimate per mode) is logged before the
   weights are loaded; --print_memory_plan prints it and exits (memory_plan.py).
 
-The code: paddleocr_vl_manga.train.sft (this file is a command: nothing imports it)."""
+The code: paddleocr_vl_manga.train.run (this file is a command: nothing imports it)."""
 
 import sys
 
-from paddleocr_vl_manga.train.sft import main
+from paddleocr_vl_manga.train.run import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -49,7 +49,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import paddleocr_vl_manga.train.sft as sft  # noqa: E402
+import paddleocr_vl_manga.train.trainer as sft_trainer  # noqa: E402
 from paddleocr_vl_manga.data.collator import OCRCollator  # noqa: E402
 from paddleocr_vl_manga.model.lora import add_lora, is_lora  # noqa: E402
 from paddleocr_vl_manga.train.memory_plan import memory_plan  # noqa: E402
@@ -158,7 +158,7 @@ def saved_tensor_bytes(model: Any, batch: dict, autocast: bool = True) -> dict[s
     try:
         with cuda_like_cpu_autocast(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-                loss = sft.answer_loss(model, batch, n_items)[0]
+                loss = sft_trainer.answer_loss(model, batch, n_items)[0]
     finally:
         for h in handles:
             h.remove()

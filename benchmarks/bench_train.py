@@ -65,7 +65,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import paddleocr_vl_manga.data.manga109 as prep  # noqa: E402
-import paddleocr_vl_manga.train.sft as sft  # noqa: E402
+import paddleocr_vl_manga.train.trainer as sft_trainer  # noqa: E402
 from benchmarks.full_size import build_full_size_random  # noqa: E402
 from benchmarks.gpu_tables import rope_pairs  # noqa: E402
 from paddleocr_vl_manga.data.collator import OCRCollator  # noqa: E402
@@ -88,7 +88,7 @@ PEAK_BF16 = [("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H2
 class Recipe:
     name: str
     precision: str = "bf16_lean"  # seed_bf16 (torch AdamW on bf16 weights) | bf16_lean | fp32_master
-    loss: str = "answer"  # model: model(**batch).loss / A | answer: sft.answer_loss
+    loss: str = "answer"  # model: model(**batch).loss / A | answer: sft_trainer.answer_loss
     bs: int = 8
     ga: int = 2
     gc: bool = True
@@ -154,7 +154,7 @@ def batches(data_dir: Path, processor: Any, recipe: Recipe, workers: int, pin: b
     if len(ds) < recipe.bs:
         raise SystemExit(f"error: {len(ds)} crops < batch size {recipe.bs}; raise --books/--pages")
     if recipe.group and recipe.bs > 1:  # as BF16Trainer with --group_by_length
-        sampler = sft.EpochLengthGroupedSampler(recipe.bs, lengths, seed=0)
+        sampler = sft_trainer.EpochLengthGroupedSampler(recipe.bs, lengths, seed=0)
     else:
         sampler = RandomSampler(ds, generator=torch.Generator().manual_seed(0))
     collator = OCRCollator(processor, max_length=MAX_LENGTH, rope_in_collator=recipe.rope)
@@ -181,7 +181,7 @@ def recipe_loss(model: Any, batch: dict, recipe: Recipe, n_items: int, ga: int) 
     """The loss a recipe backpropagates for one micro-batch (call it under bf16 autocast)."""
     if recipe.loss == "model":
         return model(**model_inputs(batch), use_cache=False).loss / ga
-    return sft.answer_loss(model, batch, n_items)[0]
+    return sft_trainer.answer_loss(model, batch, n_items)[0]
 
 
 def check_loss(model: Any, batch: dict, recipe: Recipe, rtol: float = 1e-2) -> dict[str, Any]:
@@ -251,7 +251,7 @@ def run_recipe(recipe: Recipe, a: argparse.Namespace, tiny_dir: str, data_dir: P
         torch.cuda.reset_peak_memory_stats(device)  # the check's fp32 weights are not the recipe's memory
     params = [p for p in model.parameters() if p.requires_grad]
     if recipe.precision == "bf16_lean" and not recipe.lora_r:
-        cls, kwargs = sft.lean_optimizer(a.lr)
+        cls, kwargs = sft_trainer.lean_optimizer(a.lr)
         opt = cls(params, weight_decay=0.0, **kwargs)
     else:  # fp32_master, LoRA: Trainer's default on torch >= 2.8 is fused; the seed's older Trainer: foreach
         fused = (recipe.precision == "fp32_master" or recipe.lora_r > 0) and device.type == "cuda"

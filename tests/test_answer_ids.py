@@ -13,6 +13,8 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
+import paddleocr_vl_manga.train.arguments as sft_arguments
+import paddleocr_vl_manga.train.inputs as sft_inputs
 from paddleocr_vl_manga.data.collator import RELEASE_PROMPTS, OCRCollator, answer_ids, whitespace_start
 from tools.make_tiny_model import build_release_tokenizer, release_processor
 
@@ -112,14 +114,13 @@ def sft_argv(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
 
 def test_training_start_logs_first_answer_ids_and_pieces(tiny_model: Path, prepared: Path, tmp_path: Path,
                                                          caplog: pytest.LogCaptureFixture) -> None:
-    import paddleocr_vl_manga.train.sft as sft
     from paddleocr_vl_manga.model.loading import load_config_and_processor
 
     data = with_first_text(prepared, tmp_path / "d", "OK魔王")
     tok = load_config_and_processor(str(tiny_model)).processor.tokenizer
     want = tok("OK魔王", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     with caplog.at_level("INFO", logger="sft"):
-        sft.train_data(*sft.parse_args(sft_argv(tiny_model, data, tmp_path / "o")))
+        sft_inputs.train_data(*sft_arguments.parse_args(sft_argv(tiny_model, data, tmp_path / "o")))
     lines = [r.getMessage() for r in caplog.records if "answer tokens" in r.getMessage()]
     assert len(lines) == 1 and "\n" not in lines[0]
     assert "'OK魔王'" in lines[0] and str(want) in lines[0]
@@ -139,12 +140,11 @@ def test_text_starting_with_whitespace_is_labelled_without_it(tokenizers) -> Non
 def test_text_starting_with_a_space_trains(tiny_model: Path, prepared: Path, tmp_path: Path,
                                            caplog: pytest.LogCaptureFixture) -> None:
     """One such crop among 150k must not refuse the run."""
-    import paddleocr_vl_manga.train.sft as sft
 
     data = with_first_text(prepared, tmp_path / "d", " 魔王")
     tok = build_release_tokenizer()
     with caplog.at_level("INFO", logger="sft"):
-        sft.train_data(*sft.parse_args(sft_argv(tiny_model, data, tmp_path / "o")))
+        sft_inputs.train_data(*sft_arguments.parse_args(sft_argv(tiny_model, data, tmp_path / "o")))
     (line,) = [r.getMessage() for r in caplog.records if "answer tokens" in r.getMessage()]
     assert str(tok.convert_ids_to_tokens(answer_ids(tok, ["魔王"])[0])) in line
 
@@ -154,13 +154,13 @@ def test_label_starting_with_a_space_stops_before_training(tiny_model: Path, pre
                                                            error_line, monkeypatch: pytest.MonkeyPatch,
                                                            rehearse: bool) -> None:
     """A tokenizer whose prefix space answer_ids could not remove (simulated: "▁" put before every answer)."""
-    import paddleocr_vl_manga.train.sft as sft
+    import paddleocr_vl_manga.train.run as sft
 
     def spaced(tokenizer, texts):
         space = tokenizer(" ", add_special_tokens=False)["input_ids"][:1]
         return [space + ids for ids in answer_ids(tokenizer, texts)]
 
-    monkeypatch.setattr(sft, "answer_ids", spaced)
+    monkeypatch.setattr(sft_inputs, "answer_ids", spaced)
     data = with_first_text(prepared, tmp_path / "d", "魔王")
     out = tmp_path / "o"
     rc = sft.main(sft_argv(tiny_model, data, out, *(["--rehearse", "true"] if rehearse else [])))
@@ -175,26 +175,24 @@ def test_label_starting_with_a_space_stops_before_training(tiny_model: Path, pre
 def test_prefix_space_the_labels_kept_would_be_caught(tokenizers, monkeypatch: pytest.MonkeyPatch) -> None:
     """Had answer_ids kept the tokenizer's prefix space, the start-of-training check would stop the run: on
     all 6 answers, bare ("▁", "あ") or merged ("▁O", "K")."""
-    import paddleocr_vl_manga.train.sft as sft
 
     tok = tokenizers[True]
     records = [{"id": f"r{i}", "text": t} for i, t in enumerate(TEXTS)]
-    assert "pieces ['あ', '</s>']" in sft.check_answer_tokens(tok, records)
+    assert "pieces ['あ', '</s>']" in sft_inputs.check_answer_tokens(tok, records)
 
     def naive(tokenizer, texts):
         plain = tokenizer(texts, add_special_tokens=False)["input_ids"]
         return [ids + [tokenizer.eos_token_id] for ids in plain]
 
-    monkeypatch.setattr(sft, "answer_ids", naive)
-    with pytest.raises(sft.AnswerTokenError, match=r"^6 of 6 .* 'r0' 'あ' -> pieces \['▁', 'あ'"):
-        sft.check_answer_tokens(tok, records)
+    monkeypatch.setattr(sft_inputs, "answer_ids", naive)
+    with pytest.raises(sft_inputs.AnswerTokenError, match=r"^6 of 6 .* 'r0' 'あ' -> pieces \['▁', 'あ'"):
+        sft_inputs.check_answer_tokens(tok, records)
 
 
 def test_rehearsal_reports_first_answer_tokens(tiny_model: Path, prepared: Path, tmp_path: Path) -> None:
     import paddleocr_vl_manga.train.rehearsal as rehearsal
-    import paddleocr_vl_manga.train.sft as sft
 
     data = with_first_text(prepared, tmp_path / "d", "OK魔王")
-    m, d, a = sft.parse_args(sft_argv(tiny_model, data, tmp_path / "o"))
+    m, d, a = sft_arguments.parse_args(sft_argv(tiny_model, data, tmp_path / "o"))
     full = rehearsal.prepare(m, d, a, tmp_path / "o" / rehearsal.FOLDER)
     assert full.answer_tokens.startswith("answer tokens of 'OK魔王' on this tokenizer: ids [")

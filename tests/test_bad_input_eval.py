@@ -203,7 +203,7 @@ def test_loading_the_release_config_does_not_warn_about_mrope_section(release_mo
 def test_training_evaluation_bar_stays_off_a_log_file(monkeypatch: pytest.MonkeyPatch) -> None:
     from transformers import TrainerControl, TrainerState, TrainingArguments
 
-    import paddleocr_vl_manga.train.sft as sft
+    import paddleocr_vl_manga.train.trainer as sft_trainer
 
     class NotATerminal:
         def isatty(self) -> bool:
@@ -215,7 +215,7 @@ def test_training_evaluation_bar_stays_off_a_log_file(monkeypatch: pytest.Monkey
         def flush(self) -> None: ...
 
     monkeypatch.setattr(sys, "stderr", NotATerminal())
-    bar = sft.TerminalEvalBar()
+    bar = sft_trainer.TerminalEvalBar()
     args = TrainingArguments(output_dir="unused", report_to=[])
     bar.on_prediction_step(args, TrainerState(is_world_process_zero=True), TrainerControl(),
                            eval_dataloader=[1, 2, 3])

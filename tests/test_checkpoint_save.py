@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 from launch import TRAIN_SH, train_env
 
-import paddleocr_vl_manga.train.sft as sft
+import paddleocr_vl_manga.train.checkpoints as sft_checkpoints
+import paddleocr_vl_manga.train.run as sft
 
 
 def test_full_disk_during_a_save_is_one_line_and_the_rerun_recovers(
@@ -40,7 +41,7 @@ def test_full_disk_during_a_save_is_one_line_and_the_rerun_recovers(
     assert f"could not write {out / 'checkpoint-4' / 'optimizer.pt'}: the disk is full" in errors[0]
     assert str(out / "checkpoint-2") in errors[0]  # where the rerun continues from
     assert not (out / "checkpoint-4").exists()
-    assert sft.latest_complete_checkpoint(str(out)) == str(out / "checkpoint-2")
+    assert sft_checkpoints.latest_complete_checkpoint(str(out)) == str(out / "checkpoint-2")
 
     monkeypatch.setattr(torch, "save", real_save)  # space freed: the same command finishes the run
     assert sft.main(argv) == 0

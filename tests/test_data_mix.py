@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-import paddleocr_vl_manga.train.sft as sft
+import paddleocr_vl_manga.train.arguments as sft_arguments
+import paddleocr_vl_manga.train.build as sft_build
 from paddleocr_vl_manga.data.dataset import DatasetError, mixed_train_dataset, parse_data_dirs
 
 
@@ -63,7 +64,7 @@ def test_trainer_on_a_mix(tiny_model: Path, prepared: Path, tmp_path: Path):
     synth = synth_folder(prepared, tmp_path / "s")
     argv = ["--model_path", str(tiny_model), "--data_dir", f"{prepared} {synth}:1", "--report_to", "none",
             "--output_dir", str(tmp_path / "o"), "--max_steps", "1", "--save_strategy", "no"]
-    trainer = sft.build_trainer(*sft.parse_args(argv))
+    trainer = sft_build.build_trainer(*sft_arguments.parse_args(argv))
     ids = [r["id"] for r in trainer.train_dataset.records]
     assert sum(i.startswith("synth/") for i in ids) == len(ids) // 2  # 1:1
     val = {json.loads(line)["id"] for line in (prepared / "val.jsonl").read_text().splitlines()}
@@ -71,5 +72,5 @@ def test_trainer_on_a_mix(tiny_model: Path, prepared: Path, tmp_path: Path):
     mix = json.loads((tmp_path / "o" / "data_mix.json").read_text())
     assert [m["drawn"] for m in mix] == [len(ids) // 2] * 2 and mix[1]["folder"] == str(synth)
     # What resume and every DDP rank rely on: a second build draws the same list.
-    again = sft.build_trainer(*sft.parse_args([*argv, "--resume_from_checkpoint", "auto"]))
+    again = sft_build.build_trainer(*sft_arguments.parse_args([*argv, "--resume_from_checkpoint", "auto"]))
     assert [r["id"] for r in again.train_dataset.records] == ids

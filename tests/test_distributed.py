@@ -168,19 +168,20 @@ def test_output_dir_not_shared_by_a_node_fails_clearly(tmp_path: Path, monkeypat
     """Rank 1 on another host can't see the marker rank 0 wrote: every rank stops with one clear line."""
     import torch.distributed as dist
 
-    import paddleocr_vl_manga.train.sft as sft
+    import paddleocr_vl_manga.train.arguments as sft_arguments
+    import paddleocr_vl_manga.train.checkpoints as sft_checkpoints
 
-    *_, args = sft.parse_args(["--model_path", "m", "--output_dir", str(tmp_path / "o")])
+    *_, args = sft_arguments.parse_args(["--model_path", "m", "--output_dir", str(tmp_path / "o")])
     monkeypatch.setattr(type(args), "world_size", property(lambda self: 2))
     monkeypatch.setattr(dist, "broadcast_object_list", lambda objs, src: None)
     monkeypatch.setattr(dist, "barrier", lambda: None)
-    monkeypatch.setattr(sft, "SHARED_FS_LAG_S", 0.0)
+    monkeypatch.setattr(sft_checkpoints, "SHARED_FS_LAG_S", 0.0)
 
     def gather(out: list, mine: tuple) -> None:  # rank 0's own view, and a rank 1 that sees nothing
-        out[:] = [mine, ("node1", sft.appears(tmp_path / "elsewhere", 0.0))]
+        out[:] = [mine, ("node1", sft_checkpoints.appears(tmp_path / "elsewhere", 0.0))]
         assert mine[1], "rank 0 must see its own marker"
 
     monkeypatch.setattr(dist, "all_gather_object", gather)
     with pytest.raises(SystemExit, match=r"not shared by all ranks \(hosts node1 don't see"):
-        sft.check_output_dir(args)
+        sft_checkpoints.check_output_dir(args)
     assert not list((tmp_path / "o").iterdir())  # the marker is removed again

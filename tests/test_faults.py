@@ -13,7 +13,10 @@ from pathlib import Path
 import pytest
 from launch import REPO, TRAIN_SH, assert_same_weights, final_state, train_env
 
-import paddleocr_vl_manga.train.sft as sft
+import paddleocr_vl_manga.train.arguments as sft_arguments
+import paddleocr_vl_manga.train.build as sft_build
+import paddleocr_vl_manga.train.checkpoints as sft_checkpoints
+import paddleocr_vl_manga.train.run as sft
 
 TRAIN = [*TRAIN_SH, "--max_steps", "8", "--max_eval_samples", "4", "--load_best_model_at_end", "false",
          "--disable_tqdm", "true"]
@@ -51,7 +54,7 @@ def test_incomplete_checkpoint_is_skipped(tmp_path: Path) -> None:
         ckpt.mkdir()
         if complete:
             (ckpt / "trainer_state.json").write_text("{}")
-    assert sft.latest_complete_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-4")
+    assert sft_checkpoints.latest_complete_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-4")
 
 
 def test_nan_loss_stops_naming_the_step(tiny_model: Path, prepared: Path, tmp_path: Path, capsys) -> None:
@@ -81,22 +84,23 @@ def test_full_disk_fails_before_work(tiny_model: Path, prepared: Path, tmp_path:
     import shutil
 
     usage = shutil.disk_usage(tmp_path)
-    monkeypatch.setattr(sft.shutil, "disk_usage", lambda p: usage._replace(free=1000))
-    args = sft.parse_args(["--model_path", str(tiny_model), "--data_dir", str(prepared), "--output_dir",
-                           str(tmp_path / "o"), "--report_to", "none"])
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage._replace(free=1000))
+    args = sft_arguments.parse_args(["--model_path", str(tiny_model), "--data_dir", str(prepared),
+                                     "--output_dir", str(tmp_path / "o"), "--report_to", "none"])
     with pytest.raises(SystemExit, match="GiB free but one checkpoint needs"):
-        sft.build_trainer(*args)
+        sft_build.build_trainer(*args)
 
 
 def test_bad_setup_fails_before_loading_the_model(tmp_path: Path, monkeypatch) -> None:
     def must_not_load(*a, **k):
         raise AssertionError("the model was loaded before the data was checked")
 
-    monkeypatch.setattr(sft, "load_model_and_processor", must_not_load)
-    args = sft.parse_args(["--model_path", "PaddlePaddle/PaddleOCR-VL", "--data_dir", str(tmp_path / "none"),
-                           "--output_dir", str(tmp_path / "o"), "--report_to", "none"])
+    monkeypatch.setattr(sft_build, "load_model_and_processor", must_not_load)
+    args = sft_arguments.parse_args(["--model_path", "PaddlePaddle/PaddleOCR-VL", "--data_dir",
+                                     str(tmp_path / "none"), "--output_dir", str(tmp_path / "o"),
+                                     "--report_to", "none"])
     with pytest.raises(sft.DatasetError, match="train.jsonl: file not found"):
-        sft.build_trainer(*args)
+        sft_build.build_trainer(*args)
 
     # train.sh run by a Python without torch: one clear line, not a traceback from its GPU probe.
     bare = tmp_path / "bare_python"

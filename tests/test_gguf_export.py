@@ -19,7 +19,7 @@ import pytest
 
 import paddleocr_vl_manga.export.gguf as ocr_gguf
 import paddleocr_vl_manga.export.layout as export_model
-import paddleocr_vl_manga.train.sft as sft
+import paddleocr_vl_manga.train.run as sft
 from paddleocr_vl_manga.data.collator import IMAGE_TRIPLET, PROMPT
 from tools.make_tiny_model import build_release_like
 

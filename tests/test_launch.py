@@ -16,7 +16,9 @@ import pytest
 import torch
 from launch import TRAIN_SH
 
-import paddleocr_vl_manga.train.sft as sft
+import paddleocr_vl_manga.train.arguments as sft_arguments
+import paddleocr_vl_manga.train.build as sft_build
+import paddleocr_vl_manga.train.run as sft
 
 # What torch sees on a node with FAKE_GPUS GPUs of 80 GiB; as in CUDA, CUDA_VISIBLE_DEVICES hides the rest.
 SITECUSTOMIZE = """
@@ -139,11 +141,12 @@ def test_direct_run_on_several_gpus_stops_before_reading_anything(tmp_path: Path
 
 def test_build_trainer_never_wraps_in_data_parallel(tmp_path: Path, nothing_loads, error_line) -> None:
     """Defence in depth, for callers that make their own TrainingArguments: n_gpu > 1 stops the build."""
-    model_args, data_args, args = sft.parse_args(["--model_path", "x", "--data_dir", str(tmp_path / "data"),
-                                                  "--output_dir", str(tmp_path / "o"), "--report_to", "none"])
+    model_args, data_args, args = sft_arguments.parse_args(
+        ["--model_path", "x", "--data_dir", str(tmp_path / "data"), "--output_dir", str(tmp_path / "o"),
+         "--report_to", "none"])
     args._n_gpu = 2  # what TrainingArguments sets outside torchrun on a 2-GPU node
     with pytest.raises(SystemExit) as stop:
-        sft.build_trainer(model_args, data_args, args)
+        sft_build.build_trainer(model_args, data_args, args)
     assert "2 GPUs are visible" in error_line(stop.value.code)
     assert not (tmp_path / "o").exists()
 

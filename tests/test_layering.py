@@ -107,7 +107,6 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return found
 
 
-@pytest.mark.xfail(strict=True, reason="issue 28 step 2: rehearsal-sft")
 def test_the_kit_has_no_import_cycles():
     assert cycles(import_graph()) == []
 

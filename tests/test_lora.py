@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 from test_training import StopAt, subset, train_args
 from transformers import AutoModelForImageTextToText
 
-import paddleocr_vl_manga.train.sft as sft
+import paddleocr_vl_manga.train.build as sft_build
+import paddleocr_vl_manga.train.run as sft
 from paddleocr_vl_manga.data.dataset import OCRDataset, load_image
 from paddleocr_vl_manga.model.loading import generate_texts, load_model_and_processor
 from paddleocr_vl_manga.model.lora import TARGET_GROUPS, LoraError, add_lora
@@ -104,7 +105,7 @@ def test_lora_resume_gives_same_adapter(
     common = [*LORA, "--precision", precision, "--max_steps", "8", "--per_device_train_batch_size", "2",
               "--gradient_accumulation_steps", "2", "--learning_rate", "1e-2", "--save_strategy", "steps",
               "--save_steps", "4", "--gradient_checkpointing", "true"]
-    straight = sft.build_trainer(*train_args(tiny_model, data, tmp_path / "a", *common))
+    straight = sft_build.build_trainer(*train_args(tiny_model, data, tmp_path / "a", *common))
     base = {n: p.detach().clone() for n, p in straight.model.named_parameters() if not p.requires_grad}
     straight.train()
     trained = {n: p for n, p in straight.model.named_parameters() if p.requires_grad}
@@ -114,10 +115,10 @@ def test_lora_resume_gives_same_adapter(
     assert {p.dtype for n, p in straight.model.named_parameters() if n in base} == {want_dtype}
 
     args_b = train_args(tiny_model, data, tmp_path / "b", *common)
-    interrupted = sft.build_trainer(*args_b, callbacks=[StopAt(4)])
+    interrupted = sft_build.build_trainer(*args_b, callbacks=[StopAt(4)])
     interrupted.train()
     m, d, a = train_args(tiny_model, data, tmp_path / "b", *common, "--resume_from_checkpoint", "auto")
-    resumed = sft.build_trainer(m, d, a)
+    resumed = sft_build.build_trainer(m, d, a)
     assert a.resume_from_checkpoint.endswith("checkpoint-4")
     resumed.train(resume_from_checkpoint=a.resume_from_checkpoint)
     assert resumed.state.global_step == 8
@@ -130,11 +131,11 @@ def test_lora_resume_gives_same_adapter(
 def test_resuming_with_another_rank_fails_clearly(tiny_model: Path, prepared: Path, tmp_path: Path) -> None:
     data = subset(prepared, tmp_path / "d", 4)
     common = ["--max_steps", "2", "--save_strategy", "steps", "--save_steps", "2", "--lora_dropout", "0"]
-    sft.build_trainer(*train_args(tiny_model, data, tmp_path / "o", "--lora_r", "4", *common)).train()
+    sft_build.build_trainer(*train_args(tiny_model, data, tmp_path / "o", "--lora_r", "4", *common)).train()
     m, d, a = train_args(tiny_model, data, tmp_path / "o", "--lora_r", "8", *common, "--max_steps", "4",
                          "--resume_from_checkpoint", "auto")
     with pytest.raises(LoraError, match="does not fit this model"):
-        sft.build_trainer(m, d, a).train(resume_from_checkpoint=a.resume_from_checkpoint)
+        sft_build.build_trainer(m, d, a).train(resume_from_checkpoint=a.resume_from_checkpoint)
 
 
 def test_bad_targets_fail_clearly(tiny_model: Path) -> None:

@@ -11,7 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
-import paddleocr_vl_manga.train.sft as sft
+import paddleocr_vl_manga.train.arguments as sft_arguments
+import paddleocr_vl_manga.train.build as sft_build
+import paddleocr_vl_manga.train.run as sft
+import paddleocr_vl_manga.train.trainer as sft_trainer
 from paddleocr_vl_manga.data.collator import OCRCollator
 from paddleocr_vl_manga.model.loading import load_config_and_processor, load_model_and_processor
 from paddleocr_vl_manga.model.lora import add_lora
@@ -69,12 +72,12 @@ def test_weights_gradients_optimizer_are_exact(tiny_model: Path, mode: str, dtyp
     model, processor = model_for(tiny_model, mode, dtype, targets)
     trained = [p for p in model.parameters() if p.requires_grad]
     if mode == "bf16_lean":
-        cls, kwargs = sft.lean_optimizer(1e-4)
+        cls, kwargs = sft_trainer.lean_optimizer(1e-4)
         optimizer = cls(trained, **kwargs)
     else:  # Trainer's default: torch AdamW (fp32_master, and the fp32 adapters of LoRA)
         optimizer = torch.optim.AdamW(trained, lr=1e-4)
     batch = batch_of(processor, [(40, 120), (120, 60)])
-    sft.answer_loss(model, batch)[0].backward()
+    sft_trainer.answer_loss(model, batch)[0].backward()
     optimizer.step()
 
     plan = plan_for(tiny_model, batch, mode, dtype, targets)
@@ -201,7 +204,7 @@ def test_sft_prints_the_plan_without_loading_weights(tiny_model: Path, prepared:
         raise AssertionError("the weights were loaded")
 
     with monkeypatch.context() as m:
-        m.setattr(sft, "load_model_and_processor", no_weights)
+        m.setattr(sft_build, "load_model_and_processor", no_weights)
         assert sft.main([*argv, "--print_memory_plan", "true"]) == 0
     out = capsys.readouterr().out
     assert "> lora (LoRA r8 on language" in out and "for batch 4 x " in out
@@ -209,7 +212,7 @@ def test_sft_prints_the_plan_without_loading_weights(tiny_model: Path, prepared:
 
     monkeypatch.setattr(mp, "gpu_memory_bytes", lambda: GpuMemory(1024, 80 * GIB))  # 1 KiB free of 80 GiB
     with caplog.at_level("WARNING", logger="sft"):
-        sft.build_trainer(*sft.parse_args([*argv, "--max_steps", "1"]))
+        sft_build.build_trainer(*sft_arguments.parse_args([*argv, "--max_steps", "1"]))
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert any("exceeds the visible GPU's free memory, 0.0 of 80.0 GiB" in w for w in warnings), warnings
 

@@ -11,7 +11,10 @@ from pathlib import Path
 import pytest
 from launch import TRAIN_SH, free_port, train_env
 
-import paddleocr_vl_manga.train.sft as sft
+import paddleocr_vl_manga.train.build as sft_build
+import paddleocr_vl_manga.train.checkpoints as sft_checkpoints
+import paddleocr_vl_manga.train.run as sft
+import paddleocr_vl_manga.train.trainer as sft_trainer
 from paddleocr_vl_manga.data.dataset import OCRDataset
 from paddleocr_vl_manga.data.lengths import sequence_lengths
 from paddleocr_vl_manga.model.loading import load_config_and_processor
@@ -67,7 +70,7 @@ def test_rehearsal_runs_every_stage_and_forecasts(tiny_model: Path, prepared: Pa
 
     # the full run's folder is untouched: RESUME=auto will not find a rehearsal checkpoint
     assert [p.name for p in out.iterdir()] == ["rehearsal"]
-    assert sft.latest_complete_checkpoint(str(out)) is None
+    assert sft_checkpoints.latest_complete_checkpoint(str(out)) is None
     result = check_stages(out / "rehearsal")
     full = result["full_run"]
     assert (full["steps"], full["train_crops"]) == (steps, counts["train"])
@@ -124,9 +127,9 @@ def test_a_failure_names_its_stage(
 ) -> None:
     if stage == "export":
         def export(*args, **kwargs):
-            raise sft.ExportError("the base's key layout is unknown")
+            raise sft_build.ExportError("the base's key layout is unknown")
 
-        monkeypatch.setattr(sft, "export_model", export)
+        monkeypatch.setattr(sft_build, "export_model", export)
         want = "rehearsal failed at export: could not lay out"
     else:  # CER generation fails after the first update, not on the base
         calls = []
@@ -137,7 +140,7 @@ def test_a_failure_names_its_stage(
                 raise RuntimeError("CUDA out of memory (simulated)")
             return [""] * len(args[2])
 
-        monkeypatch.setattr(sft, "generate_texts", generate)
+        monkeypatch.setattr(sft_trainer, "generate_texts", generate)
         want = "rehearsal failed at evaluation (CER generation) at step 1: RuntimeError: CUDA out of memory"
     out = tmp_path / "out"
     line = error_line(sft.main(in_process(tiny_model, prepared, out)))
@@ -146,5 +149,5 @@ def test_a_failure_names_its_stage(
     note = out / "rehearsal" / "rehearsal_error.txt"
     assert f"(traceback: {note})" in line and "Traceback" in note.read_text()
     assert not (out / "rehearsal" / "model.safetensors").exists() or stage == "export"
-    assert sft.latest_complete_checkpoint(str(out)) is None
+    assert sft_checkpoints.latest_complete_checkpoint(str(out)) is None
     assert not list((out / "rehearsal").glob("checkpoint-*"))  # a failed rehearsal frees its disk too

@@ -19,7 +19,8 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 import paddleocr_vl_manga.evaluate.evaluation as evaluate_model
 import paddleocr_vl_manga.export.layout as export_model
 import paddleocr_vl_manga.infer.predict as predict
-import paddleocr_vl_manga.train.sft as sft
+import paddleocr_vl_manga.train.build as sft_build
+import paddleocr_vl_manga.train.run as sft
 from paddleocr_vl_manga.data.collator import OCRCollator, generation_batch, generation_prompt
 from paddleocr_vl_manga.data.dataset import OCRDataset, load_image, read_jsonl
 from paddleocr_vl_manga.data.lengths import sequence_lengths
@@ -298,7 +299,7 @@ def test_failed_export_fails_the_run_with_a_hint(tiny_model: Path, prepared: Pat
     def broken(*args, **kwargs):
         raise export_model.ExportError("disk on fire")
 
-    monkeypatch.setattr(sft, "export_model", broken)
+    monkeypatch.setattr(sft_build, "export_model", broken)
     rc = sft.main([
         "--model_path", str(tiny_model), "--data_dir", str(prepared), "--output_dir", str(tmp_path / "o"),
         "--max_steps", "1", "--max_train_samples", "2", "--eval_strategy", "no", "--save_strategy", "no",

@@ -17,7 +17,10 @@ import torch
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-import paddleocr_vl_manga.train.sft as sft
+import paddleocr_vl_manga.train.arguments as sft_arguments
+import paddleocr_vl_manga.train.build as sft_build
+import paddleocr_vl_manga.train.checkpoints as sft_checkpoints
+import paddleocr_vl_manga.train.run as sft
 
 STEPS, SAVE_EVERY = 4, 2
 
@@ -55,8 +58,8 @@ def fp32_run(tiny_model: Path, prepared: Path,
     (data / "train.jsonl").write_text("".join(
         json.dumps({**r, "image": str(prepared / r["image"])}, ensure_ascii=False) + "\n" for r in recs))
     watch = Watch()
-    args = sft.parse_args(argv(tiny_model, data, root / "o", "--precision", "fp32_master"))
-    trainer = sft.build_trainer(*args, callbacks=[watch])
+    args = sft_arguments.parse_args(argv(tiny_model, data, root / "o", "--precision", "fp32_master"))
+    trainer = sft_build.build_trainer(*args, callbacks=[watch])
     trainer.train()
     return data, root / "o", watch
 
@@ -78,7 +81,7 @@ def resumable(fp32_run, tmp_path: Path, step: int = SAVE_EVERY) -> Path:
 
 def test_every_checkpoint_records_precision_optimizer_and_layout(fp32_run) -> None:
     for step in range(SAVE_EVERY, STEPS + 1, SAVE_EVERY):
-        setup = json.loads((fp32_run[1] / f"checkpoint-{step}" / sft.RUN_SETUP_FILE).read_text())
+        setup = json.loads((fp32_run[1] / f"checkpoint-{step}" / sft_checkpoints.RUN_SETUP_FILE).read_text())
         assert setup["precision"] == "fp32_master" and setup["lora_r"] == 0
         assert setup["optimizer"] == "torch.optim.AdamW" and setup["kahan_sum"] is False
         assert (setup["world_size"], setup["per_device_train_batch_size"],
@@ -117,7 +120,7 @@ def test_reset_flag_resumes_weights_and_schedule_with_a_fresh_optimizer(
     checkpoint = out / f"checkpoint-{SAVE_EVERY}"
     watch = Watch()
     with caplog.at_level(logging.WARNING, logger="sft"):
-        trainer = sft.build_trainer(*sft.parse_args(argv(
+        trainer = sft_build.build_trainer(*sft_arguments.parse_args(argv(
             tiny_model, fp32_run[0], out, "--precision", precision, "--resume_from_checkpoint", "auto",
             "--reset_optimizer_on_resume", "true")), callbacks=[watch])
     fresh = [r.getMessage() for r in caplog.records if "optimizer starts fresh" in r.getMessage()]
@@ -146,13 +149,13 @@ def test_reset_flag_resumes_weights_and_schedule_with_a_fresh_optimizer(
 def test_changed_world_size_logs_how_steps_map_to_samples(tiny_model: Path, fp32_run, tmp_path: Path,
                                                           caplog: pytest.LogCaptureFixture) -> None:
     out = resumable(fp32_run, tmp_path)
-    record = out / f"checkpoint-{SAVE_EVERY}" / sft.RUN_SETUP_FILE
+    record = out / f"checkpoint-{SAVE_EVERY}" / sft_checkpoints.RUN_SETUP_FILE
     record.write_text(json.dumps({**json.loads(record.read_text()), "world_size": 8,
                                   "gradient_accumulation_steps": 4}))
-    m, _, a = sft.parse_args(argv(tiny_model, fp32_run[0], out, "--resume_from_checkpoint",
+    m, _, a = sft_arguments.parse_args(argv(tiny_model, fp32_run[0], out, "--resume_from_checkpoint",
                                   str(out / f"checkpoint-{SAVE_EVERY}")))
     with caplog.at_level(logging.WARNING, logger="sft"):
-        sft.check_resume(a, sft.run_setup(m, a), m.reset_optimizer_on_resume)
+        sft_checkpoints.check_resume(a, sft_checkpoints.run_setup(m, a), m.reset_optimizer_on_resume)
     (line,) = [r.getMessage() for r in caplog.records]
     assert "saved by 8 processes x batch 2 x accumulation 4 = 64 crops a step" in line
     assert "this run has 1 process x batch 2 x accumulation 1 = 2" in line
@@ -163,18 +166,19 @@ def test_checkpoint_without_record_resumes_as_before_with_one_warning(
     tiny_model: Path, fp32_run, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     out = resumable(fp32_run, tmp_path)
-    (out / f"checkpoint-{SAVE_EVERY}" / sft.RUN_SETUP_FILE).unlink()
+    (out / f"checkpoint-{SAVE_EVERY}" / sft_checkpoints.RUN_SETUP_FILE).unlink()
     with caplog.at_level(logging.WARNING, logger="sft"):
-        m, d, a = sft.parse_args(argv(tiny_model, fp32_run[0], out, "--resume_from_checkpoint",
+        m, d, a = sft_arguments.parse_args(argv(tiny_model, fp32_run[0], out, "--resume_from_checkpoint",
                                       str(out / f"checkpoint-{SAVE_EVERY}")))
-        sft.check_resume(a, sft.run_setup(m, a), m.reset_optimizer_on_resume)
+        sft_checkpoints.check_resume(a, sft_checkpoints.run_setup(m, a), m.reset_optimizer_on_resume)
     (line,) = [r.getMessage() for r in caplog.records]
-    assert f"has no {sft.RUN_SETUP_FILE}" in line and "world size is not checked" in line
+    assert f"has no {sft_checkpoints.RUN_SETUP_FILE}" in line and "world size is not checked" in line
     assert "optimizer state shows a fp32_master (torch.optim.AdamW) run" in line
-    trainer = sft.build_trainer(m, d, a)
+    trainer = sft_build.build_trainer(m, d, a)
     trainer.train(resume_from_checkpoint=a.resume_from_checkpoint)
     assert trainer.state.global_step == STEPS
-    assert (out / f"checkpoint-{STEPS}" / sft.RUN_SETUP_FILE).is_file()  # its new checkpoints record it
+    # its new checkpoints record it
+    assert (out / f"checkpoint-{STEPS}" / sft_checkpoints.RUN_SETUP_FILE).is_file()
 
 
 def test_checkpoint_without_record_in_bf16_lean_stops_by_its_optimizer_state(
@@ -183,7 +187,7 @@ def test_checkpoint_without_record_in_bf16_lean_stops_by_its_optimizer_state(
     """A checkpoint saved before run_setup.json existed, resumed at home: optimi handed torch's AdamW state
     would crash at the first step (KeyError 'kahan_sum'), after minutes of loading."""
     out = resumable(fp32_run, tmp_path)
-    (out / f"checkpoint-{SAVE_EVERY}" / sft.RUN_SETUP_FILE).unlink()
+    (out / f"checkpoint-{SAVE_EVERY}" / sft_checkpoints.RUN_SETUP_FILE).unlink()
     rc = run_main(argv(tiny_model, fp32_run[0], out, "--precision", "bf16_lean",
                        "--resume_from_checkpoint", "auto"))
     line = error_line(rc)
@@ -199,7 +203,7 @@ def test_lora_checkpoint_resumed_as_full_fine_tune_stops_naming_lora_r(
     """LORA_R forgotten at home: no optimizer setting or fresh state can make an adapter fit every weight.
     Without the record (saved before it), the adapter's config says so."""
     out = resumable(fp32_run, tmp_path)
-    record = out / f"checkpoint-{SAVE_EVERY}" / sft.RUN_SETUP_FILE
+    record = out / f"checkpoint-{SAVE_EVERY}" / sft_checkpoints.RUN_SETUP_FILE
     if recorded:
         record.write_text(json.dumps({**json.loads(record.read_text()), "lora_r": 16}))
     else:
@@ -220,8 +224,8 @@ def test_half_written_record_stops_in_one_line(
     trainer_state.json yet); named by path, it must not end in a traceback."""
     out = resumable(fp32_run, tmp_path)
     checkpoint = out / f"checkpoint-{SAVE_EVERY}"
-    record = checkpoint / sft.RUN_SETUP_FILE
+    record = checkpoint / sft_checkpoints.RUN_SETUP_FILE
     record.write_text(record.read_text()[:40])
     rc = run_main(argv(tiny_model, fp32_run[0], out, "--resume_from_checkpoint", str(checkpoint)))
     line = error_line(rc)
-    assert sft.RUN_SETUP_FILE in line and "--resume_from_checkpoint auto" in line
+    assert sft_checkpoints.RUN_SETUP_FILE in line and "--resume_from_checkpoint auto" in line

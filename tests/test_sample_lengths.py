@@ -11,9 +11,12 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+from transformers import TrainingArguments
 
 import paddleocr_vl_manga.evaluate.evaluation as evaluate_model
-import paddleocr_vl_manga.train.sft as sft
+import paddleocr_vl_manga.train.arguments as sft_arguments
+import paddleocr_vl_manga.train.build as sft_build
+import paddleocr_vl_manga.train.run as sft
 from paddleocr_vl_manga.data.collator import OCRCollator, generation_batch, num_image_tokens
 from paddleocr_vl_manga.data.dataset import OCRDataset, fit_image, fitted_size, read_jsonl, spread_sample
 from paddleocr_vl_manga.data.lengths import SUMMARY_FILE, sequence_lengths
@@ -102,7 +105,7 @@ def test_evaluate_max_length_filters_like_training(tiny_model: Path, prepared: P
 
 
 def run_args(tiny_model: Path, data: Path, out: Path, *extra: str):
-    return sft.parse_args([
+    return sft_arguments.parse_args([
         "--model_path", str(tiny_model), "--data_dir", str(data), "--output_dir", str(out),
         "--report_to", "none", "--disable_tqdm", "true", "--seed", "0", "--per_device_train_batch_size", "2",
         "--per_device_eval_batch_size", "1", "--learning_rate", "3e-3", "--logging_steps", "1", *extra,
@@ -129,7 +132,7 @@ def test_val_crop_over_max_length_is_dropped_and_counted(tiny_model: Path, long_
                                                          caplog) -> None:
     data, limit, over = long_val
     out = tmp_path / "o"
-    trainer = sft.build_trainer(*run_args(
+    trainer = sft_build.build_trainer(*run_args(
         tiny_model, data, out, "--max_length", str(limit), "--max_steps", "2", "--eval_strategy", "steps",
         "--eval_steps", "1", "--eval_generation_samples", "6", "--generation_max_new_tokens", "4",
         "--save_strategy", "no"))
@@ -149,7 +152,7 @@ def test_val_crop_over_max_length_is_dropped_and_counted(tiny_model: Path, long_
 
 def test_no_base_evaluation_when_evaluation_is_off(tiny_model: Path, long_val, tmp_path: Path) -> None:
     data, _, _ = long_val
-    trainer = sft.build_trainer(*run_args(tiny_model, data, tmp_path / "o", "--eval_strategy", "no",
+    trainer = sft_build.build_trainer(*run_args(tiny_model, data, tmp_path / "o", "--eval_strategy", "no",
                                           "--save_strategy", "no", "--max_steps", "1"))
     trainer.train()
     assert not [h for h in trainer.state.log_history if any(k.startswith("eval_") for k in h)]
@@ -162,22 +165,22 @@ def test_on_overlong_error_stops_before_loading(tiny_model: Path, long_val, tmp_
     def must_not_load(*a, **k):
         raise AssertionError("the model was loaded before the lengths were checked")
 
-    monkeypatch.setattr(sft, "load_model_and_processor", must_not_load)
+    monkeypatch.setattr(sft_build, "load_model_and_processor", must_not_load)
     with pytest.raises(sft.DatasetError, match=f"val: {len(over)} of 30 .*e.g. {over[0]}"):
-        sft.build_trainer(*run_args(tiny_model, data, tmp_path / "o", "--max_length", str(limit),
+        sft_build.build_trainer(*run_args(tiny_model, data, tmp_path / "o", "--max_length", str(limit),
                                     "--on_overlong", "error"))
 
 
 def test_base_verdict_warns_when_fine_tuning_did_not_help() -> None:
-    args = sft.TrainingArguments(output_dir="/tmp/x", metric_for_best_model="cer", greater_is_better=False)
+    args = TrainingArguments(output_dir="/tmp/x", metric_for_best_model="cer", greater_is_better=False)
 
     class State:
         log_history = [{"step": 0, "eval_cer": 0.30}, {"step": 10, "eval_cer": 0.31}]
         best_metric = 0.31
 
-    assert "not better than the base" in sft.base_verdict(State, args)
+    assert "not better than the base" in sft_build.base_verdict(State, args)
     State.best_metric = 0.2
-    assert sft.base_verdict(State, args) is None
+    assert sft_build.base_verdict(State, args) is None
 
 
 def test_sample_ids_survive_loader_workers(tiny_model: Path, prepared: Path, tmp_path: Path) -> None:

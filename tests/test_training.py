@@ -11,7 +11,11 @@ import torch
 from transformers import TrainerCallback
 
 import paddleocr_vl_manga.data.collator as custom_collator
-import paddleocr_vl_manga.train.sft as sft
+import paddleocr_vl_manga.train.arguments as sft_arguments
+import paddleocr_vl_manga.train.build as sft_build
+import paddleocr_vl_manga.train.inputs as sft_inputs
+import paddleocr_vl_manga.train.run as sft
+import paddleocr_vl_manga.train.trainer as sft_trainer
 from paddleocr_vl_manga.data.collator import OCRCollator, OverlongError, PromptError
 from paddleocr_vl_manga.data.dataset import OCRDataset, load_image
 from paddleocr_vl_manga.data.lengths import sequence_lengths
@@ -39,7 +43,7 @@ def examples(prepared: Path, texts: list[str]) -> list[dict]:
 
 
 def train_args(tiny_model: Path, data_dir: Path, out: Path, *extra: str):
-    return sft.parse_args([
+    return sft_arguments.parse_args([
         "--model_path", str(tiny_model), "--data_dir", str(data_dir), "--output_dir", str(out),
         "--report_to", "none", "--disable_tqdm", "true", "--seed", "0", "--weight_decay", "0",
         "--logging_steps", "10", *extra,
@@ -114,8 +118,9 @@ def test_sequence_lengths_match_collator(prepared: Path, processor) -> None:
 # ---------------------------------------------------------------- loss
 
 
-def make_trainer(tiny_model: Path, prepared: Path, tmp_path: Path) -> sft.BF16Trainer:
-    return sft.build_trainer(*train_args(tiny_model, subset(prepared, tmp_path / "d", 4), tmp_path / "o"))
+def make_trainer(tiny_model: Path, prepared: Path, tmp_path: Path) -> sft_trainer.BF16Trainer:
+    args = train_args(tiny_model, subset(prepared, tmp_path / "d", 4), tmp_path / "o")
+    return sft_build.build_trainer(*args)
 
 
 def test_loss_equals_plain_computation(tiny_model: Path, prepared: Path, tmp_path: Path) -> None:
@@ -158,7 +163,7 @@ def test_nonfinite_loss_stops_with_step(tiny_model: Path, prepared: Path, tmp_pa
     trainer = make_trainer(tiny_model, prepared, tmp_path)
     with torch.no_grad():
         trainer.model.lm_head.weight.fill_(float("nan"))
-    with pytest.raises(sft.NonFiniteLossError, match="at step 0"):
+    with pytest.raises(sft_trainer.NonFiniteLossError, match="at step 0"):
         trainer.compute_loss(trainer.model, dict(trainer.data_collator(examples(prepared, ["あ"]))))
 
 
@@ -214,12 +219,13 @@ def test_nan_loss_stops_before_the_next_checkpoint(tiny_model: Path, prepared: P
     """The NaN is only recorded on the device when it happens (step 3); the check before saving checkpoint-4
     stops the run, naming step 3."""
     out = tmp_path / "o"
-    trainer = sft.build_trainer(*train_args(
+    trainer = sft_build.build_trainer(*train_args(
         tiny_model, subset(prepared, tmp_path / "d", 8), out, "--max_steps", "8",
         "--per_device_train_batch_size", "2", "--save_strategy", "steps", "--save_steps", "2",
         "--logging_steps", "100",
     ), callbacks=[PoisonAfter(3)])
-    with pytest.raises(sft.NonFiniteLossError, match=r"^loss is nan at step 3 \(epoch [0-9.]+\); stopping"):
+    nan = r"^loss is nan at step 3 \(epoch [0-9.]+\); stopping"
+    with pytest.raises(sft_trainer.NonFiniteLossError, match=nan):
         trainer.train()
     assert trainer.state.global_step == 4  # it ran on to the check ...
     assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-2"]  # ... which came before the save
@@ -244,7 +250,7 @@ def test_lean_optimizer_keeps_small_updates() -> None:
 
     p, _ = run(torch.optim.AdamW, lr=1e-5)
     assert (p == 1.0).all()  # every one of the 1000 updates was rounded away
-    lean_cls, lean_kwargs = sft.lean_optimizer(1e-5)  # what --precision bf16_lean trains with
+    lean_cls, lean_kwargs = sft_trainer.lean_optimizer(1e-5)  # what --precision bf16_lean trains with
     p, opt = run(lean_cls, **lean_kwargs)
     # The bf16 weight moved to within one bf16 step (2**-8 below 1.0) of the true 0.99 ...
     assert p.float().mean().item() == pytest.approx(0.99, abs=2**-8)
@@ -259,7 +265,7 @@ def test_lean_optimizer_keeps_small_updates() -> None:
 def test_overfit_16_crops_then_reload(tiny_model: Path, prepared: Path, tmp_path: Path) -> None:
     data = subset(prepared, tmp_path / "d", 16)
     out = tmp_path / "out"
-    trainer = sft.build_trainer(*train_args(
+    trainer = sft_build.build_trainer(*train_args(
         tiny_model, data, out, "--max_steps", "300", "--per_device_train_batch_size", "16",
         "--learning_rate", "5e-3", "--lr_scheduler_type", "cosine", "--warmup_steps", "10",
         "--save_strategy", "no",
@@ -295,15 +301,15 @@ def test_resume_gives_same_weights(tiny_model: Path, prepared: Path, tmp_path: P
     common = ["--max_steps", "8", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2",
               "--learning_rate", "3e-3", "--save_strategy", "steps", "--save_steps", "4",
               "--group_by_length", grouping]
-    straight = sft.build_trainer(*train_args(tiny_model, data, tmp_path / "a", *common))
+    straight = sft_build.build_trainer(*train_args(tiny_model, data, tmp_path / "a", *common))
     straight.train()
 
     args_b = train_args(tiny_model, data, tmp_path / "b", *common)
-    interrupted = sft.build_trainer(*args_b, callbacks=[StopAt(4)])
+    interrupted = sft_build.build_trainer(*args_b, callbacks=[StopAt(4)])
     interrupted.train()
     assert interrupted.state.global_step == 4 and (tmp_path / "b" / "checkpoint-4").is_dir()
     m, d, a = train_args(tiny_model, data, tmp_path / "b", *common, "--resume_from_checkpoint", "auto")
-    resumed = sft.build_trainer(m, d, a)
+    resumed = sft_build.build_trainer(m, d, a)
     assert a.resume_from_checkpoint.endswith("checkpoint-4")
     resumed.train(resume_from_checkpoint=a.resume_from_checkpoint)
     assert resumed.state.global_step == straight.state.global_step == 8
@@ -314,7 +320,7 @@ def test_resume_gives_same_weights(tiny_model: Path, prepared: Path, tmp_path: P
 def test_generation_metrics_same_with_loader_workers(tiny_model: Path, prepared: Path, tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """Training-time CER decodes its crops in --dataloader_num_workers processes; the texts do not change."""
-    trainer = sft.build_trainer(*train_args(
+    trainer = sft_build.build_trainer(*train_args(
         tiny_model, prepared, tmp_path / "out", "--max_steps", "1", "--eval_generation_samples", "7",
         "--generation_batch_size", "2", "--generation_max_new_tokens", "6"))
     seen = []
@@ -323,7 +329,7 @@ def test_generation_metrics_same_with_loader_workers(tiny_model: Path, prepared:
         seen.append((kwargs["num_workers"], generate_texts(*args, **kwargs)))
         return seen[-1][1]
 
-    monkeypatch.setattr(sft, "generate_texts", spy)
+    monkeypatch.setattr(sft_trainer, "generate_texts", spy)
     metrics = []
     for workers in (0, 2):
         trainer.args.dataloader_num_workers = workers
@@ -342,18 +348,19 @@ def test_cer_is_logged_in_percent_and_labelled(tiny_model: Path, prepared: Path,
     best-checkpoint line used fractions (`eval_cer 0.9924`, `val cer (119.9911)`)."""
     from paddleocr_vl_manga.evaluate.metrics import cer_metrics
 
-    trainer = sft.build_trainer(*train_args(tiny_model, prepared, tmp_path / "out", "--max_steps", "1",
+    trainer = sft_build.build_trainer(*train_args(tiny_model, prepared, tmp_path / "out", "--max_steps", "1",
                                             "--eval_generation_samples", "5"))
     refs = [r["text"] for r in trainer.gen_dataset.records]
     preds = [t[:-1] if i % 2 else t for i, t in enumerate(refs)]  # every other crop misses its last character
-    monkeypatch.setattr(sft, "generate_texts", lambda *a, **k: list(preds))
+    monkeypatch.setattr(sft_trainer, "generate_texts", lambda *a, **k: list(preds))
     got = trainer.generation_metrics()
     want = cer_metrics(preds, refs, "none")
     assert got["cer"] == pytest.approx(100 * want["cer"]) and 0 < got["cer"] < 100
     assert got["exact_match"] == pytest.approx(100 * want["exact_match"])
-    assert sft.metric_text("cer", got["cer"]) == f"val CER {100 * want['cer']:.2f} %"
-    assert sft.metric_text("loss", 0.25) == "val loss 0.2500"
-    fig = sft.curves_figure([{"step": 0, "eval_loss": 2.0, "eval_cer": got["cer"]}, {"step": 1, "loss": 1.0}])
+    assert sft_trainer.metric_text("cer", got["cer"]) == f"val CER {100 * want['cer']:.2f} %"
+    assert sft_trainer.metric_text("loss", 0.25) == "val loss 0.2500"
+    fig = sft_build.curves_figure([{"step": 0, "eval_loss": 2.0, "eval_cer": got["cer"]},
+                                   {"step": 1, "loss": 1.0}])
     assert "%" in fig.axes[1].get_ylabel()
 
 
@@ -370,15 +377,16 @@ def test_rerun_of_a_finished_run_says_so_and_loads_nothing(tiny_model: Path, pre
     written = model_file.stat().st_mtime_ns
     capsys.readouterr()
 
-    real_load = sft.load_model_and_processor
-    monkeypatch.setattr(sft, "load_model_and_processor", lambda *a, **k: pytest.fail("the model was loaded"))
+    real_load = sft_build.load_model_and_processor
+    monkeypatch.setattr(sft_build, "load_model_and_processor",
+                        lambda *a, **k: pytest.fail("the model was loaded"))
     assert sft.main([*argv, "--max_steps", "2"]) == 0
     said = capsys.readouterr().out.strip().splitlines()
     assert len(said) == 1 and said[0].startswith("the run is already complete at step 2 of 2"), said
     assert str(out) in said[0] and model_file.stat().st_mtime_ns == written
 
     # a longer schedule is not complete: it trains on from the last checkpoint
-    monkeypatch.setattr(sft, "load_model_and_processor", real_load)
+    monkeypatch.setattr(sft_build, "load_model_and_processor", real_load)
     assert sft.main([*argv, "--max_steps", "4"]) == 0
     assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 4
 
@@ -390,12 +398,13 @@ def test_our_arguments_raise_no_deprecation_warning(tmp_path: Path) -> None:
 
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
-        _, _, args = sft.parse_args(["--output_dir", str(tmp_path), "--gradient_checkpointing", "true",
-                                     "--report_to", "none"])
-        _, _, off = sft.parse_args(["--output_dir", str(tmp_path), "--gradient_checkpointing=false"])
+        _, _, args = sft_arguments.parse_args(["--output_dir", str(tmp_path), "--gradient_checkpointing",
+                                               "true", "--report_to", "none"])
+        _, _, off = sft_arguments.parse_args(["--output_dir", str(tmp_path),
+                                              "--gradient_checkpointing=false"])
     ours = [w for w in seen if issubclass(w.category, (FutureWarning, DeprecationWarning))]
     assert not ours, [str(w.message) for w in ours]
-    assert sft.activation_checkpointing(args) and not sft.activation_checkpointing(off)
+    assert sft_arguments.activation_checkpointing(args) and not sft_arguments.activation_checkpointing(off)
 
 
 def test_truncated_crop_is_found_before_training_even_in_a_short_run(
@@ -414,7 +423,7 @@ def test_truncated_crop_is_found_before_training_even_in_a_short_run(
     broken.write_bytes(broken.read_bytes()[: broken.stat().st_size // 2])  # a copy cut off halfway
     records[-1]["image"] = str(broken)
     (data / "train.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-    assert sft.unreadable(str(broken)) and sft.unreadable(records[0]["image"]) is None
+    assert sft_inputs.unreadable(str(broken)) and sft_inputs.unreadable(records[0]["image"]) is None
 
     caplog.set_level(logging.INFO, logger="sft")
     rc = sft.main(["--model_path", str(tiny_model), "--data_dir", str(data), "--output_dir",

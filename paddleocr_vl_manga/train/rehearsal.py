@@ -12,7 +12,7 @@ model, precision, LoRA, batch, accumulation, max_length, workers and processes, 
               and test crops, spread over the books, the longest kept crops first (sequential batches make
               them the first micro-batch, so the measured peak memory is the worst the full run meets);
               the first train answer's label tokens logged and every label checked, and the checkpoint the
-              full run would resume checked against its precision and optimizer (sft.resume_notes)
+              full run would resume checked against its precision and optimizer (sft_checkpoints.resume_notes)
   evaluation  the base at step 0 (as --eval_base), then after every step, with CER generation when on
   save        a checkpoint after every step, so the best one always exists to be loaded at the end
   resume      the first trainer ends right after checkpoint-KILLED_AT, as if killed; a second one is built
@@ -46,8 +46,13 @@ from typing import Any, NamedTuple
 import torch
 from transformers import TrainerCallback, TrainingArguments
 
-import paddleocr_vl_manga.train.sft as sft
+import paddleocr_vl_manga.train.arguments as sft_arguments
+import paddleocr_vl_manga.train.build as sft_build
+import paddleocr_vl_manga.train.checkpoints as sft_checkpoints
+import paddleocr_vl_manga.train.inputs as sft_inputs
+import paddleocr_vl_manga.train.trainer as sft_trainer
 from paddleocr_vl_manga.data.dataset import OCRDataset, spread_sample
+from paddleocr_vl_manga.train.trainer import optimizer_steps
 
 logger = logging.getLogger("sft.rehearsal")
 
@@ -117,7 +122,7 @@ class Probe(TrainerCallback):
             torch.cuda.synchronize()
         return time.perf_counter()
 
-    def watch(self, trainer: sft.BF16Trainer) -> None:
+    def watch(self, trainer: sft_trainer.BF16Trainer) -> None:
         """Wrap the trainer's evaluation, generation, checkpoint save and best-model load (on the instance,
         where Trainer looks them up), so each names its stage and is timed."""
 
@@ -180,17 +185,6 @@ class Probe(TrainerCallback):
             raise Interrupted
 
 
-def optimizer_steps(n_train: int, args: TrainingArguments) -> tuple[int, int]:
-    """(optimizer steps of the run, per epoch) as Trainer counts them: accelerate deals batches of the
-    per-device size to the processes (evened out unless drop_last), accumulation groups them into steps."""
-    size, world = args.per_device_train_batch_size, args.world_size
-    batches = n_train // size if args.dataloader_drop_last else math.ceil(n_train / size)
-    per_rank = batches // world if args.dataloader_drop_last else math.ceil(batches / world)
-    per_epoch = max(math.ceil(per_rank / args.gradient_accumulation_steps), 1)
-    total = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * per_epoch)
-    return total, per_epoch
-
-
 def events(strategy: Any, every: float | None, total: int, per_epoch: int) -> int:
     """How many evaluations or saves a schedule makes in `total` steps: a step schedule also acts at the
     last step (DefaultFlowCallback); a ratio < 1 is a fraction of all steps."""
@@ -231,16 +225,18 @@ def write_jsonl(path: Path, records: list[dict]) -> None:
 
 
 def prepare(
-    model_args: sft.ModelArguments, data_args: sft.DataArguments, args: TrainingArguments, out: Path
+    model_args: sft_arguments.ModelArguments, data_args: sft_arguments.DataArguments, args: TrainingArguments,
+    out: Path,
 ) -> FullRun:
     """Rank 0: measure the full data as the full run will, forecast the run, and write the sample."""
     resume = args.resume_from_checkpoint
     if resume == "auto":
-        resume = sft.latest_complete_checkpoint(args.output_dir)
+        resume = sft_checkpoints.latest_complete_checkpoint(args.output_dir)
     # the full run's checkpoint must fit its precision and optimizer (raises ResumeMismatch, one line)
-    sft.resume_notes(resume, sft.run_setup(model_args, args), model_args.reset_optimizer_on_resume)
-    data = sft.train_data(model_args, data_args, args)
-    plan = sft.run_memory_plan(model_args, data_args, args, data)
+    setup = sft_checkpoints.run_setup(model_args, args)
+    sft_checkpoints.resume_notes(resume, setup, model_args.reset_optimizer_on_resume)
+    data = sft_inputs.train_data(model_args, data_args, args)
+    plan = sft_inputs.run_memory_plan(model_args, data_args, args, data)
     n_train = len(data.train)
     total, per_epoch = optimizer_steps(n_train, args)
     world, seed = args.world_size, args.data_seed or args.seed
@@ -287,7 +283,7 @@ def rehearsal_args(argv: list[str], out: Path, resume: str | None):
                 "--save_steps", "1", "--logging_steps", "1",
                 # the longest crops were written first: sequential batches make them the first micro-batch
                 "--train_sampling_strategy", "sequential"]
-    model_args, data_args, args = sft.parse_args([*argv, *schedule])
+    model_args, data_args, args = sft_arguments.parse_args([*argv, *schedule])
     data_args.max_train_samples = None  # the sample is the train set
     args.resume_from_checkpoint = resume
     return model_args, data_args, args
@@ -305,7 +301,7 @@ def run_stages(argv: list[str], out: Path, probe: Probe) -> dict[str, Any]:
     """Both trainers and the end of the run; raises StageFailed, or whatever a stage raised."""
     model_args, data_args, args = rehearsal_args(argv, out, None)
     probe.stage = "setup"
-    trainer = sft.build_trainer(model_args, data_args, args, callbacks=[probe])
+    trainer = sft_build.build_trainer(model_args, data_args, args, callbacks=[probe])
     probe.watch(trainer)
     probe.stop_after, probe.stage = KILLED_AT, "training step 1"
     try:
@@ -320,7 +316,8 @@ def run_stages(argv: list[str], out: Path, probe: Probe) -> dict[str, Any]:
 
     probe.stage = "resume"
     model_args, data_args, args = rehearsal_args(argv, out, "auto")
-    trainer = sft.build_trainer(model_args, data_args, args, callbacks=[probe])  # auto -> the checkpoint
+    # auto -> the checkpoint
+    trainer = sft_build.build_trainer(model_args, data_args, args, callbacks=[probe])
     want = str(out / f"checkpoint-{KILLED_AT}")
     if args.resume_from_checkpoint != want:
         raise StageFailed("resume", f"--resume_from_checkpoint auto chose {args.resume_from_checkpoint}, "
@@ -339,7 +336,7 @@ def run_stages(argv: list[str], out: Path, probe: Probe) -> dict[str, Any]:
     # the one line (progress bars print to stderr too)
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
-        ok = sft.finish_run(trainer, model_args, data_args, args)
+        ok = sft_build.finish_run(trainer, model_args, data_args, args)
     sys.stderr.write(err.getvalue() if ok else "")
     if not ok:
         lines = err.getvalue().splitlines()
@@ -465,7 +462,7 @@ def peak_memory(args: TrainingArguments) -> int | None:
 
 def rehearse(argv: list[str]) -> int:
     """Rehearse the run that `argv` (sft_paddleocr_vl.py's arguments) describes: 0 if every stage passed."""
-    model_args, data_args, args = sft.parse_args(argv)
+    model_args, data_args, args = sft_arguments.parse_args(argv)
     out = Path(args.output_dir) / FOLDER
     rank = args.process_index
     probe, started = Probe(), time.perf_counter()
@@ -490,7 +487,7 @@ def _rehearse(argv: list[str], args: Any, out: Path, probe: Probe, started: floa
     rank, world = args.process_index, args.world_size
     trace = ""
     try:
-        full, error, trace = sft.main_process_decides(args, decide)
+        full, error, trace = sft_checkpoints.main_process_decides(args, decide)
         if error is not None:
             raise StageFailed("setup", error)
         done = run_stages(argv, out, probe)
