@@ -10,8 +10,6 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = "paddleocr_vl_manga"
 # Rank of each stage: a module may import its own stage and any stage of a lower rank, never a peer's.
