@@ -42,7 +42,8 @@ import paddleocr_vl_manga.data.manga109 as prep  # noqa: E402
 from benchmarks.full_size import build_full_size_random  # noqa: E402
 from paddleocr_vl_manga.data.dataset import RecordCrops, load_image, read_jsonl  # noqa: E402
 from paddleocr_vl_manga.evaluate.evaluation import device_description  # noqa: E402
-from paddleocr_vl_manga.model.loading import crop_chunks, generate_texts, load_model_and_processor, pin_memory  # noqa: E402
+from paddleocr_vl_manga.model.generation import crop_chunks, generate_texts, pin_memory  # noqa: E402
+from paddleocr_vl_manga.model.loading import load_model_and_processor  # noqa: E402
 from tools.make_synthetic_manga109 import CHARSET, generate  # noqa: E402
 from tools.make_tiny_model import build_tiny_model  # noqa: E402
 

@@ -92,7 +92,8 @@ from paddleocr_vl_manga.export.gguf import (  # noqa: E402
     export_gguf,
     extract_llama_cpp,
 )
-from paddleocr_vl_manga.model.loading import ImageList, crop_chunks, load_model_and_processor  # noqa: E402
+from paddleocr_vl_manga.model.generation import ImageList, crop_chunks  # noqa: E402
+from paddleocr_vl_manga.model.loading import load_model_and_processor  # noqa: E402
 from tools.make_synthetic_manga109 import CHARSET  # noqa: E402
 from tools.make_tiny_model import RELEASES, build_release_like, save_release_layout  # noqa: E402
 

@@ -37,7 +37,7 @@ import paddleocr_vl_manga.data.manga109 as prep  # noqa: E402
 from benchmarks.bench_eval import full_size_random  # noqa: E402
 from paddleocr_vl_manga.data.collator import configure_image_size, num_image_tokens  # noqa: E402
 from paddleocr_vl_manga.data.dataset import load_image, read_jsonl  # noqa: E402
-from paddleocr_vl_manga.model.loading import generate_texts  # noqa: E402
+from paddleocr_vl_manga.model.generation import generate_texts  # noqa: E402
 from paddleocr_vl_manga.model.quantize import METHODS, quantize_model  # noqa: E402
 from tools.make_synthetic_manga109 import generate  # noqa: E402
 

@@ -23,7 +23,8 @@ sys.path.insert(0, str(ROOT))
 
 from paddleocr_vl_manga.data.dataset import OCRDataset, load_image  # noqa: E402
 from paddleocr_vl_manga.evaluate.metrics import cer_metrics  # noqa: E402
-from paddleocr_vl_manga.model.loading import generate_texts, load_model_and_processor  # noqa: E402
+from paddleocr_vl_manga.model.generation import generate_texts  # noqa: E402
+from paddleocr_vl_manga.model.loading import load_model_and_processor  # noqa: E402
 from paddleocr_vl_manga.model.quantize import METHODS, quantize_model  # noqa: E402
 
 

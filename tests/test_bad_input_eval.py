@@ -19,6 +19,7 @@ from PIL import Image
 
 import paddleocr_vl_manga.evaluate.evaluation as evaluate_model
 import paddleocr_vl_manga.infer.predict as predict
+import paddleocr_vl_manga.model.generation as ocr_generation
 import paddleocr_vl_manga.model.loading as ocr_model
 from paddleocr_vl_manga.data.dataset import DatasetError, load_image, read_jsonl, rgb_image
 from paddleocr_vl_manga.model.loading import ModelLoadError, load_config_and_processor
@@ -323,12 +324,12 @@ def test_transparent_pixels_are_white_paper() -> None:
 
 
 def answer_empty_every_other(monkeypatch: pytest.MonkeyPatch) -> None:
-    from paddleocr_vl_manga.model.loading import Reading
+    from paddleocr_vl_manga.model.generation import Reading
 
     def readings(model, processor, chunk, **kwargs):
         return [Reading("" if i % 2 else "ア", "eos") for i in chunk.positions]
 
-    monkeypatch.setattr(ocr_model, "generate_readings", readings)
+    monkeypatch.setattr(ocr_generation, "generate_readings", readings)
 
 
 def test_empty_answers_are_counted_in_metrics_summary_and_report(
@@ -380,7 +381,7 @@ def test_an_interrupted_run_leaves_one_run_and_the_same_command_continues_it(
     assert evaluate(tiny_model, data_dir, fresh, "--batch_size", "1") == 0  # the reference: never stopped
     capsys.readouterr()
 
-    real = ocr_model.generate_readings
+    real = ocr_generation.generate_readings
     generated: list[int] = []
 
     def interrupt_second_chunk(model, processor, chunk, **kwargs):
@@ -389,7 +390,7 @@ def test_an_interrupted_run_leaves_one_run_and_the_same_command_continues_it(
         generated.append(len(chunk.positions))
         return real(model, processor, chunk, **kwargs)
 
-    monkeypatch.setattr(ocr_model, "generate_readings", interrupt_second_chunk)
+    monkeypatch.setattr(ocr_generation, "generate_readings", interrupt_second_chunk)
     assert evaluate(tiny_model, data_dir, out, "--batch_size", "1") == 130  # other settings: max_new_tokens 6
     err = capsys.readouterr().err
     assert "starting over" in err and "max_new_tokens 5 -> 6" in err and "same command continues" in err
@@ -398,7 +399,7 @@ def test_an_interrupted_run_leaves_one_run_and_the_same_command_continues_it(
     assert json.loads((out / "run.json").read_text())["settings"]["max_new_tokens"] == 6
 
     generated.clear()
-    monkeypatch.setattr(ocr_model, "generate_readings", lambda *a, **k: generated.append(
+    monkeypatch.setattr(ocr_generation, "generate_readings", lambda *a, **k: generated.append(
         len(a[2].positions)) or real(*a, **k))
     assert evaluate(tiny_model, data_dir, out, "--batch_size", "4") == 0  # batch size: not a setting
     assert "continuing: 8 of" in capsys.readouterr().err
@@ -419,7 +420,7 @@ def test_a_model_copied_again_with_new_file_times_continues_and_a_retrained_one_
 
     model, out = tmp_path / "model", tmp_path / "out"
     shutil.copytree(tiny_model, model)
-    real = ocr_model.generate_readings
+    real = ocr_generation.generate_readings
     calls: list[int] = []
 
     def interrupt_second_chunk(*args, **kwargs):
@@ -428,9 +429,9 @@ def test_a_model_copied_again_with_new_file_times_continues_and_a_retrained_one_
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(ocr_model, "generate_readings", interrupt_second_chunk)
+    monkeypatch.setattr(ocr_generation, "generate_readings", interrupt_second_chunk)
     assert evaluate(model, data_dir, out, "--batch_size", "1") == 130
-    monkeypatch.setattr(ocr_model, "generate_readings", real)
+    monkeypatch.setattr(ocr_generation, "generate_readings", real)
     # a spot node that restarts the job downloads the model again (cp, aws s3 cp): same bytes, new times
     for path in [*model.iterdir(), data_dir / "test.jsonl"]:
         os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**11))

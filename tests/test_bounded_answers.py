@@ -14,14 +14,14 @@ from PIL import Image
 
 import paddleocr_vl_manga.evaluate.evaluation as evaluate_model
 from paddleocr_vl_manga.infer.manga_ocr import MangaOcr
-from paddleocr_vl_manga.model.loading import (
+from paddleocr_vl_manga.model.generation import (
     LOOP_MIN_SPAN,
     LoopAndCapStop,
     auto_max_new_tokens,
     generate_readings,
-    load_model_and_processor,
     loop_tail,
 )
+from paddleocr_vl_manga.model.loading import load_model_and_processor
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +115,7 @@ def test_evaluate_reports_how_answers_ended(tiny_model: Path, data_dir: Path, tm
 def test_generation_workers_only_where_they_fork(monkeypatch) -> None:
     import multiprocessing
 
-    from paddleocr_vl_manga.model.loading import default_num_workers
+    from paddleocr_vl_manga.model.generation import default_num_workers
 
     monkeypatch.setattr(multiprocessing, "get_start_method", lambda allow_none=False: "spawn")
     assert default_num_workers("cuda") == 0  # each spawned worker would import torch at every call

@@ -15,7 +15,7 @@ import paddleocr_vl_manga.infer.manga_ocr as manga_ocr_compat
 from paddleocr_vl_manga.data.dataset import read_jsonl
 from paddleocr_vl_manga.evaluate.metrics import normalize
 from paddleocr_vl_manga.infer.manga_ocr import MangaOcr, post_process
-from paddleocr_vl_manga.model.loading import generate_texts
+from paddleocr_vl_manga.model.generation import generate_texts
 
 REPO = Path(__file__).resolve().parents[1]
 TRICKY = ["", " ", "ab 12", "…", "……", "・", "・・", "・・・", ".", "..", "。。", "．．", "！？!?", "ﾃｽﾄ ｶﾞ",

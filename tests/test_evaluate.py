@@ -16,12 +16,13 @@ from PIL import Image
 
 import paddleocr_vl_manga.data.manga109 as prep
 import paddleocr_vl_manga.evaluate.evaluation as evaluate_model
-import paddleocr_vl_manga.model.loading as ocr_model
+import paddleocr_vl_manga.model.generation as ocr_generation
 from paddleocr_vl_manga.data.collator import num_image_tokens
 from paddleocr_vl_manga.data.dataset import load_image, read_jsonl
 from paddleocr_vl_manga.evaluate.metrics import NORMALIZATIONS, all_metrics
-from paddleocr_vl_manga.model.loading import generate_readings as ocr_model_generate_readings
-from paddleocr_vl_manga.model.loading import generate_texts, load_model_and_processor
+from paddleocr_vl_manga.model.generation import generate_readings as ocr_model_generate_readings
+from paddleocr_vl_manga.model.generation import generate_texts
+from paddleocr_vl_manga.model.loading import load_model_and_processor
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -253,7 +254,7 @@ def test_ctrl_c_keeps_earlier_predictions(
             raise KeyboardInterrupt
         return ocr_model_generate_readings(*args, **kwargs)
 
-    monkeypatch.setattr(ocr_model, "generate_readings", interrupt_second_chunk)
+    monkeypatch.setattr(ocr_generation, "generate_readings", interrupt_second_chunk)
     assert evaluate(tiny_model, data_dir, tmp_path / "out", "--batch_size", "1") == 130
     assert "interrupted: 8 predictions written" in capsys.readouterr().err
     assert len(predictions(tmp_path / "out")) == 8
@@ -301,7 +302,7 @@ def test_ctrl_c_with_workers_keeps_earlier_predictions(
             raise KeyboardInterrupt
         return ocr_model_generate_readings(*args, **kwargs)
 
-    monkeypatch.setattr(ocr_model, "generate_readings", interrupt_second_chunk)
+    monkeypatch.setattr(ocr_generation, "generate_readings", interrupt_second_chunk)
     assert evaluate(tiny_model, data_dir, tmp_path / "out", "--batch_size", "1", "--num_workers", "2") == 130
     assert "interrupted: 8 predictions written" in capsys.readouterr().err
     assert len(predictions(tmp_path / "out")) == 8
@@ -370,7 +371,7 @@ def test_loader_workers_stay_quiet_when_the_main_process_leaves() -> None:
     anything else is still reported."""
     code = (
         "import sys, signal\n"
-        "from paddleocr_vl_manga.model.loading import _quiet_worker\n"
+        "from paddleocr_vl_manga.model.generation import _quiet_worker\n"
         "_quiet_worker(0)\n"
         "assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN\n"
         "for kind in (ConnectionResetError, EOFError, BrokenPipeError):\n"

@@ -15,7 +15,8 @@ from transformers import AutoModelForImageTextToText
 import paddleocr_vl_manga.train.build as sft_build
 import paddleocr_vl_manga.train.run as sft
 from paddleocr_vl_manga.data.dataset import OCRDataset, load_image
-from paddleocr_vl_manga.model.loading import generate_texts, load_model_and_processor
+from paddleocr_vl_manga.model.generation import generate_texts
+from paddleocr_vl_manga.model.loading import load_model_and_processor
 from paddleocr_vl_manga.model.lora import TARGET_GROUPS, LoraError, add_lora
 
 R = 4

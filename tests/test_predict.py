@@ -13,7 +13,8 @@ from PIL import Image
 
 import paddleocr_vl_manga.infer.predict as predict
 from paddleocr_vl_manga.data.dataset import read_jsonl
-from paddleocr_vl_manga.model.loading import generate_texts, load_model_and_processor
+from paddleocr_vl_manga.model.generation import generate_texts
+from paddleocr_vl_manga.model.loading import load_model_and_processor
 
 REPO = Path(__file__).resolve().parents[1]
 TOKENS = ["--max_new_tokens", "6"]

@@ -11,7 +11,8 @@ from torch import nn
 
 from paddleocr_vl_manga.data.collator import OCRCollator
 from paddleocr_vl_manga.data.dataset import OCRDataset
-from paddleocr_vl_manga.model.loading import generate_texts, load_model_and_processor
+from paddleocr_vl_manga.model.generation import generate_texts
+from paddleocr_vl_manga.model.loading import load_model_and_processor
 from paddleocr_vl_manga.model.quantize import METHODS, QuantizeError, quantize_model, quantized_linear_names
 
 

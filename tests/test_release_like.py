@@ -24,7 +24,8 @@ import paddleocr_vl_manga.train.run as sft
 from paddleocr_vl_manga.data.collator import OCRCollator, generation_batch, generation_prompt
 from paddleocr_vl_manga.data.dataset import OCRDataset, load_image, read_jsonl
 from paddleocr_vl_manga.data.lengths import sequence_lengths
-from paddleocr_vl_manga.model.loading import ModelLoadError, generate_texts, load_model_and_processor
+from paddleocr_vl_manga.model.generation import generate_texts
+from paddleocr_vl_manga.model.loading import ModelLoadError, load_model_and_processor
 from tools.make_synthetic_manga109 import CHARSET
 
 # transformers' integration test on PaddlePaddle/PaddleOCR-VL: the prompt starts

@@ -19,7 +19,8 @@ import paddleocr_vl_manga.train.trainer as sft_trainer
 from paddleocr_vl_manga.data.collator import OCRCollator, OverlongError, PromptError
 from paddleocr_vl_manga.data.dataset import OCRDataset, load_image
 from paddleocr_vl_manga.data.lengths import sequence_lengths
-from paddleocr_vl_manga.model.loading import generate_texts, load_model_and_processor
+from paddleocr_vl_manga.model.generation import generate_texts
+from paddleocr_vl_manga.model.loading import load_model_and_processor
 
 
 @pytest.fixture(scope="module")

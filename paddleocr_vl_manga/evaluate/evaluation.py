@@ -152,7 +152,7 @@ def predict_records(model: Any, processor: Any, records: list[dict], source: str
 
     from tqdm import tqdm
 
-    import paddleocr_vl_manga.model.loading as ocr_model
+    import paddleocr_vl_manga.model.generation as ocr_generation
     from paddleocr_vl_manga.data.collator import num_image_tokens
 
     # Sorting the whole split by image-token count (JSONL width/height, else the file's header: nothing is
@@ -164,15 +164,15 @@ def predict_records(model: Any, processor: Any, records: list[dict], source: str
     sizes = RecordCrops(records, source)
     order = sorted(range(len(records)), key=lambda i: num_image_tokens(processor, *sizes.size(i)))
     crops = RecordCrops([records[i] for i in order], source)
-    chunks = ocr_model.crop_chunks(processor, crops, batch_size=args.batch_size,
+    chunks = ocr_generation.crop_chunks(processor, crops, batch_size=args.batch_size,
                                    chunk_size=8 * args.batch_size, num_workers=args.num_workers,
-                                   pin_memory=ocr_model.pin_memory(model, args.num_workers))
+                                   pin_memory=ocr_generation.pin_memory(model, args.num_workers))
     with (open(out_path, "a", encoding="utf-8") as f, closing(chunks),
           tqdm(total=len(crops) + len(finished), initial=len(finished), unit="crop", desc="eval") as bar):
         try:
             for chunk in chunks:
                 # Looked up on the module at each call (tests interrupt a chunk through it).
-                readings = ocr_model.generate_readings(model, processor, chunk,
+                readings = ocr_generation.generate_readings(model, processor, chunk,
                                                        max_new_tokens=args.max_new_tokens)
                 for i, (text, stop) in zip(chunk.positions, readings, strict=True):
                     rec = crops.records[i]
@@ -410,12 +410,12 @@ def evaluate(args: EvalArguments) -> dict:
 
     from paddleocr_vl_manga.data.collator import configure_image_size
     from paddleocr_vl_manga.data.lengths import filter_split
-    from paddleocr_vl_manga.model.loading import (
+    from paddleocr_vl_manga.model.generation import (
         default_num_workers,
         generation_flag_error,
-        load_for_inference,
         pixel_bounds_error,
     )
+    from paddleocr_vl_manga.model.loading import load_for_inference
 
     if args.batch_size <= 0:
         raise EvalError(f"--batch_size must be positive, got {args.batch_size}")

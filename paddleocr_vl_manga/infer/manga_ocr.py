@@ -109,7 +109,7 @@ class MangaOcr:
 
         Always one text per input: an input that cannot be read is answered "" with a warning, so one bad
         crop never loses the others (a crop the processor would refuse is padded into shape)."""
-        from paddleocr_vl_manga.model.loading import generate_texts
+        from paddleocr_vl_manga.model.generation import generate_texts
 
         opened: list[Image.Image | None] = []
         for x in images:

@@ -98,12 +98,12 @@ def boxes_from_manga109(
 
 def run(a: argparse.Namespace) -> int:
     from paddleocr_vl_manga.data.collator import configure_image_size
-    from paddleocr_vl_manga.model.loading import (
+    from paddleocr_vl_manga.model.generation import (
         default_num_workers,
         generation_flag_error,
-        load_for_inference,
         pixel_bounds_error,
     )
+    from paddleocr_vl_manga.model.loading import load_for_inference
 
     flags = generation_flag_error(a.max_new_tokens, a.min_pixels, a.max_pixels)
     if flags:
@@ -190,7 +190,7 @@ def write_predictions(a: argparse.Namespace, model: Any, processor: Any, jobs: l
     from contextlib import closing
 
     from paddleocr_vl_manga.data.dataset import fitted_size
-    from paddleocr_vl_manga.model.loading import crop_chunks, generate_texts, pin_memory
+    from paddleocr_vl_manga.model.generation import crop_chunks, generate_texts, pin_memory
 
     crops = PageCrops(page, [j["bbox"] for j in jobs]) if page else FileCrops(a.images)
     chunks = crop_chunks(processor, crops, batch_size=a.batch_size, chunk_size=8 * a.batch_size,

@@ -28,10 +28,7 @@ from paddleocr_vl_manga.data.dataset import (
 )
 from paddleocr_vl_manga.evaluate.metrics import cer_metrics
 from paddleocr_vl_manga.export.layout import write_base
-from paddleocr_vl_manga.model.loading import (
-    generate_texts,
-    workers_fork,
-)
+from paddleocr_vl_manga.model.generation import generate_texts, workers_fork
 from paddleocr_vl_manga.model.lora import (
     is_lora,
     load_adapter_weights,
