@@ -14,11 +14,11 @@ Work is cut into chunks of CHUNK lines, each with its own RNG: output is the sam
 killed run resumes where it stopped (a chunk's part file is written last, atomically), and --shard K/N runs
 the chunks with index = K-1 mod N, so N machines writing into one shared DIR make the unsharded result.
 
-The code: paddleocr_vl_manga.data.synth.lines (this file is a command: nothing imports it)."""
+The code: paddleocr_vl_manga.data.synth.run (this file is a command: nothing imports it)."""
 
 import sys
 
-from paddleocr_vl_manga.data.synth.lines import main
+from paddleocr_vl_manga.data.synth.run import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -23,7 +23,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tools")]
 from make_synthetic_manga109 import generate  # noqa: E402
 
 import paddleocr_vl_manga.data.manga109 as prep  # noqa: E402
-import paddleocr_vl_manga.data.synth.lines as synth  # noqa: E402
+import paddleocr_vl_manga.data.synth.run as synth  # noqa: E402
 
 
 def main() -> None:

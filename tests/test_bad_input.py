@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 import paddleocr_vl_manga.data.manga109 as prep
-import paddleocr_vl_manga.data.synth.lines as synth
+import paddleocr_vl_manga.data.synth.run as synth
 import paddleocr_vl_manga.export.layout as export_model
 
 COMMANDS = {"prepare": prep.main, "synthesize": synth.main, "export": export_model.main}

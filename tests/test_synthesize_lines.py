@@ -15,7 +15,9 @@ import pytest
 from fontTools.ttLib import TTFont
 from PIL import ImageFont
 
-import paddleocr_vl_manga.data.synth.lines as S
+import paddleocr_vl_manga.data.synth.render as synth_render
+import paddleocr_vl_manga.data.synth.run as S
+import paddleocr_vl_manga.data.synth.text as synth_text
 from paddleocr_vl_manga.data.dataset import OCRDataset
 from paddleocr_vl_manga.data.synth.fonts import find_cjk_fonts
 
@@ -105,12 +107,12 @@ def test_labels_hold_only_characters_their_font_draws(synth: Path):
             cmaps[path] = TTFont(path, lazy=True).getBestCmap()
             fonts[path] = ImageFont.truetype(path, 32)
         for ch in r["text"]:
-            assert ord(ch) in cmaps[path] and S._ink(fonts[path], ch) is not None, (r["id"], ch)
+            assert ord(ch) in cmaps[path] and synth_render._ink(fonts[path], ch) is not None, (r["id"], ch)
 
 
 def test_blank_glyphs_are_not_supported():
     # Spaces are in every cmap but have no outline: a check that trusted the cmap would keep them.
-    info = S.font_info(FONTS[0], "gothic", "あ漢 \u3000ー")
+    info = synth_render.font_info(FONTS[0], "gothic", "あ漢 \u3000ー")
     assert info["chars"] == "あ漢ー" and info["vertical"] is False  # no 「」、。 among the candidates
 
 
@@ -118,8 +120,9 @@ def test_vertical_check_rejects_a_font_without_vertical_forms():
     dejavu = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"
     if not os.path.isfile(dejavu):
         pytest.skip("DejaVu Sans not installed")
-    assert "…" in S.font_info(dejavu, "latin", "…―")["no_vertical"]  # drawn horizontally in a column
-    ipa = S.font_info(FONTS[0], "gothic", "ー「」、。…")
+    # drawn horizontally in a column
+    assert "…" in synth_render.font_info(dejavu, "latin", "…―")["no_vertical"]
+    ipa = synth_render.font_info(FONTS[0], "gothic", "ー「」、。…")
     assert ipa["vertical"] and not ipa["no_vertical"]
 
 
@@ -163,7 +166,7 @@ def test_kill_9_then_rerun_gives_the_same_files(synth: Path, manga109: Path, tmp
 def test_other_settings_in_the_same_folder_are_refused(synth: Path, tmp_path: Path):
     out = tmp_path / "o"
     S.run(_args(out, num_lines=40))
-    with pytest.raises(S.SynthError, match="other settings"):
+    with pytest.raises(synth_text.SynthError, match="other settings"):
         S.run(_args(out, num_lines=40, seed=4))
     assert S.run(_args(out, num_lines=40, seed=4, overwrite=True))["complete"]
 
@@ -176,10 +179,10 @@ def test_cli_errors_cleanly(error_line, tmp_path: Path):
 def test_tate_chu_yoko_only_for_short_half_width_runs():
     import random
 
-    units = S._units("12ABこれ12は3!?", random.Random(0), tcy=True)
+    units = synth_render._units("12ABこれ12は3!?", random.Random(0), tcy=True)
     assert units == ["1", "2", "A", "B", "こ", "れ", "12", "は", "3!?"]
     assert "".join(units) == "12ABこれ12は3!?"  # the label is what the cells hold, in order
-    assert S._units("12は", random.Random(0), tcy=False) == ["1", "2", "は"]
+    assert synth_render._units("12は", random.Random(0), tcy=False) == ["1", "2", "は"]
 
 
 def test_font_styles_and_the_pack(monkeypatch: pytest.MonkeyPatch):
@@ -200,14 +203,15 @@ def test_mixture_matches_the_character_classes_of_the_train_texts(manga109: Path
     """The offline part of a --manga109_dir run draws each character class in train's shares."""
     import random
 
-    texts, lengths, vshare, _ = S.read_manga109(manga109)
-    words = S.load_words()
-    target = S.class_shares(texts)
+    texts, lengths, vshare, _ = synth_text.read_manga109(manga109)
+    words = synth_text.load_words()
+    target = synth_text.class_shares(texts)
 
-    def distance(source: S.TextSource) -> float:
+    def distance(source: synth_text.TextSource) -> float:
         rng = random.Random(5)
-        drawn = S.class_shares(source.mixture(rng, source.length(rng)) for _ in range(3000))
-        return sum(abs(drawn[c] - target[c]) for c in S.CLASSES)
+        drawn = synth_text.class_shares(source.mixture(rng, source.length(rng)) for _ in range(3000))
+        return sum(abs(drawn[c] - target[c]) for c in synth_text.CLASSES)
 
-    matched, default = S.TextSource(words, texts, lengths, vshare), S.TextSource(words, [], lengths, vshare)
+    matched = synth_text.TextSource(words, texts, lengths, vshare)
+    default = synth_text.TextSource(words, [], lengths, vshare)
     assert distance(matched) < 0.15 and distance(matched) < distance(default) / 2
