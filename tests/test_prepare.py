@@ -17,6 +17,7 @@ import pytest
 from PIL import Image
 
 import paddleocr_vl_manga.data.manga109 as prep
+import paddleocr_vl_manga.data.manga109_scan as prep_scan
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -137,7 +138,7 @@ def test_explicit_book_lists(synthetic_release: Path, tmp_path: Path) -> None:
     assert m["splits"]["test"]["books"] == names[1:3]
     assert m["splits"]["train"]["books"] == names[3:]
     (tmp_path / "bad.txt").write_text("NoSuchBook\n")
-    with pytest.raises(prep.PrepareError, match="NoSuchBook"):
+    with pytest.raises(prep_scan.PrepareError, match="NoSuchBook"):
         run_prep(synthetic_release, tmp_path / "o2", test_books=str(tmp_path / "bad.txt"))
 
 
@@ -230,10 +231,10 @@ def test_strict_names_file_page_and_text(release_copy: Path, tmp_path: Path, cas
 
 
 def test_missing_or_wrong_root_stops_at_once(tmp_path: Path) -> None:
-    with pytest.raises(prep.PrepareError, match="not found"):
+    with pytest.raises(prep_scan.PrepareError, match="not found"):
         run_prep(tmp_path / "nope", tmp_path / "o")
     (tmp_path / "not_a_release").mkdir()
-    with pytest.raises(prep.PrepareError, match="books.txt"):
+    with pytest.raises(prep_scan.PrepareError, match="books.txt"):
         run_prep(tmp_path / "not_a_release", tmp_path / "o")
     proc = subprocess.run(
         [
@@ -250,7 +251,7 @@ def test_missing_or_wrong_root_stops_at_once(tmp_path: Path) -> None:
 
 
 def test_output_inside_dataset_is_refused(release_copy: Path) -> None:
-    with pytest.raises(prep.PrepareError, match="inside the dataset"):
+    with pytest.raises(prep_scan.PrepareError, match="inside the dataset"):
         run_prep(release_copy, release_copy / "out")
 
 
@@ -265,7 +266,7 @@ def test_rerun_reuses_crops_and_settings_change_needs_overwrite(
     run_prep(synthetic_release, out)
     assert crop.stat().st_mtime_ns == before  # reused, not rewritten
     assert all_records(out) == first
-    with pytest.raises(prep.PrepareError, match="--overwrite"):
+    with pytest.raises(prep_scan.PrepareError, match="--overwrite"):
         run_prep(synthetic_release, out, margin=4)
     m = run_prep(synthetic_release, out, margin=4, overwrite=True)
     rec = read_jsonl(out / "train.jsonl")[0]

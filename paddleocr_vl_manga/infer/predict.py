@@ -68,7 +68,7 @@ def boxes_from_manga109(
     """The page's <text> boxes, validated and clipped exactly as prepare_manga109_data.py does."""
     from lxml import etree
 
-    import paddleocr_vl_manga.data.manga109 as prep
+    import paddleocr_vl_manga.data.manga109_scan as prep_scan
 
     try:
         tree = etree.parse(xml_path, etree.XMLParser(resolve_entities=False, no_network=True))
@@ -78,17 +78,18 @@ def boxes_from_manga109(
     if page_el is None:
         raise PredictError(f"{xml_path} has no page with index {page}")
     try:
-        size = (prep._int_attr(page_el, "width"), prep._int_attr(page_el, "height"))
+        size = (prep_scan._int_attr(page_el, "width"), prep_scan._int_attr(page_el, "height"))
     except ValueError as e:
         raise PredictError(f"{xml_path} page {page}: bad attribute {e}") from None
     if size != (width, height):
         raise PredictError(f"the image is {width}x{height} but {xml_path} page {page} is {size[0]}x{size[1]}")
     title = tree.getroot().get("title", Path(xml_path).stem)
-    args = prep.PrepareArguments(margin=margin, min_size=min_size)
+    args = prep_scan.PrepareArguments(margin=margin, min_size=min_size)
     skipped: Counter = Counter()
     jobs = []
     for t in page_el.findall("text"):
-        box = prep._check_box(t, title, page, width, height, args, lambda reason: skipped.update([reason]))
+        box = prep_scan._check_box(t, title, page, width, height, args,
+                                   lambda reason: skipped.update([reason]))
         if box:
             jobs.append({"bbox": list(box.bbox), "id": box.text_id, "reference": box.text})
     if skipped:

@@ -31,7 +31,8 @@ from pathlib import Path
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-from paddleocr_vl_manga.data.manga109 import PrepareError, parse_dataclass_args, write_atomic, write_failed
+from paddleocr_vl_manga.data.manga109 import parse_dataclass_args, write_atomic, write_failed
+from paddleocr_vl_manga.data.manga109_scan import PrepareError
 from paddleocr_vl_manga.data.synth.fonts import ELSEWHERE_HINT, find_manga_fonts
 from paddleocr_vl_manga.data.synth.render import (
     _CTX,
