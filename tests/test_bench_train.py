@@ -92,7 +92,7 @@ def test_default_loss_equals_plain_loss(synthetic_release: Path, tiny_model: Pat
         assert p.dtype == torch.bfloat16 and torch.equal(p, b)
     assert model.training
     # And the check has teeth: a shifted target fails it.
-    monkeypatch.setattr(bench_train.sft, "answer_loss", _off_by_one_loss)
+    monkeypatch.setattr(bench_train.sft_trainer, "answer_loss", _off_by_one_loss)
     assert not bench_train.check_loss(model, batch, bench_train.parse_recipe("default"))["ok"]
 
 
