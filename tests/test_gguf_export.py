@@ -353,7 +353,8 @@ def test_full_disk_during_export_is_one_line_and_leaves_no_folder(base_copy_chec
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
     out = tmp_path / "exports" / "ft"
-    cmd = [sys.executable, str(Path(export_model.__file__)), *base_copy_checkpoint, "--out", str(out)]
+    command = Path(__file__).resolve().parents[1] / "export_model.py"
+    cmd = [sys.executable, str(command), *base_copy_checkpoint, "--out", str(out)]
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, preexec_fn=limit_size, timeout=300)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr

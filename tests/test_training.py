@@ -180,7 +180,7 @@ def test_training_step_has_no_host_sync_in_our_code(tiny_model: Path, prepared: 
     trainer = make_trainer(tiny_model, prepared, tmp_path)
     batch = trainer.data_collator(examples(prepared, ["あいう", "魔王様！行くぞ！", "x"]))
     n_items = (batch["labels"][:, 1:] != -100).sum()
-    ours = {sft.__file__, custom_collator.__file__}
+    ours = {sft_trainer.__file__, custom_collator.__file__}  # answer_loss, compute_loss; the collator
     calls: list[tuple[str, int, str]] = []
 
     def spy(name: str):

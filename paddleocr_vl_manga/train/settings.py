@@ -20,7 +20,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-TRAIN_SH = Path(__file__).resolve().parents[2] / "train.sh"  # the repository root: train.sh is read, not imported
+TRAIN_SH = Path(__file__).resolve().parents[2] / "train.sh"  # at the repository root: read, not imported
 SETTING_LINE = re.compile(r"^([A-Z_][A-Z0-9_]*)=\$\{\1:-", re.M)  # as tools/write_docs.py reads them
 YES, NO = ("1", "true", "yes", "on"), ("", "0", "false", "no", "off")
 LORA_TARGETS = ("language", "vision", "projector")  # ocr_lora.TARGET_GROUPS (which imports torch)
