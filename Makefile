@@ -14,8 +14,8 @@ $(BIN)/python:
 	$(PY) -m venv $(VENV)
 
 # A stamp file keeps `make test` fast on the second run; it is redone when requirements (or the pins below)
-# change. The --no-deps packages are for tests: manga-ocr itself (tests/test_compat.py) and owocr, a real
-# manga-ocr client (tests/test_owocr.py), which needs Python >= 3.11 (elsewhere pip ignores it: test skipped).
+# change. The --no-deps packages are for tests: manga-ocr itself (tests/infer/test_compat.py) and owocr, a real
+# manga-ocr client (tests/infer/test_owocr.py), which needs Python >= 3.11 (elsewhere pip ignores it: test skipped).
 $(VENV)/.installed: requirements.txt requirements-dev.txt Makefile | $(BIN)/python
 	@if command -v nvidia-smi >/dev/null 2>&1; then \
 		$(BIN)/pip install -q torch; \

@@ -18,7 +18,8 @@ export_model.py --gguf writes), converted from a folder in the release's layout.
    template, `-p` our prompt text), exactly --max_new_tokens each (ours min_new_tokens, llama.cpp
    --ignore-eos), on crops from synthetic full-size pages. Random weights at the default init give
    near-ties everywhere, so the tiny model is drawn with larger weights (init std 0.1, vision 0.2, as
-   tests/test_quantize.py does) and its lm_head keeps only the rows of the synthetic charset's characters
+   tests/model/test_quantize.py does) and its lm_head keeps only the rows of the synthetic charset's
+   characters
    (the others zeroed, as bench_eval.full_size_random zeroes ids past the tokenizer): every greedy token is a
    character, and the texts say where the two implementations part. The prompt llama.cpp built is checked
    too (llama-mtmd-cli -v logs it): our generation prompt with llama.cpp's media marker for the image.

@@ -11,7 +11,8 @@ or holds in a version outside the spec is carried as a wheel. A package on the i
 known is taken as meeting the spec: gpu_suite.py checks the real versions on the device before any part runs.
 
 The lock (benchmarks/gpu_carry.lock, JSON, committed) holds each carried wheel's name, version, file and
-requirements, and why it is carried, so `check` (and tests/test_gpu_suite.py) needs no download. `resolve`
+requirements, and why it is carried, so `check` (and tests/benchmarks/test_gpu_suite.py) needs no download.
+`resolve`
 prefers the lock's versions where the specs allow them (--update: the newest), so a rerun downloads the same
 set. PINS are the GPU image's own choices, kept here, not in requirements.txt (benchmarks/README.md says why).
 """

@@ -1,7 +1,7 @@
 """Every GPU figure README needs, in one run that fits one device-tool call. Start it with gpu_suite.sh.
 
     bash benchmarks/gpu_suite.sh OUT_DIR          # GPU: full-size model, <= 6 min on one H200 (360 s budget)
-    bash benchmarks/gpu_suite.sh OUT_DIR --smoke  # CPU: tiny model, tens of seconds (tests/test_gpu_suite.py)
+    bash benchmarks/gpu_suite.sh OUT_DIR --smoke  # CPU: tiny model, tens of seconds (tests/benchmarks/)
     bash benchmarks/gpu_suite.sh OUT_DIR --only train_12gb eval --budget_s 300
     bash benchmarks/gpu_suite.sh OUT_DIR --preflight  # here, before every GPU run: the image's twin (README)
 
@@ -73,7 +73,8 @@ class Part:
 
 # The parts, in the order they run: name, kind, memory cap (GiB), bench_train.py recipes, share (s), minimum
 # slot (s). To add one, add a row. The shares are estimates until a GPU run: each part's seconds in results.md
-# are what to tune them by; their sum stays within the budget less set-up (tests/test_gpu_suite.py). The seed
+# are what to tune them by; their sum stays within the budget less set-up (tests/benchmarks/).
+# The seed
 # and ours at the 12 GB cap come first (the ratio's reference, and the choice for cards under 20 GB). The data
 # holds a 1529-token crop, and by memory_plan.py only batch 2 of ours holds it under 11 GiB (10.5 GiB planned;
 # `default`'s 8 x 2: 23.5, so it is timed last, to show where it stops), with its rope=0 twin right after it:

@@ -204,7 +204,8 @@ class _RopeIndex:
     """Just what PaddleOCRVLModel.get_rope_index reads of its model: the vision config's spatial_merge_size,
     and get_vision_position_ids, which reads nothing. Borrowing the two methods runs transformers' own code
     on the CPU without a model; a release whose code reads more of the model fails here (AttributeError)
-    instead of computing something else, and tests/test_rope_ids.py compares with the model's own result."""
+    instead of computing something else, and tests/data/test_rope_ids.py compares with the model's own
+    result."""
 
     get_rope_index = PaddleOCRVLModel.get_rope_index
     get_vision_position_ids = PaddleOCRVLModel.get_vision_position_ids

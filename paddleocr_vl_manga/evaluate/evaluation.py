@@ -331,7 +331,7 @@ def compare_markdown(runs: list[dict], labels: list[str]) -> str:
 
 def run_settings(args: EvalArguments, records: list[dict], source: str, processor: Any, dtype: str) -> dict:
     """Everything a prediction depends on. Batch size and loader workers are left out: predictions do not
-    depend on them (tests/test_evaluate.py), so a rerun may change them and still continue."""
+    depend on them (tests/evaluate/test_evaluate.py), so a rerun may change them and still continue."""
     def files(folder: Path, patterns: tuple[str, ...]) -> dict[str, str]:
         # contents, not file times: a model downloaded or copied again (a restarted spot job) has new times
         # and is the same model. Just loaded, so read from the page cache: 1.9 GB in about 2 s (sha256).

@@ -5,7 +5,7 @@
     print(format_plan(rows, "bf16_lean", gpu_memory_bytes()))
 
 Exact parts (parameter counts of the model built on the meta device, so nothing is read or allocated;
-tests/test_memory_plan.py checks them against a real step of each mode), in bytes per parameter:
+tests/train/test_memory_plan.py checks them against a real step of each mode), in bytes per parameter:
   fp32_master  weights 4, gradients 4, torch AdamW exp_avg + exp_avg_sq 8; under bf16 autocast the bf16 copy
                of every Linear/Conv2d weight and bias stays in autocast's cache through the step: 2.
   bf16_lean    weights 2, gradients 2, optimi AdamW(kahan_sum=True): exp_avg, exp_avg_sq and kahan_comp, in

@@ -6,7 +6,7 @@ One `error: NAME=VALUE: ...` line per bad value, saying what the setting accepts
 line per environment variable that looks like a setting but is not one (EPOCH=1, LEARNING_RATE=1e-5,
 epochs=1), naming the setting it resembles; exit 0 otherwise. Standard library only and no torch import:
 it answers in well under a second, where importing transformers takes 3-13 s on a 2-core machine.
-The setting names are train.sh's own `NAME=${NAME:-default}` lines (tests/test_train_settings.py checks
+The setting names are train.sh's own `NAME=${NAME:-default}` lines (tests/train/test_train_settings.py checks
 that each has a check here).
 """
 

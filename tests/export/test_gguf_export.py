@@ -102,7 +102,7 @@ def test_documented_mtmd_cli_commands_use_jinja() -> None:
     # llama-mtmd-cli defaults to --no-jinja (common/arg.cpp, LLAMA_EXAMPLE_MTMD), and llama.cpp's built-in
     # template detection (src/llama-chat.cpp) knows no PaddleOCR-VL layout: without --jinja it refuses the
     # GGUF's template ("this custom template is not supported, try using --jinja").
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     commands = []
     for page in [root / "README.md", *sorted((root / "docs").glob("*.md"))]:
         text = page.read_text(encoding="utf-8").replace("\\\n", " ")
@@ -273,7 +273,7 @@ def test_unwritable_cache_fails_clearly(tmp_path: Path, monkeypatch, capsys) -> 
 def test_demo_does_not_fetch_the_converter(tmp_path: Path) -> None:
     # `make demo` makes no GGUF: the converter's download (75 MB sdist, ~2 min on the 2-core dev VM) must not
     # count against its time; `make setup` and `make test` (the GGUF tests) still fetch it.
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
 
     def plan(target: str) -> str:
         return subprocess.run(["make", "-n", target, f"VENV={tmp_path / 'venv'}"], cwd=root, check=True,
@@ -353,7 +353,7 @@ def test_full_disk_during_export_is_one_line_and_leaves_no_folder(base_copy_chec
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
     out = tmp_path / "exports" / "ft"
-    command = Path(__file__).resolve().parents[1] / "export_model.py"
+    command = Path(__file__).resolve().parents[2] / "export_model.py"
     cmd = [sys.executable, str(command), *base_copy_checkpoint, "--out", str(out)]
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, preexec_fn=limit_size, timeout=300)

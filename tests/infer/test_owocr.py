@@ -19,7 +19,7 @@ import torch
 from paddleocr_vl_manga.data.dataset import read_jsonl
 from paddleocr_vl_manga.infer.manga_ocr import MangaOcr
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 # Only the package is imported here (its __init__ is a version number); the client below imports its engines.
 pytest.importorskip("owocr", reason="owocr not installed (make setup installs owocr==1.26.8 --no-deps; owocr "
                                     "needs Python >= 3.11)")

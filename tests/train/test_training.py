@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from training_helpers import StopAt, subset, train_args
 from transformers import TrainerCallback
 
 import paddleocr_vl_manga.data.collator as custom_collator
@@ -28,27 +29,9 @@ def processor(tiny_model: Path):
     return load_model_and_processor(str(tiny_model))[1]
 
 
-def subset(prepared: Path, dst: Path, n: int, split: str = "train") -> Path:
-    """A data_dir holding the first n records of a split as train.jsonl (absolute image paths)."""
-    dst.mkdir(parents=True, exist_ok=True)
-    recs = [json.loads(line) for line in (prepared / f"{split}.jsonl").read_text().splitlines()][:n]
-    with open(dst / "train.jsonl", "w", encoding="utf-8") as f:
-        for r in recs:
-            f.write(json.dumps({**r, "image": str(prepared / r["image"])}, ensure_ascii=False) + "\n")
-    return dst
-
-
 def examples(prepared: Path, texts: list[str]) -> list[dict]:
     ds = OCRDataset(prepared / "train.jsonl")
     return [{**ds[i], "text": t, "id": i} for i, t in enumerate(texts)]
-
-
-def train_args(tiny_model: Path, data_dir: Path, out: Path, *extra: str):
-    return sft_arguments.parse_args([
-        "--model_path", str(tiny_model), "--data_dir", str(data_dir), "--output_dir", str(out),
-        "--report_to", "none", "--disable_tqdm", "true", "--seed", "0", "--weight_decay", "0",
-        "--logging_steps", "10", *extra,
-    ])
 
 
 # ---------------------------------------------------------------- collator
@@ -285,15 +268,6 @@ def test_overfit_16_crops_then_reload(tiny_model: Path, prepared: Path, tmp_path
     assert torch.equal(model.lm_head.weight, trainer.model.lm_head.weight)
     assert not torch.equal(model.lm_head.weight, model.get_input_embeddings().weight)
     assert generate_texts(model, processor, images, batch_size=4, max_new_tokens=24) == preds
-
-
-class StopAt(TrainerCallback):
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        control.should_training_stop = state.global_step >= self.step
-        return control
 
 
 @pytest.mark.parametrize("grouping", ["false", "true"])

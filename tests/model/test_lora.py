@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_training import StopAt, subset, train_args
+from training_helpers import StopAt, subset, train_args
 from transformers import AutoModelForImageTextToText
 
 import paddleocr_vl_manga.train.build as sft_build

@@ -13,7 +13,7 @@ import pytest
 from lxml import etree
 from PIL import Image
 
-TOOLS = Path(__file__).resolve().parents[1] / "tools"
+TOOLS = Path(__file__).resolve().parents[2] / "tools"
 sys.path.insert(0, str(TOOLS))
 synth = importlib.import_module("make_synthetic_manga109")
 fonts = importlib.import_module('paddleocr_vl_manga.data.synth.fonts')

@@ -16,7 +16,7 @@ from paddleocr_vl_manga.data.dataset import read_jsonl
 from paddleocr_vl_manga.model.generation import generate_texts
 from paddleocr_vl_manga.model.loading import load_model_and_processor
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TOKENS = ["--max_new_tokens", "6"]
 
 

@@ -24,7 +24,7 @@ from paddleocr_vl_manga.model.generation import generate_readings as ocr_model_g
 from paddleocr_vl_manga.model.generation import generate_texts
 from paddleocr_vl_manga.model.loading import load_model_and_processor
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def evaluate(tiny_model: Path, data_dir: Path, out: Path, *extra: str) -> int:
@@ -103,7 +103,7 @@ def test_evaluate_writes_consistent_outputs(tiny_model: Path, data_dir: Path, tm
     summary = (out / "summary.md").read_text(encoding="utf-8")
     for heading in ("| none |", "| nfkc |", "| mangaocr |", "## By book", "## By orientation", "## Worst 3"):
         assert heading in summary
-    assert (out / "report.html").is_file()  # its content: tests/test_report.py
+    assert (out / "report.html").is_file()  # its content: tests/evaluate/test_report.py
 
 
 def test_predictions_do_not_depend_on_batch_size(tiny_model: Path, data_dir: Path, tmp_path: Path) -> None:
@@ -149,7 +149,7 @@ def test_compare_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     out = capsys.readouterr().out
     table = (tmp_path / "cmp" / "comparison.md").read_text(encoding="utf-8")
     assert out.startswith(table) and "comparison.html" in out[len(table):]
-    assert (tmp_path / "cmp" / "comparison.html").is_file()  # its content: tests/test_report.py
+    assert (tmp_path / "cmp" / "comparison.html").is_file()  # its content: tests/evaluate/test_report.py
     lines = table.splitlines()
     assert lines[0] == "| metric | normalization | base | ./runs/ft | Δ (2nd − 1st) |"
     assert "| CER | none | 50.00 % | 25.00 % | -25.00 pp |" in lines

@@ -17,7 +17,7 @@ from paddleocr_vl_manga.evaluate.metrics import normalize
 from paddleocr_vl_manga.infer.manga_ocr import MangaOcr, post_process
 from paddleocr_vl_manga.model.generation import generate_texts
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TRICKY = ["", " ", "ab 12", "…", "……", "・", "・・", "・・・", ".", "..", "。。", "．．", "！？!?", "ﾃｽﾄ ｶﾞ",
           "Ｔｅｓｔ　１２３", "彼は…そう・・・思った.", "a\nb\tc\u3000d", "~^_`{|}", "‥", "x・.・y", "１.5"]
 

@@ -21,7 +21,7 @@ from paddleocr_vl_manga.model.lora import add_lora
 from paddleocr_vl_manga.train.memory_plan import GIB, GpuMemory, format_plan, gpu_memory_bytes, memory_plan
 from tools.make_synthetic_manga109 import CHARSET
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
 from bench_memory_plan import saved_tensor_bytes, set_checkpointing  # noqa: E402
 
@@ -223,6 +223,6 @@ def test_docs_memory_table_is_what_the_plan_says() -> None:
 
     from paddleocr_vl_manga.train.memory_plan import README_MARKERS, readme_table
 
-    text = (Path(__file__).resolve().parents[1] / "docs" / "lora-and-memory.md").read_text(encoding="utf-8")
+    text = (Path(__file__).resolve().parents[2] / "docs" / "lora-and-memory.md").read_text(encoding="utf-8")
     found = re.search(re.escape(README_MARKERS[0]) + ".*?" + re.escape(README_MARKERS[1]), text, flags=re.S)
     assert found and found.group(0) == readme_table()

@@ -19,7 +19,7 @@ from PIL import Image
 import paddleocr_vl_manga.data.manga109 as prep
 import paddleocr_vl_manga.data.manga109_scan as prep_scan
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def run_prep(root: Path, out: Path, **kw) -> dict:

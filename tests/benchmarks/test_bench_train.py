@@ -16,7 +16,7 @@ from paddleocr_vl_manga.data.collator import OCRCollator
 from paddleocr_vl_manga.data.dataset import OCRDataset
 from paddleocr_vl_manga.model.loading import load_model_and_processor
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import bench_train  # noqa: E402
