@@ -1,4 +1,4 @@
-"""What a manga reader without a GPU can expect: manga_ocr_compat.MangaOcr against manga-ocr, CPU, one run.
+"""What a manga reader without a GPU can expect: infer.manga_ocr.MangaOcr against manga-ocr, CPU, one run.
 
     python benchmarks/bench_compat_cpu.py                                  # 8 crops, release budget
     python benchmarks/bench_compat_cpu.py --min_pixels 147384 50176 --threads 2
@@ -13,7 +13,7 @@ rows taking turns crop by crop so that a shared machine's drifting load falls on
                   with the release's generation config: 4 beams (no_repeat_ngram_size 3, length_penalty 2),
                   and greedy (the same with num_beams=1)
   ours            the full-size (0.9B) PaddleOCR-VL with random weights (benchmarks/full_size.py) through
-                  manga_ocr_compat.MangaOcr: `mocr(crop)`, once per crop as manga-ocr's tools call it, at
+                  infer.manga_ocr.MangaOcr: `mocr(crop)`, once per crop as manga-ocr's tools call it, at
                   each --min_pixels (the release's 147,384 by default; 50,176 = 224 x 224 gives small crops
                   64 image tokens), then `mocr.batch(crops)` at --batch_size (0 skips it)
 Every crop generates exactly --max_new_tokens tokens (default 16, about one manga text line): both models get

@@ -5,7 +5,7 @@
 
 Both paths OCR the same crops (cut by prepare_manga109_data.py from synthetic full-size pages, so crop sizes
 are realistic) with greedy decoding:
-  batched   ocr_model.generate_texts: batches of --batch_size, left padding, KV cache on
+  batched   model.generation.generate_texts: batches of --batch_size, left padding, KV cache on
   seed loop one crop per model.generate(..., use_cache=False), as the seed project evaluated
 `full` is PaddleOCRVLConfig() (0.9B, untied lm_head) with random weights in bf16 on CUDA, driven by the
 release-like processor (tools/make_tiny_model.release_processor: the release's token ids, tokenizer, chat

@@ -6,10 +6,10 @@
     python benchmarks/bench_gguf_cpu.py --no_build         # fail instead of compiling llama.cpp
 
 llama.cpp: llama-mtmd-cli, compiled once (20 minutes on 2 busy cores; never in CI) from the source that
-llama-cpp-python==ocr_gguf.LLAMA_CPP_PYTHON vendors (the same pin the converter comes from), into
+llama-cpp-python==export.gguf.LLAMA_CPP_PYTHON vendors (the same pin the converter comes from), into
 ~/.cache/paddleocr-vl-manga/llama.cpp-<pin>-build/ (build/bin/llama-mtmd-cli, its log in build.log) and reused
 from there. LLAMA_MTMD_CLI names another llama-mtmd-cli binary instead; --llama_cpp_src an unpacked llama.cpp
-source to build from instead of downloading the sdist with pip. The GGUFs come from ocr_gguf.export_gguf (what
+source to build from instead of downloading the sdist with pip. The GGUFs come from export_gguf (what
 export_model.py --gguf writes), converted from a folder in the release's layout.
 
 1. check (the tiny release-like model, random weights, 3 vision layers as the converter needs, f16 GGUF: the

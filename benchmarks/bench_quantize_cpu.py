@@ -1,4 +1,4 @@
-"""fp32 against int8 (ocr_quantize.quantize_model) on CPU: seconds per crop at batch 1, as readers call it.
+"""fp32 against int8 (model.quantize.quantize_model) on CPU: seconds per crop at batch 1, as readers call it.
 
     python benchmarks/bench_quantize_cpu.py --threads 2                    # 8 crops, 16 new tokens
     python benchmarks/bench_quantize_cpu.py --methods fp32 int8 --min_pixels 50176

@@ -2,7 +2,7 @@
 
 Tells whether a dataset (the real prepared Manga109s, or the --extremes synthetic fixture) holds the cases
 that break code in the field: sequences over a reduced max_length, thin or tiny crops, 100+ character answers
-with Latin letters and digits. Lengths come from sample_lengths.sequence_lengths, as training counts them.
+with Latin letters and digits. Lengths come from data.lengths.sequence_lengths, as training counts them.
 
     python tools/split_stats.py data/manga109s --model PaddlePaddle/PaddleOCR-VL --model ./tiny_model
 """

@@ -12,7 +12,7 @@ Tables (the text between `<!-- flags:SCRIPT -->` and `<!-- /flags -->`, or `<!--
   dataclasses (every Hugging Face `TrainingArguments` flag is accepted too, documented by transformers);
 - `train.sh`'s variables from its own lines: `NAME=${NAME:-default}` and the comment beside or above it
   (a comment line `default: ...` overrides the shown default where it is an expression);
-- the memory plan from `memory_plan.readme_table()`;
+- the memory plan from `train.memory_plan.readme_table()`;
 - docs/development.md's repository map (between `<!-- repo-map -->` and `<!-- /repo-map -->`) from each
   module's docstring, its first sentence.
 

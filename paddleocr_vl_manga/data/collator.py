@@ -101,7 +101,7 @@ def answer_ids(tokenizer: Any, texts: list[str]) -> list[list[int]]:
     "K"): a token the model must never emit there. So the answer goes through a copy of the tokenizer's
     backend with that prefix turned off (answer_backend), which gives the same ids on either setting.
     Whitespace a text starts with (" ", U+3000, "\n": Manga109's XML has some) is dropped for the same
-    reason: the crop can't show it, and the metrics strip it too (ocr_metrics.normalize).
+    reason: the crop can't show it, and the metrics strip it too (evaluate.metrics.normalize).
     """
     texts = [t.lstrip() for t in texts]
     plain = answer_backend(tokenizer)
@@ -285,7 +285,7 @@ class OCRCollator:
         self.pad_to_multiple_of = pad_to_multiple_of
         self.rope_in_collator = rope_in_collator
         self.prompt = generation_prompt(processor)  # a template that can't render it fails here, loudly
-        self.num_dropped = 0  # only in this process: sample_lengths filters the data before it gets here
+        self.num_dropped = 0  # only in this process: data.lengths filters the data before it gets here
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         # The prompts go through the processor exactly as in generation_batch (image tokens expanded there).

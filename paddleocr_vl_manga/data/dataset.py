@@ -31,7 +31,7 @@ def build_messages() -> list[dict[str, Any]]:
     """The user turn (the crop, then PROMPT) that the chat template renders into the generation prompt.
 
     Content is a list of typed items: the release's template iterates over it (a plain string fails there).
-    Training appends the answer's own tokens to the rendered prompt (custom_collator), not an assistant turn.
+    Training appends the answer's own tokens to the rendered prompt (data.collator), not an assistant turn.
     """
     return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT}]}]
 
@@ -199,7 +199,7 @@ def record_size(rec: dict[str, Any]) -> tuple[int, int]:
 
 
 class RecordCrops:
-    """Records as generation input (ocr_model.Crops): sizes without decoding, images loaded in the
+    """Records as generation input (model.generation.Crops): sizes without decoding, images loaded in the
     generation loader's workers. `source` names the file in errors (a record's own `_source` first)."""
 
     def __init__(self, records: list[dict[str, Any]], source: str) -> None:

@@ -1,8 +1,8 @@
 """One owner of sample lengths: each split's token lengths, computed once, and which crops fit max_length.
 
 A sample is the generation prompt with the crop's image tokens, then the answer and eos, exactly as
-custom_collator builds it. Lengths come from the JSONL's width/height (the crop padded into a shape the
-processor takes, ocr_dataset.fit_image) and the answer's tokens: no image is decoded. With augmentation a
+data.collator builds it. Lengths come from the JSONL's width/height (the crop padded into a shape the
+processor takes, data.dataset.fit_image) and the answer's tokens: no image is decoded. With augmentation a
 crop may grow by up to 2 * AUG_PAD px each way, so its length is the worst case over that growth. Training
 filters train and val by this one rule (and counts test), evaluate_model.py --max_length does the same, so
 no batch ever meets a crop it cannot hold.

@@ -93,7 +93,7 @@ class EvalArguments:
     max_pixels: int | None = arg(None, "Override the image processor's max_pixels (default: checkpoint's); "
                                  "at least min_pixels.")
     quantize: str | None = field(default=None, metadata={
-        "help": "int8 linear layers on the CPU (ocr_quantize.py): int8 (everywhere) or int8-text (the "
+        "help": "int8 linear layers on the CPU (model/quantize.py): int8 (everywhere) or int8-text (the "
         "language model only). Default: bf16 on a GPU, fp32 on the CPU. Compare with an fp32 run through "
         "--compare.", "choices": list(QUANTIZE_METHODS)})
     trust_remote_code: bool = arg(False, "Allow the checkpoint's own code (not needed for PaddleOCR-VL).")

@@ -26,7 +26,7 @@ _DOTS = re.compile("[・.]{2,}")
 def manga_ocr_post_process(text: str) -> str:
     """manga-ocr's `post_process` (manga_ocr/ocr.py, 0.1.16), step for step; tested against the package.
 
-    Shared by the `mangaocr` normalization and manga_ocr_compat.post_process, so the two cannot drift apart.
+    Shared by the `mangaocr` normalization and infer.manga_ocr.post_process, so the two cannot drift apart.
     """
     text = "".join(text.split())
     text = text.replace("…", "...")

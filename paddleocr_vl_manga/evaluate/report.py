@@ -2,7 +2,7 @@
 
 Each page is one self-contained file that opens from file:// with no network: crops are inlined as base64 PNG
 data URIs, charts are inline SVG, styling is one <style> block, and there is no script. Character differences
-come from ocr_metrics.align (a minimum-edit alignment), under the `none` normalization like the headline.
+come from evaluate.metrics.align (a minimum-edit alignment), under the `none` normalization like the headline.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ needs differently from transformers (the exported folder itself stays the base's
   puts into the message text) and inserts `<|IMAGE_START|>` + the image embeddings + `<|IMAGE_END|>` there.
   With the released template llama-server fails with "number of bitmaps (1) does not match number of markers
   (0)" (llama.cpp PR #19799, PaddleOCR PR #17729). Ours renders the marker, and the prompt it renders, with
-  the marker replaced by what mtmd inserts, is our training prompt (custom_collator.generation_prompt);
+  the marker replaced by what mtmd inserts, is our training prompt (data.collator.generation_prompt);
 - tokenizer_config.json: `add_bos_token` and `add_prefix_space` as transformers tokenizes the training prompt
   (llama.cpp's SentencePiece defaults are the opposite: a `<s>` first and a "▁" after every special token),
   and every added token (the converter names and types the ids above the SentencePiece pieces, the image

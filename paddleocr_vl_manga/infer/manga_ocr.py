@@ -9,7 +9,7 @@ Tools written for manga-ocr (mokuro, owocr, ...) do
 The same three lines work with this class; `compat/manga_ocr/` is a one-file package that re-exports it under
 manga-ocr's name, so putting that folder (and this repo) on PYTHONPATH swaps the model, the tool unchanged.
 Texts follow manga-ocr's output convention (`post_process`) unless `raw=True`; `batch()` reads many crops
-through ocr_model.generate_texts (batched, KV cache), which is much faster per crop than one call each.
+through model.generation.generate_texts (batched, KV cache), which is much faster per crop than one call each.
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ class MangaOcr:
         if path == MANGA_OCR_DEFAULT:
             path = os.environ.get("MANGA_OCR_COMPAT_MODEL", DEFAULT_MODEL)
         # manga-ocr's device choice: CUDA, then Apple MPS, then CPU; bf16 only on CUDA (as evaluate_model).
-        # quantize="int8": int8 linear layers on the CPU (ocr_quantize.py), for readers without a GPU.
+        # quantize="int8": int8 linear layers on the CPU (model/quantize.py), for readers without a GPU.
         model, processor, _ = load_for_inference(path, quantize=quantize, force_cpu=force_cpu, allow_mps=True)
         self._setup(model, processor, raw=raw, batch_size=batch_size, max_new_tokens=max_new_tokens)
 
@@ -92,7 +92,7 @@ class MangaOcr:
 
     def _setup(self, model: Any, processor: Any, *, raw: bool = False, batch_size: int = 16,
                max_new_tokens: int | None = None) -> None:
-        # max_new_tokens None: each crop's cap follows its size (ocr_model.auto_max_new_tokens), and a
+        # max_new_tokens None: each crop's cap follows its size (model.generation.auto_max_new_tokens), and a
         # looping answer is stopped either way, so a tool calling once per line always gets an answer soon.
         if batch_size <= 0 or (max_new_tokens is not None and max_new_tokens <= 0):
             raise ValueError(f"batch_size and max_new_tokens must be positive, got {batch_size}, "

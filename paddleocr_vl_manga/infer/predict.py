@@ -145,7 +145,8 @@ def run(a: argparse.Namespace) -> int:
 
 
 class FileCrops:
-    """Crop files as generation input (ocr_model.Crops): sizes from their headers, decoded in the loader."""
+    """Crop files as generation input (model.generation.Crops): sizes from their headers, decoded in the
+    loader."""
 
     def __init__(self, paths: list[str]) -> None:
         self.paths = paths
@@ -165,7 +166,7 @@ class FileCrops:
 
 
 class PageCrops:
-    """Boxes of one page as generation input (ocr_model.Crops).
+    """Boxes of one page as generation input (model.generation.Crops).
 
     The page is decoded once, in the main process, which needs its size to check the boxes. Loader workers
     fork with it in memory, so each crops from it (a copy of the box's pixels); the resizing and
@@ -242,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max_pixels", type=int,
                     help="override the image processor's max_pixels (at least min_pixels)")
     ap.add_argument("--quantize", choices=QUANTIZE_METHODS,
-                    help="int8 linear layers on the CPU (ocr_quantize.py: int8 everywhere, int8-text the "
+                    help="int8 linear layers on the CPU (model/quantize.py: int8 everywhere, int8-text the "
                     "language model only); default: bf16 on a GPU, fp32 on the CPU")
     ap.add_argument("--trust_remote_code", action="store_true", help="allow the checkpoint's own code")
     a = ap.parse_args(argv)

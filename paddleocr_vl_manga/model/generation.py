@@ -41,7 +41,7 @@ def default_num_workers(device: str) -> int:
 @runtime_checkable
 class Crops(Protocol):
     """What generation reads: sizes in the main process (they order the batches, nothing is decoded there)
-    and images where the loader runs, a worker process when num_workers > 0. ocr_dataset.RecordCrops (JSONL
+    and images where the loader runs, a worker process when num_workers > 0. data.dataset.RecordCrops (JSONL
     records), predict.py's files and page boxes, and ImageList (images in memory) implement it."""
 
     def __len__(self) -> int: ...

@@ -13,7 +13,7 @@ save carries the wrong flag on. We read the checkpoint's keys first and, when it
 load with both flags forced to ``False``; afterwards we check that the two tensors really are separate.
 
 Second, it makes sure the model is prompted as released. The generation prompt is rendered and checked once
-at load (custom_collator.generation_prompt): one image run between the vision start/end ids, then ``OCR:``
+at load (data.collator.generation_prompt): one image run between the vision start/end ids, then ``OCR:``
 and the assistant prefix. The v1 template published with the model sets the image markers through a
 variable ``image_token`` (default: the start/placeholder/end triplet) that transformers 5 overrides with the
 tokenizer's ``<|IMAGE_PLACEHOLDER|>``, so it renders the image without its markers, in training and
@@ -342,7 +342,7 @@ def load_for_inference(
     trust_remote_code: bool = False,
 ) -> tuple[Any, Any, str]:
     """(model, processor, device) as evaluation, prediction and MangaOcr run it: bf16 on CUDA, else fp32
-    (Apple MPS when allowed), or with `quantize` (ocr_quantize.METHODS) int8 linear layers on the CPU."""
+    (Apple MPS when allowed), or with `quantize` (model.quantize.METHODS) int8 linear layers on the CPU."""
     device = "cpu"  # int8 is a CPU path
     if quantize is None and not force_cpu:
         if torch.cuda.is_available():

@@ -14,7 +14,7 @@ Methods:
   int8       every nn.Linear: the language model, lm_head, the vision encoder and the projector
   int8-text  the language model and lm_head only; the vision encoder and projector stay fp32
 Embeddings, convolutions and norms stay fp32 (a lookup reads one row per token; the rest is small).
-The result is still the transformers model: ocr_model.generate_texts drives it unchanged. It is for
+The result is still the transformers model: model.generation.generate_texts drives it unchanged. It is for
 inference only (no training, no save_pretrained of the int8 weights: quantize after loading instead).
 """
 

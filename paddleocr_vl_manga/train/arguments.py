@@ -69,7 +69,7 @@ class ModelArguments:
             "sample of every split (the longest crops included), in output_dir/rehearsal, through every "
             "stage (evaluation with generation, checkpoint save, resume, best-model load, export); then "
             "print the full run's steps, dropped crops, memory, s/step and projected time and exit (2 naming "
-            "the stage that failed). See rehearsal.py."
+            "the stage that failed). See train/rehearsal.py."
         },
     )
     attn_implementation: str | None = field(

@@ -84,7 +84,7 @@ def train_data(
     model_args: ModelArguments, data_args: DataArguments, args: TrainingArguments, decode: bool = True
 ) -> TrainData:
     """Read the splits and the checked config/processor, filter every split by one length rule (the owner:
-    sample_lengths), and (decode) leave out crops that cannot be decoded (drop_unreadable). Raises
+    data.lengths), and (decode) leave out crops that cannot be decoded (drop_unreadable). Raises
     DatasetError / ModelLoadError."""
     # data first: a missing split should fail before minutes of downloading and loading weights
     train_ds, mix = mixed_train_dataset(

@@ -1,6 +1,6 @@
 """train.sh's settings, checked before anything loads.
 
-    python train_settings.py EPOCHS=3 LR=2e-5 ...   # every setting as train.sh holds it; train.sh runs this
+    python train/settings.py EPOCHS=3 LR=2e-5 ...   # every setting as train.sh holds it; train.sh runs this
 
 One `error: NAME=VALUE: ...` line per bad value, saying what the setting accepts, and exit 2; one `warning:`
 line per environment variable that looks like a setting but is not one (EPOCH=1, LEARNING_RATE=1e-5,
@@ -23,7 +23,7 @@ from pathlib import Path
 TRAIN_SH = Path(__file__).resolve().parents[2] / "train.sh"  # at the repository root: read, not imported
 SETTING_LINE = re.compile(r"^([A-Z_][A-Z0-9_]*)=\$\{\1:-", re.M)  # as tools/write_docs.py reads them
 YES, NO = ("1", "true", "yes", "on"), ("", "0", "false", "no", "off")
-LORA_TARGETS = ("language", "vision", "projector")  # ocr_lora.TARGET_GROUPS (which imports torch)
+LORA_TARGETS = ("language", "vision", "projector")  # model.lora.TARGET_GROUPS (which imports torch)
 Check = tuple[Callable[[str], bool], str]  # (accepts the value?, what it accepts)
 
 
@@ -271,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     values = dict(a.split("=", 1) for a in argv if "=" in a)
     unknown = [n for n in values if n not in CHECKS] + [a for a in argv if "=" not in a]
     if unknown:
-        print(f"error: train_settings.py: no check for {', '.join(unknown)} (usage: NAME=VALUE ...)",
+        print(f"error: train/settings.py: no check for {', '.join(unknown)} (usage: NAME=VALUE ...)",
               file=sys.stderr)
         return 2
     for line in look_alikes(dict(os.environ), settings):
