@@ -338,7 +338,8 @@ def readme_table(seq_len: int = 230, image_tokens: int = 200) -> str:
     return f"{README_MARKERS[0]}\n{note}\n\n" + "\n".join(lines) + f"\n{README_MARKERS[1]}"
 
 
-if __name__ == "__main__":  # python -m paddleocr_vl_manga.train.memory_plan FILE.md: rewrite the table between the markers
+# python -m paddleocr_vl_manga.train.memory_plan FILE.md: rewrite the table between the markers
+if __name__ == "__main__":
     import re
     import sys
     from pathlib import Path
