@@ -18,6 +18,7 @@ from launch import TRAIN_SH
 
 import paddleocr_vl_manga.train.arguments as sft_arguments
 import paddleocr_vl_manga.train.build as sft_build
+import paddleocr_vl_manga.train.inputs as sft_inputs
 import paddleocr_vl_manga.train.run as sft
 
 # What torch sees on a node with FAKE_GPUS GPUs of 80 GiB; as in CUDA, CUDA_VISIBLE_DEVICES hides the rest.
@@ -118,8 +119,10 @@ def nothing_loads(monkeypatch: pytest.MonkeyPatch) -> None:
     def must_not_load(*args, **kwargs):
         raise AssertionError("data or weights were read")
 
-    for loader in ("mixed_train_dataset", "load_config_and_processor", "load_model_and_processor"):
-        monkeypatch.setattr(sft, loader, must_not_load)
+    # where each is looked up: the data and config in train_data, the weights in build_trainer
+    for module, loader in ((sft_inputs, "mixed_train_dataset"), (sft_inputs, "load_config_and_processor"),
+                           (sft_build, "load_model_and_processor")):
+        monkeypatch.setattr(module, loader, must_not_load)
 
 
 def test_direct_run_on_several_gpus_stops_before_reading_anything(tmp_path: Path, monkeypatch, nothing_loads,
