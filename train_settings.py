@@ -207,8 +207,9 @@ def problems(values: dict[str, str]) -> list[str]:
 # ---------------------------------------------------------------- look-alikes in the environment
 
 # Variables of the launchers, schedulers and libraries around a run: never a misspelt setting.
+# (MODULE: Environment Modules and Lmod set MODULEPATH, 2 edits from MODEL_PATH, in jobs on most clusters.)
 FOREIGN_PREFIXES = ("PYTHON", "SLURM_", "PMI_", "PMIX_", "OMPI_", "PBS_", "CUDA_", "NCCL_", "TORCH", "HF_",
-                    "XDG_", "LC_", "KMP_", "OMP_", "MKL_", "GIT_", "SSH_", "DEMO_")
+                    "XDG_", "LC_", "KMP_", "OMP_", "MKL_", "GIT_", "SSH_", "DEMO_", "MODULE", "LMOD_")
 
 
 def distance(a: str, b: str) -> int:
