@@ -357,6 +357,30 @@ def test_cer_is_logged_in_percent_and_labelled(tiny_model: Path, prepared: Path,
     assert "%" in fig.axes[1].get_ylabel()
 
 
+def test_checkpoint_from_before_percent_cer_resumes_in_percent(tiny_model: Path, prepared: Path,
+                                                              tmp_path: Path) -> None:
+    """A checkpoint written while CER was logged as a fraction holds best_metric 0.15 (15 %): resumed with
+    RESUME=auto, no new CER in percent (14.0) ever beat it, so load_best_model_at_end loaded the older, worse
+    checkpoint and SAVE_TOTAL_LIMIT rotated out the better ones."""
+    from transformers import TrainerState
+
+    trainer = sft.build_trainer(*train_args(tiny_model, prepared, tmp_path / "out", "--max_steps", "1"))
+    units = next(c for c in trainer.callback_handler.callbacks if isinstance(c, sft.PercentMetrics))
+    old = TrainerState(best_metric=0.15, best_model_checkpoint="out/checkpoint-4", log_history=[
+        {"step": 0, "eval_loss": 2.0, "eval_cer": 0.6, "eval_exact_match": 0.1},
+        {"step": 4, "eval_loss": 1.0, "eval_cer": 0.15, "eval_exact_match": 0.5}])
+    units.on_train_begin(trainer.args, old, trainer.control)
+    assert old.best_metric == pytest.approx(15.0)
+    assert [(h["eval_cer"], h["eval_exact_match"], h["eval_loss"]) for h in old.log_history] == [
+        pytest.approx((60.0, 10.0, 2.0)), pytest.approx((15.0, 50.0, 1.0))]
+    # what this version saves is marked as percent and resumes unchanged
+    old.save_to_json(tmp_path / "trainer_state.json")
+    again = TrainerState.load_from_json(tmp_path / "trainer_state.json")
+    units.on_train_begin(trainer.args, again, trainer.control)
+    assert again.best_metric == pytest.approx(15.0)
+    assert again.log_history[1]["eval_cer"] == pytest.approx(15.0)
+
+
 def test_rerun_of_a_finished_run_says_so_and_loads_nothing(tiny_model: Path, prepared: Path, tmp_path: Path,
                                                            monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     """It used to print `resume: .../checkpoint-N`, load the model, and log `train_runtime 0.0005`,
