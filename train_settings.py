@@ -207,9 +207,10 @@ def problems(values: dict[str, str]) -> list[str]:
 # ---------------------------------------------------------------- look-alikes in the environment
 
 # Variables of the launchers, schedulers and libraries around a run: never a misspelt setting.
-# (MODULE: Environment Modules and Lmod set MODULEPATH, 2 edits from MODEL_PATH, in jobs on most clusters.)
+# (MODULE: Environment Modules and Lmod set MODULEPATH, 2 edits from MODEL_PATH, in jobs on most clusters;
+# PET_: torchrun's own variables, set in every Kubeflow PyTorchJob pod: PET_NNODES, PET_NODE_RANK, ...)
 FOREIGN_PREFIXES = ("PYTHON", "SLURM_", "PMI_", "PMIX_", "OMPI_", "PBS_", "CUDA_", "NCCL_", "TORCH", "HF_",
-                    "XDG_", "LC_", "KMP_", "OMP_", "MKL_", "GIT_", "SSH_", "DEMO_", "MODULE", "LMOD_")
+                    "XDG_", "LC_", "KMP_", "OMP_", "MKL_", "GIT_", "SSH_", "DEMO_", "MODULE", "LMOD_", "PET_")
 
 
 def distance(a: str, b: str) -> int:
