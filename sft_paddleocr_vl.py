@@ -565,8 +565,11 @@ def finished_run(args: TrainingArguments, n_train: int) -> str | None:
     total = optimizer_steps(n_train, args)[0]
     if step < total or final.get("global_step", -1) < total:
         return None
-    best = final.get("best_model_checkpoint")
-    metric = metric_text(args.metric_for_best_model, final.get("best_metric"))
+    best, best_metric = final.get("best_model_checkpoint"), final.get("best_metric")
+    if best_metric and PercentMetrics.MARK not in final.get("stateful_callbacks", {}) and (
+            (args.metric_for_best_model or "").removeprefix("eval_") in PERCENT_METRICS):
+        best_metric *= 100  # saved while CER was a fraction
+    metric = metric_text(args.metric_for_best_model, best_metric)
     return (f"the run is already complete at step {step} of {total}: its model is in {args.output_dir}"
             + (f" (from {Path(best).name}, the best by {metric})" if best else "")
             + ". To train further, raise EPOCHS or set MAX_STEPS (--num_train_epochs, --max_steps); "

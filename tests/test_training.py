@@ -381,6 +381,20 @@ def test_checkpoint_from_before_percent_cer_resumes_in_percent(tiny_model: Path,
     assert again.log_history[1]["eval_cer"] == pytest.approx(15.0)
 
 
+def test_rerun_of_a_run_finished_before_percent_cer_gives_its_best_in_percent(tmp_path: Path) -> None:
+    """A run finished while CER was a fraction holds best_metric 0.15: the rerun's line said `val CER 0.15 %`
+    for a CER of 15 %."""
+    out, checkpoint = tmp_path / "out", tmp_path / "out" / "checkpoint-2"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "trainer_state.json").write_text(json.dumps({"global_step": 2}))
+    (out / "trainer_state.json").write_text(json.dumps(
+        {"global_step": 2, "best_metric": 0.15, "best_model_checkpoint": str(checkpoint)}))
+    _, _, args = sft.parse_args(["--output_dir", str(out), "--max_steps", "2", "--resume_from_checkpoint",
+                                 str(checkpoint), "--metric_for_best_model", "cer", "--report_to", "none"])
+    said = sft.finished_run(args, 8)
+    assert said and "the best by val CER 15.00 %" in said, said
+
+
 def test_rerun_of_a_finished_run_says_so_and_loads_nothing(tiny_model: Path, prepared: Path, tmp_path: Path,
                                                            monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     """It used to print `resume: .../checkpoint-N`, load the model, and log `train_runtime 0.0005`,
