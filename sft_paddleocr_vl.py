@@ -807,8 +807,8 @@ def train_data(
         logger.warning("every val crop is over --max_length %d: no evaluation", limit)
         del present["val"]
     data = TrainData(train_ds, present.get("val"), mix, checked, results)
-    if decode:
-        drop_unreadable(data, args)
+    if decode:  # by this process alone (the rehearsal's rank 0); build_trainer shares it among the ranks
+        drop_unreadable(data)
     return data
 
 
@@ -826,14 +826,14 @@ def unreadable(path: str) -> str | None:
     return None
 
 
-def drop_unreadable(data: TrainData, args: TrainingArguments) -> None:
+def drop_unreadable(data: TrainData, rank: int = 0, world: int = 1) -> None:
     """Decode every train and val crop before training: one truncated PNG would otherwise stop the run when
     its batch comes up, hours in (or go unnoticed by a short run). Unreadable crops are left out (with their
     lengths) and counted in one warning per split naming the first; none readable is a DatasetError."""
     for split, ds in (("train", data.train), ("val", data.val)):
         if ds is None:
             continue
-        keep = readable(split, ds, args.process_index, args.world_size)
+        keep = readable(split, ds, rank, world)
         if not all(keep):
             ds.records = [r for r, k in zip(ds.records, keep, strict=True) if k]
             lengths = next(r for r in data.splits if r.split == split)
@@ -939,7 +939,7 @@ def build_trainer(
     done = finished_run(args, len(data.train))  # before decoding crops or loading weights
     if done:
         raise RunComplete(done)
-    drop_unreadable(data, args)
+    drop_unreadable(data, args.process_index, args.world_size)  # every rank takes part
     train_ds, checked = data.train, data.checked
     if args.resume_from_checkpoint:
         logger.info("resume: %s", args.resume_from_checkpoint)
