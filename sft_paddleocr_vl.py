@@ -939,7 +939,11 @@ def build_trainer(
     done = finished_run(args, len(data.train))  # before decoding crops or loading weights
     if done:
         raise RunComplete(done)
+    n_train = len(data.train)
     drop_unreadable(data, args.process_index, args.world_size)  # every rank takes part
+    done = finished_run(args, len(data.train)) if len(data.train) < n_train else None  # fewer steps now
+    if done:
+        raise RunComplete(done)
     train_ds, checked = data.train, data.checked
     if args.resume_from_checkpoint:
         logger.info("resume: %s", args.resume_from_checkpoint)

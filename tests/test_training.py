@@ -421,6 +421,32 @@ def test_rerun_of_a_finished_run_says_so_and_loads_nothing(tiny_model: Path, pre
     assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 4
 
 
+def test_rerun_of_a_finished_run_with_an_unreadable_crop_says_so(
+    tiny_model: Path, prepared: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """The finished-run check counts steps before the crops are decoded: 9 crops make 5 steps of batch 2, the
+    8 readable ones 4, so the rerun of the finished 4-step run loaded the model and logged `train_runtime`
+    again."""
+    data, out = subset(prepared, tmp_path / "d", 9), tmp_path / "out"
+    records = [json.loads(line) for line in (data / "train.jsonl").read_text().splitlines()]
+    broken = tmp_path / "truncated.png"
+    broken.write_bytes(Path(records[-1]["image"]).read_bytes()[:100])
+    records[-1]["image"] = str(broken)
+    (data / "train.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    argv = ["--model_path", str(tiny_model), "--data_dir", str(data), "--output_dir", str(out), "--report_to",
+            "none", "--disable_tqdm", "true", "--per_device_train_batch_size", "2", "--save_steps", "2",
+            "--eval_strategy", "no", "--resume_from_checkpoint", "auto", "--dataloader_num_workers", "0",
+            "--num_train_epochs", "1"]
+    assert sft.main(argv) == 0
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 4
+    capsys.readouterr()
+
+    monkeypatch.setattr(sft, "load_model_and_processor", lambda *a, **k: pytest.fail("the model was loaded"))
+    assert sft.main(argv) == 0
+    said = capsys.readouterr().out.strip().splitlines()
+    assert len(said) == 1 and said[0].startswith("the run is already complete at step 4 of 4"), said
+
+
 def test_our_arguments_raise_no_deprecation_warning(tmp_path: Path) -> None:
     """transformers 5.23+ warns that --gradient_checkpointing goes in v6 (activation_checkpointing); 5.18-5.22
     know only the old name. train.sh passes the old one: both must work, the newer without a warning."""
