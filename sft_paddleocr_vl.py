@@ -36,7 +36,7 @@ from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
-from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
+from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME
 from transformers.trainer_callback import ProgressCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler
@@ -317,6 +317,7 @@ class BF16Trainer(Trainer):
         self.gen_dataset = gen_dataset
         self.data_args = data_args
         self.trained_index: list[torch.Tensor] = []  # --log_sample_ids: dataset indices, read out at the end
+        self.add_callback(PercentMetrics())
 
     def _prepare_inputs(self, inputs: dict) -> dict:
         # The collator runs in loader workers, whose state never comes back: the indices ride in the batch.
@@ -520,6 +521,26 @@ def metric_text(name: str | None, value: float | None) -> str:
     return f"val {METRIC_NAMES.get(name, name)} {value:.4f}"
 
 
+class PercentMetrics(TrainerCallback):
+    """Checkpoints written before CER and exact match went to percent hold them (and best_metric) as
+    fractions: resumed as they are, a new 14.0 (%) never beats a best of 0.15 (15 %), so the best-model load
+    and SAVE_TOTAL_LIMIT would keep the older, worse checkpoint. Such a state is converted when training
+    begins; states saved since carry MARK (in trainer_state.json's stateful_callbacks, saved as it is)."""
+
+    MARK = "cer_in_percent"
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.MARK in state.stateful_callbacks:
+            return
+        state.stateful_callbacks[self.MARK] = {"args": {}, "attributes": {}}  # ExportableState's layout
+        for entry in state.log_history:  # empty in a fresh run: the step-0 evaluation comes after this
+            for name in PERCENT_METRICS:
+                if f"eval_{name}" in entry:
+                    entry[f"eval_{name}"] *= 100
+        if (args.metric_for_best_model or "").removeprefix("eval_") in PERCENT_METRICS and state.best_metric:
+            state.best_metric *= 100
+
+
 WRITE_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
                 errno.EFBIG: "a file-size limit (ulimit -f) stopped the write"}
 
@@ -720,8 +741,11 @@ def finished_run(args: TrainingArguments, n_train: int) -> str | None:
     total = optimizer_steps(n_train, args)[0]
     if step < total or final.get("global_step", -1) < total:
         return None
-    best = final.get("best_model_checkpoint")
-    metric = metric_text(args.metric_for_best_model, final.get("best_metric"))
+    best, best_metric = final.get("best_model_checkpoint"), final.get("best_metric")
+    if best_metric and PercentMetrics.MARK not in final.get("stateful_callbacks", {}) and (
+            (args.metric_for_best_model or "").removeprefix("eval_") in PERCENT_METRICS):
+        best_metric *= 100  # saved while CER was a fraction
+    metric = metric_text(args.metric_for_best_model, best_metric)
     return (f"the run is already complete at step {step} of {total}: its model is in {args.output_dir}"
             + (f" (from {Path(best).name}, the best by {metric})" if best else "")
             + ". To train further, raise EPOCHS or set MAX_STEPS (--num_train_epochs, --max_steps); "
@@ -1007,7 +1031,7 @@ def train_data(
         logger.warning("every val crop is over --max_length %d: no evaluation", limit)
         del present["val"]
     data = TrainData(train_ds, present.get("val"), mix, checked, results, answer_tokens)
-    if decode:
+    if decode:  # by this process alone (the rehearsal's rank 0); build_trainer shares it among the ranks
         drop_unreadable(data)
     return data
 
@@ -1026,32 +1050,43 @@ def unreadable(path: str) -> str | None:
     return None
 
 
-def drop_unreadable(data: TrainData) -> None:
+def drop_unreadable(data: TrainData, rank: int = 0, world: int = 1) -> None:
     """Decode every train and val crop before training: one truncated PNG would otherwise stop the run when
     its batch comes up, hours in (or go unnoticed by a short run). Unreadable crops are left out (with their
     lengths) and counted in one warning per split naming the first; none readable is a DatasetError."""
     for split, ds in (("train", data.train), ("val", data.val)):
         if ds is None:
             continue
-        keep = readable(split, ds)
+        keep = readable(split, ds, rank, world)
         if not all(keep):
             ds.records = [r for r, k in zip(ds.records, keep, strict=True) if k]
             lengths = next(r for r in data.splits if r.split == split)
             lengths.lengths = [n for n, k in zip(lengths.lengths, keep, strict=True) if k]
 
 
-def readable(split: str, ds: OCRDataset) -> list[bool]:
-    """Per record of `ds`: can its crop be decoded? Warns once naming the first that cannot."""
+def readable(split: str, ds: OCRDataset, rank: int = 0, world: int = 1) -> list[bool]:
+    """Per record of `ds`: can its crop be decoded? Warns once naming the first that cannot. Each of the
+    `world` ranks decodes every world-th crop and all get the whole verdict: the ranks keep the same crops
+    (DDP's sampler shards by index and length), and 8 ranks of a node don't each decode all 150k."""
     from concurrent.futures import ThreadPoolExecutor
 
     # PIL decodes with the GIL released; each process (rank) of this node checks with its share of the CPUs
-    threads = max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    # it may use (a Slurm or container job may be given fewer than the machine has)
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    threads = max(1, cpus // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     started = time.monotonic()
     with ThreadPoolExecutor(threads) as pool:
-        why = list(pool.map(unreadable, [r["image_path"] for r in ds.records], chunksize=64))
+        mine = list(pool.map(unreadable, [r["image_path"] for r in ds.records[rank::world]]))
+    shares = [mine]
+    if world > 1:
+        shares = [None] * world
+        torch.distributed.all_gather_object(shares, mine)
+    why: list[str | None] = [None] * len(ds.records)
+    for r, share in enumerate(shares):
+        why[r::world] = share
     bad = [(r, w) for r, w in zip(ds.records, why, strict=True) if w is not None]
-    logger.info("%s: %d crops decoded in %.1f s (%d threads)", split, len(ds.records),
-                time.monotonic() - started, threads)
+    logger.info("%s: %d crops decoded in %.1f s (%d on this rank, %d threads)", split, len(ds.records),
+                time.monotonic() - started, len(mine), threads)
     if bad:
         first, reason = bad[0]
         where = f"{first.get('_source', ds.path)}:{first['_line']} ({first['image_path']}: {reason})"
@@ -1130,7 +1165,11 @@ def build_trainer(
     done = finished_run(args, len(data.train))  # before decoding crops or loading weights
     if done:
         raise RunComplete(done)
-    drop_unreadable(data)
+    n_train = len(data.train)
+    drop_unreadable(data, args.process_index, args.world_size)  # every rank takes part
+    done = finished_run(args, len(data.train)) if len(data.train) < n_train else None  # fewer steps now
+    if done:
+        raise RunComplete(done)
     train_ds, checked = data.train, data.checked
     if args.resume_from_checkpoint:
         logger.info("resume: %s", args.resume_from_checkpoint)
