@@ -48,7 +48,9 @@ from paddleocr_vl_manga.train.checkpoints import (
 )
 from paddleocr_vl_manga.train.inputs import drop_unreadable, eval_datasets, run_memory_plan, train_data
 from paddleocr_vl_manga.train.trainer import (
+    PERCENT_METRICS,
     BF16Trainer,
+    PercentMetrics,
     TerminalEvalBar,
     lean_optimizer,
     metric_text,
@@ -77,8 +79,11 @@ def finished_run(args: TrainingArguments, n_train: int) -> str | None:
     total = optimizer_steps(n_train, args)[0]
     if step < total or final.get("global_step", -1) < total:
         return None
-    best = final.get("best_model_checkpoint")
-    metric = metric_text(args.metric_for_best_model, final.get("best_metric"))
+    best, best_metric = final.get("best_model_checkpoint"), final.get("best_metric")
+    if best_metric and PercentMetrics.MARK not in final.get("stateful_callbacks", {}) and (
+            (args.metric_for_best_model or "").removeprefix("eval_") in PERCENT_METRICS):
+        best_metric *= 100  # saved while CER was a fraction
+    metric = metric_text(args.metric_for_best_model, best_metric)
     return (f"the run is already complete at step {step} of {total}: its model is in {args.output_dir}"
             + (f" (from {Path(best).name}, the best by {metric})" if best else "")
             + ". To train further, raise EPOCHS or set MAX_STEPS (--num_train_epochs, --max_steps); "
@@ -163,7 +168,11 @@ def build_trainer(
     done = finished_run(args, len(data.train))  # before decoding crops or loading weights
     if done:
         raise RunComplete(done)
-    drop_unreadable(data)
+    n_train = len(data.train)
+    drop_unreadable(data, args.process_index, args.world_size)  # every rank takes part
+    done = finished_run(args, len(data.train)) if len(data.train) < n_train else None  # fewer steps now
+    if done:
+        raise RunComplete(done)
     train_ds, checked = data.train, data.checked
     if args.resume_from_checkpoint:
         logger.info("resume: %s", args.resume_from_checkpoint)

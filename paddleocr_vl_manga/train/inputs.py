@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import torch
 from transformers import TrainingArguments
 
 from paddleocr_vl_manga.data.collator import (
@@ -116,7 +117,7 @@ def train_data(
         logger.warning("every val crop is over --max_length %d: no evaluation", limit)
         del present["val"]
     data = TrainData(train_ds, present.get("val"), mix, checked, results, answer_tokens)
-    if decode:
+    if decode:  # by this process alone (the rehearsal's rank 0); build_trainer shares it among the ranks
         drop_unreadable(data)
     return data
 
@@ -135,32 +136,43 @@ def unreadable(path: str) -> str | None:
     return None
 
 
-def drop_unreadable(data: TrainData) -> None:
+def drop_unreadable(data: TrainData, rank: int = 0, world: int = 1) -> None:
     """Decode every train and val crop before training: one truncated PNG would otherwise stop the run when
     its batch comes up, hours in (or go unnoticed by a short run). Unreadable crops are left out (with their
     lengths) and counted in one warning per split naming the first; none readable is a DatasetError."""
     for split, ds in (("train", data.train), ("val", data.val)):
         if ds is None:
             continue
-        keep = readable(split, ds)
+        keep = readable(split, ds, rank, world)
         if not all(keep):
             ds.records = [r for r, k in zip(ds.records, keep, strict=True) if k]
             lengths = next(r for r in data.splits if r.split == split)
             lengths.lengths = [n for n, k in zip(lengths.lengths, keep, strict=True) if k]
 
 
-def readable(split: str, ds: OCRDataset) -> list[bool]:
-    """Per record of `ds`: can its crop be decoded? Warns once naming the first that cannot."""
+def readable(split: str, ds: OCRDataset, rank: int = 0, world: int = 1) -> list[bool]:
+    """Per record of `ds`: can its crop be decoded? Warns once naming the first that cannot. Each of the
+    `world` ranks decodes every world-th crop and all get the whole verdict: the ranks keep the same crops
+    (DDP's sampler shards by index and length), and 8 ranks of a node don't each decode all 150k."""
     from concurrent.futures import ThreadPoolExecutor
 
     # PIL decodes with the GIL released; each process (rank) of this node checks with its share of the CPUs
-    threads = max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    # it may use (a Slurm or container job may be given fewer than the machine has)
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    threads = max(1, cpus // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     started = time.monotonic()
     with ThreadPoolExecutor(threads) as pool:
-        why = list(pool.map(unreadable, [r["image_path"] for r in ds.records], chunksize=64))
+        mine = list(pool.map(unreadable, [r["image_path"] for r in ds.records[rank::world]]))
+    shares = [mine]
+    if world > 1:
+        shares = [None] * world
+        torch.distributed.all_gather_object(shares, mine)
+    why: list[str | None] = [None] * len(ds.records)
+    for r, share in enumerate(shares):
+        why[r::world] = share
     bad = [(r, w) for r, w in zip(ds.records, why, strict=True) if w is not None]
-    logger.info("%s: %d crops decoded in %.1f s (%d threads)", split, len(ds.records),
-                time.monotonic() - started, threads)
+    logger.info("%s: %d crops decoded in %.1f s (%d on this rank, %d threads)", split, len(ds.records),
+                time.monotonic() - started, len(mine), threads)
     if bad:
         first, reason = bad[0]
         where = f"{first.get('_source', ds.path)}:{first['_line']} ({first['image_path']}: {reason})"

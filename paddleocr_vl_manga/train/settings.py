@@ -207,8 +207,10 @@ def problems(values: dict[str, str]) -> list[str]:
 # ---------------------------------------------------------------- look-alikes in the environment
 
 # Variables of the launchers, schedulers and libraries around a run: never a misspelt setting.
+# (MODULE: Environment Modules and Lmod set MODULEPATH, 2 edits from MODEL_PATH, in jobs on most clusters;
+# PET_: torchrun's own variables, set in every Kubeflow PyTorchJob pod: PET_NNODES, PET_NODE_RANK, ...)
 FOREIGN_PREFIXES = ("PYTHON", "SLURM_", "PMI_", "PMIX_", "OMPI_", "PBS_", "CUDA_", "NCCL_", "TORCH", "HF_",
-                    "XDG_", "LC_", "KMP_", "OMP_", "MKL_", "GIT_", "SSH_", "DEMO_")
+                    "XDG_", "LC_", "KMP_", "OMP_", "MKL_", "GIT_", "SSH_", "DEMO_", "MODULE", "LMOD_", "PET_")
 
 
 def distance(a: str, b: str) -> int:
@@ -243,9 +245,10 @@ def look_alike(name: str, settings: list[str], aliases: dict[str, str], known: s
     best = min(settings, key=lambda s: (distance(upper, s), s))
     if distance(upper, best) <= (1 if len(best) <= 4 else 2):  # EPOCH, BATCHSIZE, GRAD_ACCUMM
         return best
-    # a truncation (GRAD for GRAD_ACCUM), or a setting with a qualifier (WARMUP_RATIO, NUM_EPOCHS)
+    # a truncation (GRAD for GRAD_ACCUM, MAX_LEN; four letters only as a whole word: MODE and REPO are common
+    # variables of their own), or a setting with a qualifier (WARMUP_RATIO, NUM_EPOCHS)
     for s in settings:
-        if len(upper) >= 4 and s.startswith(upper):
+        if len(upper) >= 4 and s.startswith(upper) and (len(upper) > 4 or s[4] == "_"):
             return s
         if upper.startswith(s + "_") or upper.endswith("_" + s):
             return s

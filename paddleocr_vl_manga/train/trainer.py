@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer import SCHEDULER_NAME
 from transformers.trainer_callback import ProgressCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler
@@ -127,6 +127,7 @@ class BF16Trainer(Trainer):
         self.gen_dataset = gen_dataset
         self.data_args = data_args
         self.trained_index: list[torch.Tensor] = []  # --log_sample_ids: dataset indices, read out at the end
+        self.add_callback(PercentMetrics())
 
     def _prepare_inputs(self, inputs: dict) -> dict:
         # The collator runs in loader workers, whose state never comes back: the indices ride in the batch.
@@ -328,6 +329,26 @@ def metric_text(name: str | None, value: float | None) -> str:
     if name in PERCENT_METRICS:
         return f"val {METRIC_NAMES[name]} {value:.2f} %"
     return f"val {METRIC_NAMES.get(name, name)} {value:.4f}"
+
+
+class PercentMetrics(TrainerCallback):
+    """Checkpoints written before CER and exact match went to percent hold them (and best_metric) as
+    fractions: resumed as they are, a new 14.0 (%) never beats a best of 0.15 (15 %), so the best-model load
+    and SAVE_TOTAL_LIMIT would keep the older, worse checkpoint. Such a state is converted when training
+    begins; states saved since carry MARK (in trainer_state.json's stateful_callbacks, saved as it is)."""
+
+    MARK = "cer_in_percent"
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.MARK in state.stateful_callbacks:
+            return
+        state.stateful_callbacks[self.MARK] = {"args": {}, "attributes": {}}  # ExportableState's layout
+        for entry in state.log_history:  # empty in a fresh run: the step-0 evaluation comes after this
+            for name in PERCENT_METRICS:
+                if f"eval_{name}" in entry:
+                    entry[f"eval_{name}"] *= 100
+        if (args.metric_for_best_model or "").removeprefix("eval_") in PERCENT_METRICS and state.best_metric:
+            state.best_metric *= 100
 
 
 def optimizer_steps(n_train: int, args: TrainingArguments) -> tuple[int, int]:

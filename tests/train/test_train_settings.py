@@ -108,6 +108,20 @@ def test_look_alikes_of_settings_are_named() -> None:
                      "WARMUP_RATIO": "WARMUP", "NUM_EPOCHS": "EPOCHS", "GRAD": "GRAD_ACCUM"}, lines
 
 
+def test_cluster_job_variables_are_not_look_alikes() -> None:
+    """Environment Modules and Lmod set the first ones in every job on most Slurm clusters (MODULEPATH is 2
+    edits from MODEL_PATH), Kubeflow's PyTorchJob sets torchrun's PET_* in every pod (PET_NNODES ends with
+    _NNODES), and MODE and REPO are common variables (MODEL_PATH and REPORT_TO begin with them): each used to
+    warn in every run there."""
+    environ = {"MODULEPATH": "/opt/modulefiles", "MODULESHOME": "/usr/share/lmod", "MODULES_CMD": "/x",
+               "MODULEPATH_ROOT": "/opt", "LMOD_CMD": "/x", "LOADEDMODULES": "cuda/12", "PET_NNODES": "2",
+               "PET_NODE_RANK": "0", "PET_NPROC_PER_NODE": "8", "PET_MASTER_ADDR": "job-master-0",
+               "PET_MASTER_PORT": "23456", "MODEL_PATH": "./m", "MODELPATH": "./m",
+               "MODE": "production", "REPO": "org/repo"}  # not a cut-off MODEL_PATH, REPORT_TO
+    lines = train_settings.look_alikes(environ, train_settings.setting_names())
+    assert [line.split("=", 1)[0] for line in lines] == ["MODELPATH"], lines  # a real typo still warns
+
+
 def test_typo_warns_and_max_steps_reaches_the_trainer(train_sh) -> None:
     """MAX_STEPS=30 used to be ignored silently, and so was EPOCH=1."""
     rc, err, started = train_sh(EPOCH="1", MAX_STEPS="30", DRY_RUN="1")

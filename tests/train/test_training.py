@@ -339,6 +339,45 @@ def test_cer_is_logged_in_percent_and_labelled(tiny_model: Path, prepared: Path,
     assert "%" in fig.axes[1].get_ylabel()
 
 
+def test_checkpoint_from_before_percent_cer_resumes_in_percent(tiny_model: Path, prepared: Path,
+                                                              tmp_path: Path) -> None:
+    """A checkpoint written while CER was logged as a fraction holds best_metric 0.15 (15 %): resumed with
+    RESUME=auto, no new CER in percent (14.0) ever beat it, so load_best_model_at_end loaded the older, worse
+    checkpoint and SAVE_TOTAL_LIMIT rotated out the better ones."""
+    from transformers import TrainerState
+
+    trainer = sft_build.build_trainer(*train_args(tiny_model, prepared, tmp_path / "out", "--max_steps", "1"))
+    units = next(c for c in trainer.callback_handler.callbacks if isinstance(c, sft_trainer.PercentMetrics))
+    old = TrainerState(best_metric=0.15, best_model_checkpoint="out/checkpoint-4", log_history=[
+        {"step": 0, "eval_loss": 2.0, "eval_cer": 0.6, "eval_exact_match": 0.1},
+        {"step": 4, "eval_loss": 1.0, "eval_cer": 0.15, "eval_exact_match": 0.5}])
+    units.on_train_begin(trainer.args, old, trainer.control)
+    assert old.best_metric == pytest.approx(15.0)
+    assert [(h["eval_cer"], h["eval_exact_match"], h["eval_loss"]) for h in old.log_history] == [
+        pytest.approx((60.0, 10.0, 2.0)), pytest.approx((15.0, 50.0, 1.0))]
+    # what this version saves is marked as percent and resumes unchanged
+    old.save_to_json(tmp_path / "trainer_state.json")
+    again = TrainerState.load_from_json(tmp_path / "trainer_state.json")
+    units.on_train_begin(trainer.args, again, trainer.control)
+    assert again.best_metric == pytest.approx(15.0)
+    assert again.log_history[1]["eval_cer"] == pytest.approx(15.0)
+
+
+def test_rerun_of_a_run_finished_before_percent_cer_gives_its_best_in_percent(tmp_path: Path) -> None:
+    """A run finished while CER was a fraction holds best_metric 0.15: the rerun's line said `val CER 0.15 %`
+    for a CER of 15 %."""
+    out, checkpoint = tmp_path / "out", tmp_path / "out" / "checkpoint-2"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "trainer_state.json").write_text(json.dumps({"global_step": 2}))
+    (out / "trainer_state.json").write_text(json.dumps(
+        {"global_step": 2, "best_metric": 0.15, "best_model_checkpoint": str(checkpoint)}))
+    _, _, args = sft_arguments.parse_args(["--output_dir", str(out), "--max_steps", "2",
+                                           "--resume_from_checkpoint", str(checkpoint),
+                                           "--metric_for_best_model", "cer", "--report_to", "none"])
+    said = sft_build.finished_run(args, 8)
+    assert said and "the best by val CER 15.00 %" in said, said
+
+
 def test_rerun_of_a_finished_run_says_so_and_loads_nothing(tiny_model: Path, prepared: Path, tmp_path: Path,
                                                            monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     """It used to print `resume: .../checkpoint-N`, load the model, and log `train_runtime 0.0005`,
@@ -364,6 +403,33 @@ def test_rerun_of_a_finished_run_says_so_and_loads_nothing(tiny_model: Path, pre
     monkeypatch.setattr(sft_build, "load_model_and_processor", real_load)
     assert sft.main([*argv, "--max_steps", "4"]) == 0
     assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 4
+
+
+def test_rerun_of_a_finished_run_with_an_unreadable_crop_says_so(
+    tiny_model: Path, prepared: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """The finished-run check counts steps before the crops are decoded: 9 crops make 5 steps of batch 2, the
+    8 readable ones 4, so the rerun of the finished 4-step run loaded the model and logged `train_runtime`
+    again."""
+    data, out = subset(prepared, tmp_path / "d", 9), tmp_path / "out"
+    records = [json.loads(line) for line in (data / "train.jsonl").read_text().splitlines()]
+    broken = tmp_path / "truncated.png"
+    broken.write_bytes(Path(records[-1]["image"]).read_bytes()[:100])
+    records[-1]["image"] = str(broken)
+    (data / "train.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    argv = ["--model_path", str(tiny_model), "--data_dir", str(data), "--output_dir", str(out), "--report_to",
+            "none", "--disable_tqdm", "true", "--per_device_train_batch_size", "2", "--save_steps", "2",
+            "--eval_strategy", "no", "--resume_from_checkpoint", "auto", "--dataloader_num_workers", "0",
+            "--num_train_epochs", "1"]
+    assert sft.main(argv) == 0
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 4
+    capsys.readouterr()
+
+    monkeypatch.setattr(sft_build, "load_model_and_processor",
+                        lambda *a, **k: pytest.fail("the model was loaded"))
+    assert sft.main(argv) == 0
+    said = capsys.readouterr().out.strip().splitlines()
+    assert len(said) == 1 and said[0].startswith("the run is already complete at step 4 of 4"), said
 
 
 def test_our_arguments_raise_no_deprecation_warning(tmp_path: Path) -> None:
@@ -410,3 +476,22 @@ def test_truncated_crop_is_found_before_training_even_in_a_short_run(
               if r.levelno == logging.WARNING and "decoded" in r.getMessage()]
     assert len(warned) == 1 and warned[0].startswith("train: 1 of 8 crops cannot be decoded"), warned
     assert f"train.jsonl:{len(records)}" in warned[0] and str(broken) in warned[0]
+
+
+def test_ranks_share_the_crop_decoding_and_agree_on_what_is_left_out(prepared: Path, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every rank used to decode every crop (Manga109s' 150k, 8 times over on an 8-GPU node) and decide
+    alone: a crop that one rank alone could not read (a node's own copy of the data, a network file system's
+    hiccup) left the ranks with different datasets, which DDP's sampler shards by index and length."""
+    ds = OCRDataset(subset(prepared, tmp_path / "d", 8) / "train.jsonl")
+    decoded: list[str] = []
+    monkeypatch.setattr(sft_inputs, "unreadable", lambda path: decoded.append(path))  # reads all it decodes
+    rank0 = ["image file is truncated", None, None, None]  # rank 0's verdict on crops 0, 2, 4, 6
+
+    def all_gather_object(shares: list, mine: list) -> None:
+        shares[:] = [rank0, mine]
+
+    monkeypatch.setattr(torch.distributed, "all_gather_object", all_gather_object)
+    keep = sft_inputs.readable("train", ds, rank=1, world=2)
+    assert decoded == [r["image_path"] for r in ds.records[1::2]]  # its own share only
+    assert keep == [False] + [True] * 7  # rank 0's finding too: every rank keeps the same crops
