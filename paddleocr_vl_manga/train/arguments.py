@@ -16,6 +16,7 @@ from transformers.training_args import ParallelMode
 from paddleocr_vl_manga.data.lengths import (
     SUMMARY_FILE,
 )
+from paddleocr_vl_manga.data.manga109 import one_line_usage_errors
 from paddleocr_vl_manga.model.lora import (
     DEFAULT_DROPOUT,
 )
@@ -198,8 +199,21 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
         # rank could read a checkpoint rank 0 was still writing. MULTI_CPU is real DDP over gloo. Flags given
         # on the command line come later and win.
         argv = ["--use_cpu", "true", "--ddp_backend", "gloo", *argv]
-    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
-    model_args, data_args, args = parser.parse_args_into_dataclasses(args=argv)
+    parser = one_line_usage_errors(HfArgumentParser((ModelArguments, DataArguments, TrainingArguments)))
+    try:
+        model_args, data_args, args, unknown = parser.parse_args_into_dataclasses(
+            args=argv, return_remaining_strings=True)
+    except ValueError as e:  # TrainingArguments' own checks (a strategy without its steps, ...): a traceback
+        parser.error(str(e).strip().splitlines()[0])
+    if unknown:  # HfArgumentParser would raise a ValueError (a traceback) for these
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    # torch's DataLoader and the accumulation loop raise deep inside training on these
+    for name, value in (("per_device_train_batch_size", args.per_device_train_batch_size),
+                        ("per_device_eval_batch_size", args.per_device_eval_batch_size),
+                        ("gradient_accumulation_steps", args.gradient_accumulation_steps),
+                        ("max_length", data_args.max_length)):
+        if value < 1:
+            parser.error(f"--{name} {value}: need a whole number of at least 1")
     if launched and args.parallel_mode != ParallelMode.DISTRIBUTED:
         raise SystemExit(
             f"error: launched as {os.environ['WORLD_SIZE']} processes but the Trainer is not in distributed "
