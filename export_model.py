@@ -18,7 +18,7 @@ works. The exported folder has the base's file set instead:
 
 sft_paddleocr_vl.py exports its final model this way (in place, in --output_dir); use this command for any
 intermediate ``checkpoint-N``. A checkpoint of a LoRA run (--lora_r) holds only the adapter: it is merged into
-the base first (ocr_lora.merge_lora), then exported the same way. The result still loads with
+the base first (model.lora.merge_lora), then exported the same way. The result still loads with
 AutoModelForImageTextToText / AutoProcessor.
 
 --out is written whole or not at all: everything (the GGUF files too) is made in a staging folder beside it,
@@ -32,7 +32,7 @@ adapter_config.json names its base (base_model_name_or_path).
 
 --gguf also writes, into --out, the files llama.cpp runs (docs/export_gguf.md): model-<type>.gguf (the
 language model) and mmproj-<type>.gguf (vision encoder and projector, with the trained pixel bounds), made by
-llama.cpp's own converter from the exported folder (ocr_gguf.py: the converter comes from the pinned
+llama.cpp's own converter from the exported folder (export/gguf.py: the converter comes from the pinned
 llama-cpp-python source distribution on PyPI, fetched once into ~/.cache/paddleocr-vl-manga, or
 LLAMA_CPP_DIR). Their chat template renders llama.cpp's image marker where ours has the image, so
 llama-mtmd-cli and llama-server prompt the model exactly as training did. --gguf_type: f16 (default) or

@@ -12,9 +12,9 @@ What differs from a plain Trainer run, and why:
 - evaluation adds CER and exact match from greedy generation on a capped val subset; best checkpoint by CER.
 - a non-finite loss stops the run naming the step, before anything is saved.
 - --lora_r R trains low-rank adapters (PEFT) on the frozen base instead; the final model is merged into a
-  plain checkpoint, the adapter kept in OUTPUT_DIR/adapter (ocr_lora.py).
+  plain checkpoint, the adapter kept in OUTPUT_DIR/adapter (model/lora.py).
 - a memory plan (weights, gradients, optimizer state, activation estimate per mode) is logged before the
-  weights are loaded; --print_memory_plan prints it and exits (memory_plan.py).
+  weights are loaded; --print_memory_plan prints it and exits (train/memory_plan.py).
 
 The code: paddleocr_vl_manga.train.run (this file is a command: nothing imports it)."""
 

@@ -376,7 +376,7 @@ def main(argv: list[str] | None = None, variants: tuple[Variant, ...] = (FP32,))
                     help="torch CPU threads (default: the physical cores this process may use)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quantize", nargs="*", default=[], choices=METHODS,
-                    help="also time ours quantized this way (ocr_quantize.quantize_model), a row each")
+                    help="also time ours quantized this way (model.quantize.quantize_model), a row each")
     a = ap.parse_args(argv)
     variants = (*variants, *(Variant(m, partial(_quantized, method=m)) for m in a.quantize))
     if min(a.num_samples, a.max_new_tokens, a.threads) <= 0 or a.batch_size < 0:

@@ -30,7 +30,7 @@ keeps the rows already measured.
 full = PaddleOCRVLConfig() defaults (0.9B: text 1024 x 18, vocab 103424; vision 1152 x 27; untied lm_head),
 random weights, driven by the release-like processor (tools/make_tiny_model.release_processor: the
 release's token ids, tokenizer, chat template and image-size bounds). tiny = tools/make_tiny_model.py as
-built (CPU smoke test). Data: synthetic 1654x1170 pages -> prepare_manga109_data.run -> OCRDataset +
+built (CPU smoke test). Data: synthetic 1654x1170 pages -> data.manga109.run -> OCRDataset +
 OCRCollator (max_length 1536).
 
 MFU = model FLOPs / time / the device's dense bf16 peak. Model FLOPs are what the objective needs, the same

@@ -76,8 +76,9 @@ class Part:
 # are what to tune them by; their sum stays within the budget less set-up (tests/benchmarks/).
 # The seed
 # and ours at the 12 GB cap come first (the ratio's reference, and the choice for cards under 20 GB). The data
-# holds a 1529-token crop, and by memory_plan.py only batch 2 of ours holds it under 11 GiB (10.5 GiB planned;
-# `default`'s 8 x 2: 23.5, so it is timed last, to show where it stops), with its rope=0 twin right after it:
+# holds a 1529-token crop, and by the memory plan only batch 2 of ours holds it under 11 GiB (10.5 GiB
+# planned; `default`'s 8 x 2: 23.5, so it is timed last, to show where it stops), with its rope=0 twin right
+# after it:
 # the same training with the rope position ids left to the model's forward (per-sample host syncs) instead of
 # the collator, so the first run shows what that costs. Uncapped, by the plan on an 80 GB card:
 # default:bs=16 48 GiB, default_nogc:bs=4 44, default_nogc (8 x 2) 84 (at the edge; 16 x 1 would be 170).

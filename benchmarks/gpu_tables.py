@@ -12,7 +12,7 @@ kept byte for byte, and a second run with the same JSON changes nothing:
 A --smoke results.json (tiny model on CPU) is refused unless --allow_smoke (the tests use it on a copy): its
 figures say the suite works, not what a GPU does. It also prints the recipes train.sh's defaults should come
 from (the fastest that ran under the 12 GB card's cap, and the fastest overall), and for the first, by
-memory_plan.py, the batch at which it holds the suite's longest crop under that cap. gpu_suite.py renders
+the memory plan, the batch at which it holds the suite's longest crop under that cap. gpu_suite.py renders
 results.md with the same functions; only that plan imports torch (a meta-device model: no memory).
 """
 
@@ -156,7 +156,7 @@ def provenance(results: dict) -> str:
 
 @cache
 def _planned_gib(precision: str, batch_size: int, seq_len: int, image_tokens: int, gc: bool) -> float:
-    """memory_plan.py's total for the full-size model (weights, gradients, optimizer, activations), GiB."""
+    """the memory plan's total for the full-size model (weights, gradients, optimizer, activations), GiB."""
     from transformers import PaddleOCRVLConfig
 
     sys.path.insert(0, str(ROOT))
@@ -170,7 +170,7 @@ def _planned_gib(precision: str, batch_size: int, seq_len: int, image_tokens: in
 
 
 def longest_crop_plan(results: dict, row: dict) -> str:
-    """Whether `row`'s recipe holds the suite's longest crop under its cap by memory_plan.py (every row of a
+    """Whether `row`'s recipe holds the suite's longest crop under its cap by the memory plan (every row of a
     batch padded to it), else the largest batch that does. Full-size runs only (the plan is the 0.9B's)."""
     crop = (results["suite"].get("fixtures") or {}).get("longest_crop")
     settings, cap = row.get("settings") or {}, row.get("memory_cap_gb")
@@ -182,7 +182,7 @@ def longest_crop_plan(results: dict, row: dict) -> str:
 
     bs = settings["bs"]
     fit = next((b for b in range(bs, 0, -1) if gib(b) <= cap), None)
-    head = f"; the longest crop ({crop['length']} tokens) by memory_plan.py: {gib(bs):.2f} GiB at batch {bs}"
+    head = f"; the longest crop ({crop['length']} tokens) by the memory plan: {gib(bs):.2f} GiB at batch {bs}"
     if fit == bs:
         return f"{head}, fits {cap:g} GiB"
     if fit:
