@@ -1,6 +1,6 @@
 """train.sh's settings, checked before anything loads.
 
-    python train/settings.py EPOCHS=3 LR=2e-5 ...   # every setting as train.sh holds it; train.sh runs this
+    python -m paddleocr_vl_manga.train.settings EPOCHS=3 LR=2e-5 ...   # every setting as train.sh holds it
 
 One `error: NAME=VALUE: ...` line per bad value, saying what the setting accepts, and exit 2; one `warning:`
 line per environment variable that looks like a setting but is not one (EPOCH=1, LEARNING_RATE=1e-5,
