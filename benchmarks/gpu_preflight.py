@@ -47,6 +47,10 @@ NOT_HERE = {"torchvision": "the registry's wheels link CUDA torch's libraries (l
                            "exist'); so transformers takes its PIL image-processor path here, its torchvision"
                            " one there"}
 TWIN_ALSO = ["transformers", "sentencepiece"]  # on the image; transformers takes other paths with them
+# What the device call carries (gpu_wheels.sh fills it). The twin installs the lock's set, so .whl/ must hold
+# that set too: it is ignored by git and outlives a pull that changes the lock (peft joined it so), and a
+# stale or missing .whl/ would pass here and stop the suite on the GPU at its need check.
+CARRIED = ROOT / ".whl"
 
 
 def run(cmd: list[str]) -> None:
@@ -75,6 +79,18 @@ def available(python: Path, name: str) -> list[str]:
     proc = subprocess.run(cmd, capture_output=True, text=True)
     line = next((x for x in proc.stdout.splitlines() if x.startswith("Available versions:")), "")
     return [v.strip() for v in line.partition(":")[2].split(",") if v.strip()]
+
+
+def carried_problems(wheel_dir: Path, lock: dict) -> list[str]:
+    """How wheel_dir differs from what the GPU needs carried: the lock's wheel files, exactly, and a font."""
+    want = {c["wheel"] for c in lock["carried"]}
+    have = {p.name for p in wheel_dir.glob("*.whl")}
+    problems = [f"missing {w}" for w in sorted(want - have)]
+    problems += [f"not in the lock {w} (two versions of one package stop the install there)"
+                 for w in sorted(have - want)]
+    if not any((wheel_dir / "fonts").glob("*")):
+        problems.append("no CJK font in fonts/ (the image has none)")
+    return problems
 
 
 def cache_key() -> str:
@@ -133,6 +149,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0].startswith("-"):
         print("usage: bash benchmarks/gpu_suite.sh OUT_DIR --preflight [--budget_s S] [--only PART ...]",
+              file=sys.stderr)
+        return 2
+    if problems := carried_problems(CARRIED, gpu_carry.read_lock()):
+        print(f"error: {CARRIED} is not what benchmarks/gpu_carry.lock says the GPU needs carried ("
+              f"{'; '.join(problems)}): run PYTHON=.venv/bin/python bash benchmarks/gpu_wheels.sh",
               file=sys.stderr)
         return 2
     if sys.version_info[:2] != (3, 11):

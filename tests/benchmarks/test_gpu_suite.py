@@ -398,3 +398,28 @@ def test_suite_stops_before_any_part_naming_each_unmet_need(tmp_path: Path, monk
     assert "wordfreq" not in err  # left out on purpose (gpu_carry.LEFT_OUT), never checked
     suite = json.loads((tmp_path / "out" / "results.json").read_text())["suite"]
     assert suite["status"].startswith("aborted: 2 unmet need(s)") and len(suite["unmet"]) == 2
+
+
+def test_preflight_fails_when_the_carried_folder_is_not_the_lock(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    """.whl/ is ignored by git and outlives a lock change: a stale one (a wheel missing, an old version
+    beside) passed the preflight, which installs the lock's set, and would stop the suite on the GPU."""
+    import gpu_preflight
+
+    lock = gpu_carry.read_lock()
+    wheels = [c["wheel"] for c in lock["carried"]]
+    carried = tmp_path / ".whl"
+    (carried / "fonts").mkdir(parents=True)
+    (carried / "fonts" / "cjk.ttf").write_bytes(b"font")
+    for name in wheels:
+        (carried / name).write_bytes(b"wheel")
+    assert gpu_preflight.carried_problems(carried, lock) == []
+
+    (carried / wheels[0]).unlink()
+    (carried / "peft-0.1.0-py3-none-any.whl").write_bytes(b"old")
+    monkeypatch.setattr(gpu_preflight, "CARRIED", carried)
+    monkeypatch.setattr(gpu_preflight, "build_twin", lambda *a: pytest.fail("the twin was built"))
+    assert gpu_preflight.main([str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"missing {wheels[0]}" in err and "peft-0.1.0-py3-none-any.whl" in err and "gpu_wheels.sh" in err
+    assert len(err.strip().splitlines()) == 1
