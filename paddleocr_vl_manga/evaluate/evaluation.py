@@ -174,13 +174,15 @@ def predict_records(model: Any, processor: Any, records: list[dict], source: str
                 # Looked up on the module at each call (tests interrupt a chunk through it).
                 readings = ocr_generation.generate_readings(model, processor, chunk,
                                                        max_new_tokens=args.max_new_tokens)
-                for i, (text, stop) in zip(chunk.positions, readings, strict=True):
+                for i, reading in zip(chunk.positions, readings, strict=True):
                     rec = crops.records[i]
                     ref = rec["text"]
                     rows.append({"id": rec["id"], "image": rec["image_path"], "book": rec.get("book", ""),
                                  "orientation": rec.get("orientation", ""), "reference": ref,
-                                 "prediction": text, "edits": edit_distance(normalize(text), normalize(ref)),
-                                 "stop": stop})
+                                 "prediction": reading.text,
+                                 "edits": edit_distance(normalize(reading.text), normalize(ref)),
+                                 "stop": reading.stop, "confidence": round(reading.confidence, 6),
+                                 "min_probability": round(reading.min_probability, 6)})
                     f.write(json.dumps(rows[-1], ensure_ascii=False) + "\n")
                 f.flush()
                 bar.update(len(chunk.positions))

@@ -222,10 +222,18 @@ class LoopAndCapStop:
 
 class Reading(NamedTuple):
     """One crop's answer and why generation ended: eos (the model finished), cap (its token cap was
-    reached) or loop (the repetition guard stopped it; the repeats are cut from the text)."""
+    reached) or loop (the repetition guard stopped it; the repeats are cut from the text).
+
+    confidence: the geometric mean of the probabilities the model gave its own greedy tokens, over the
+    tokens kept plus the end token when it stopped by itself: exp(mean log p), in [0, 1]. A geometric mean,
+    not the product, so a 40-token line is not judged less sure than a 4-token one for its length alone; not
+    the arithmetic mean, so one near-zero token (a glyph the model had to guess) pulls it down clearly.
+    min_probability: the least sure of those tokens, the weakest glyph, beside it."""
 
     text: str
     stop: str
+    confidence: float = float("nan")
+    min_probability: float = float("nan")
 
 
 def _raise_worker_errors(batches: Iterator) -> Iterator[tuple[list[int], dict[str, torch.Tensor]]]:
@@ -328,6 +336,31 @@ def generate_readings(
                                                                progress, use_cache)]
 
 
+class TokenProbabilities:
+    """generate()'s last logits processor: records log p of the token greedy decoding picks at each step,
+    the largest log-softmax of the scores it chooses from. Read from the logits generate() computes anyway:
+    no second forward pass, one log-softmax over the vocabulary per step (kept on the device to the end)."""
+
+    def __init__(self) -> None:
+        self.steps: list[torch.Tensor] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self.steps.append(torch.log_softmax(scores.float(), dim=-1).amax(dim=-1))
+        return scores
+
+    def rows(self) -> list[list[float]]:
+        """Per sequence, the log probability of each generated token, in order."""
+        return torch.stack(self.steps, dim=1).tolist() if self.steps else []
+
+
+def confidence_of(log_probs: Sequence[float]) -> tuple[float, float]:
+    """(geometric mean probability, minimum probability) of a reading's tokens; an answer of no tokens at
+    all (generation capped at 0 steps) has no evidence either way: (0.0, 0.0)."""
+    if not log_probs:
+        return 0.0, 0.0
+    return math.exp(sum(log_probs) / len(log_probs)), math.exp(min(log_probs))
+
+
 def _read(tokens: list[int], eos_id: int, pad_id: int, cap: int) -> tuple[list[int], str]:
     """A generated row -> (answer tokens, why it ended)."""
     if eos_id in tokens:
@@ -344,7 +377,7 @@ def _generate_chunk(
     model: Any, processor: Any, chunk: Chunk, max_new_tokens: int | None, progress: bool, use_cache: bool
 ) -> list[Reading]:
     from tqdm import tqdm
-    from transformers import StoppingCriteriaList
+    from transformers import LogitsProcessorList, StoppingCriteriaList
 
     readings: dict[int, Reading] = {}
     device = next(model.parameters()).device
@@ -361,13 +394,20 @@ def _generate_chunk(
             batch["pixel_values"] = batch["pixel_values"].to(model.dtype)
             n_prompt = batch["input_ids"].shape[1]
             stop = LoopAndCapStop(n_prompt, torch.tensor(caps, device=device))
+            probabilities = TokenProbabilities()
             out = model.generate(
                 **batch, max_new_tokens=max(caps), do_sample=False, use_cache=use_cache,
                 pad_token_id=pad_id, eos_token_id=eos_id, stopping_criteria=StoppingCriteriaList([stop]),
+                logits_processor=LogitsProcessorList([probabilities]),
             )
-            for i, row, cap in zip(idx, out[:, n_prompt:].tolist(), caps, strict=True):
+            for i, row, cap, log_probs in zip(idx, out[:, n_prompt:].tolist(), caps, probabilities.rows(),
+                                              strict=True):
                 tokens, why = _read(row, eos_id, pad_id, cap)
-                readings[i] = Reading(processor.decode(tokens, skip_special_tokens=True), why)
+                # the kept tokens, and the end token when the model chose to stop (its sureness that the
+                # line is complete); a loop's cut repeats and a cap's missing end say nothing more
+                kept = len(tokens) + (why == "eos" and eos_id in row)
+                readings[i] = Reading(processor.decode(tokens, skip_special_tokens=True), why,
+                                      *confidence_of(log_probs[:kept]))
     finally:  # also when generation fails, e.g. during training-time evaluation
         model.train(was_training)
     return [readings[i] for i in chunk.positions]

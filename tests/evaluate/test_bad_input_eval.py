@@ -327,7 +327,7 @@ def answer_empty_every_other(monkeypatch: pytest.MonkeyPatch) -> None:
     from paddleocr_vl_manga.model.generation import Reading
 
     def readings(model, processor, chunk, **kwargs):
-        return [Reading("" if i % 2 else "ア", "eos") for i in chunk.positions]
+        return [Reading("" if i % 2 else "ア", "eos", 0.5, 0.25) for i in chunk.positions]
 
     monkeypatch.setattr(ocr_generation, "generate_readings", readings)
 

@@ -71,10 +71,10 @@ def test_a_looping_model_is_stopped_and_capped(looping) -> None:
     model, processor = looping
     big, tiny = Image.new("RGB", (120, 300), "white"), Image.new("RGB", (12, 12), "white")
     loop, cap = generate_readings(model, processor, [big, tiny])
-    assert loop == ("あ", "loop")  # stopped after LOOP_MIN_SPAN tokens instead of 256, one pass kept
-    assert cap == ("あ" * 18, "cap")  # a 12 x 12 crop holds no 24-token answer: its cap (18) came first
+    assert loop[:2] == ("あ", "loop")  # stopped after LOOP_MIN_SPAN tokens instead of 256, one pass kept
+    assert cap[:2] == ("あ" * 18, "cap")  # a 12 x 12 crop holds no 24-token answer: its cap (18) came first
     fixed = generate_readings(model, processor, [big], max_new_tokens=10)
-    assert fixed == [("あ" * 10, "cap")]
+    assert [r[:2] for r in fixed] == [("あ" * 10, "cap")]
 
 
 @pytest.mark.parametrize("size", [(0, 0), (1, 1), (10, 2100), (2100, 10), (3, 3)])
