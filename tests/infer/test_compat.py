@@ -101,3 +101,16 @@ def test_manga_ocr_default_follows_the_environment(args: tuple, monkeypatch: pyt
     monkeypatch.delenv("MANGA_OCR_COMPAT_MODEL")
     MangaOcr(*args)
     assert asked == ["/models/fine-tuned", manga_ocr_compat.DEFAULT_MODEL]
+
+
+def test_read_gives_text_confidence_and_stop(tiny_model: Path) -> None:
+    """MangaOcr.read: the same text as __call__, with the model's confidence and why it stopped (issue 29)."""
+    crop = Image.new("RGB", (40, 120), "white")
+    mocr = MangaOcr(tiny_model, force_cpu=True, max_new_tokens=8, min_pixels=50_176, max_pixels=50_176)
+    reading = mocr.read(crop)
+    assert reading.text == mocr(crop) and reading.stop in ("eos", "cap", "loop")
+    assert 0.0 <= reading.min_probability <= reading.confidence <= 1.0
+    assert mocr.pixel_budget == (50_176, 50_176) and mocr.device == "cpu"
+    assert [r.text for r in mocr.read_many([crop, crop])] == mocr.batch([crop, crop])
+    with pytest.raises(ValueError, match="min_pixels 9000 is above max_pixels 100"):
+        MangaOcr(tiny_model, force_cpu=True, min_pixels=9000, max_pixels=100)
