@@ -6,9 +6,7 @@
     python predict.py --model_path ./runs/ft Manga109s/images/ARMS/003.jpg \\
         --manga109_xml Manga109s/annotations/ARMS.xml --page 3
 
-With boxes, each output line is path<TAB>x0,y0,x1,y1<TAB>text. Printed text has newlines and tabs escaped
-as \\n and \\t; the JSONL (--output) keeps it exact. Output is flushed after every chunk of crops.
-
+What it does and why, and every flag: `python predict.py --help` (the module's docstring).
 The code: paddleocr_vl_manga.infer.predict (this file is a command: nothing imports it)."""
 
 import sys

@@ -151,3 +151,23 @@ def test_the_graph_sees_imports_inside_functions(tmp_path):
     src.write_text("def f():\n    from export_model import _pixel_bounds\n    import rehearsal\n")
     assert imports_of("mod", src) >= {"export_model", "export_model._pixel_bounds", "rehearsal"}
     assert cycles({"a": {"b"}, "b": {"a"}, "c": {"a"}}) == [["a", "b"]]
+
+
+def test_each_command_is_a_short_leaf_over_its_module():
+    """A command's docstring is its module's summary and usage lines and a pointer, never a second copy of
+    the module's explanation (two copies drift; --help prints the module's)."""
+    mods = kit_modules()
+    for name in COMMANDS:
+        tree = ast.parse(mods[name].read_text(encoding="utf-8"))
+        mains = [n for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and any(a.name == "main"
+                                                                                    for a in n.names)]
+        if not mains:
+            continue  # ocr_dataset, custom_collator: re-exports
+        module = ast.get_docstring(ast.parse(mods[mains[0].module].read_text(encoding="utf-8")))
+        leaf = ast.get_docstring(tree)
+        assert module and leaf and leaf.splitlines()[0] == module.splitlines()[0], name
+        explanation = module.split("\n\n")[1:]
+        repeated = [p for p in explanation if not p.startswith("    ") and p in leaf]
+        assert not repeated, f"{name}.py repeats its module's docstring: {repeated[0][:60]}..."
+        assert f"python {name}.py --help" in leaf and mains[0].module in leaf, name
+        assert len(mods[name].read_text(encoding="utf-8").splitlines()) <= 25, name
