@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -42,9 +41,11 @@ from paddleocr_vl_manga.train.checkpoints import (
     check_disk_space,
     check_output_dir,
     check_resume,
+    failed_file,
     latest_complete_checkpoint,
     main_process_decides,
     run_setup,
+    write_failure,
 )
 from paddleocr_vl_manga.train.inputs import drop_unreadable, eval_datasets, run_memory_plan, train_data
 from paddleocr_vl_manga.train.trainer import (
@@ -267,9 +268,20 @@ def save_final_model(trainer: BF16Trainer, base: str, output_dir: str) -> bool:
     outcome; False on every rank (the error printed once) if it failed."""
     model = trainer.accelerator.unwrap_model(trainer.model)
     lora = is_lora(model)
-    trainer.save_model(os.path.join(output_dir, ADAPTER_DIR) if lora else output_dir)
+    target = Path(output_dir, ADAPTER_DIR) if lora else Path(output_dir)
+    try:  # rank 0 writes; a full disk here must reach every rank through the decision below, not a traceback
+        trainer.save_model(str(target))
+        unsaved = None
+    except (OSError, RuntimeError) as e:
+        unsaved = write_failure(e, target)
+        if unsaved is None:
+            raise
+        if Path(failed_file(e, target)).is_file():
+            Path(failed_file(e, target)).unlink()  # a half-written file is no model
 
     def export() -> str | None:
+        if unsaved is not None:
+            return unsaved
         try:
             if lora:  # merged on the CPU in fp32: the GPU may not hold an fp32 copy of the base
                 merged = merge_lora(model.to("cpu"))
@@ -282,7 +294,11 @@ def save_final_model(trainer: BF16Trainer, base: str, output_dir: str) -> bool:
         return None
 
     error = main_process_decides(trainer.args, export)
-    if error is not None and trainer.is_world_process_zero():
+    if unsaved is not None and trainer.is_world_process_zero():
+        print(f"error: {unsaved}; the final model is not saved. Free space, then run the same command "
+              f"again: it resumes from the last checkpoint in {output_dir} and saves the final model",
+              file=sys.stderr)
+    elif error is not None and trainer.is_world_process_zero():
         print(
             f"error: could not lay out {output_dir} like the base {base}: {error}\nthe fine-tuned weights "
             "are saved there as transformers writes them; after fixing, run: python export_model.py "

@@ -71,3 +71,38 @@ def test_file_size_limit_during_a_save_is_one_line_and_the_rerun_recovers(tiny_m
     rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 4
+
+
+def test_full_disk_during_the_final_save_is_one_line_and_the_rerun_saves(
+    tiny_model: Path, prepared: Path, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """The final model, written after the last checkpoint: one line, no half-written weights, and the same
+    command afterwards saves it (it resumes at the last step)."""
+    import transformers.modeling_utils as modeling_utils
+
+    out = tmp_path / "out"
+    argv = ["--model_path", str(tiny_model), "--data_dir", str(prepared), "--output_dir", str(out),
+            "--max_steps", "2", "--save_steps", "2", "--per_device_train_batch_size", "2", "--eval_strategy",
+            "no", "--report_to", "none", "--disable_tqdm", "true", "--dataloader_num_workers", "0",
+            "--max_train_samples", "4"]
+    real_save = modeling_utils.safe_save_file
+
+    def disk_fills_at_the_end(tensors, filename, *args, **kwargs):  # as save_pretrained looks it up
+        if Path(filename).parent == out:
+            Path(filename).write_bytes(b"\0" * 100)  # the part that fitted
+            raise OSError(errno.ENOSPC, "No space left on device", str(filename))
+        return real_save(tensors, filename, *args, **kwargs)
+
+    monkeypatch.setattr(modeling_utils, "safe_save_file", disk_fills_at_the_end)
+    assert sft.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, err
+    assert f"could not write {out / 'model.safetensors'}: the disk is full" in errors[0]
+    assert not (out / "model.safetensors").exists() and (out / "checkpoint-2").is_dir()
+
+    monkeypatch.setattr(modeling_utils, "safe_save_file", real_save)
+    assert sft.main(argv) == 0
+    assert (out / "model.safetensors").is_file()
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 2
