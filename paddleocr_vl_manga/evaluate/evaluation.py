@@ -344,14 +344,24 @@ def run_settings(args: EvalArguments, records: list[dict], source: str, processo
     size = processor.image_processor.size
     return {
         "model_path": str(model.resolve()) if model.is_dir() else args.model_path,
-        # a model retrained into the same folder is another model
-        "model_files": files(model, ("config.json", "*.safetensors")) if model.is_dir() else {},
+        # a model retrained into the same folder is another model, and so is a hub id's new revision
+        "model_files": files(model if model.is_dir() else hub_snapshot(args.model_path),
+                             ("config.json", "*.safetensors")),
         "data_file": source, "data_file_sha256": files(Path(source).parent, (Path(source).name,)),
         "crops": len(records),
         "crop_ids_sha256": hashlib.sha256("\n".join(r["id"] for r in records).encode()).hexdigest(),
         "max_new_tokens": args.max_new_tokens, "min_pixels": size["shortest_edge"],
         "max_pixels": size["longest_edge"], "dtype": dtype,
     }
+
+
+def hub_snapshot(model_id: str) -> Path:
+    """The local snapshot folder a hub id was just loaded from (its revision's files), found in the cache
+    without asking the hub."""
+    from huggingface_hub import try_to_load_from_cache
+
+    config = try_to_load_from_cache(model_id, "config.json")
+    return Path(config).parent if isinstance(config, str) else Path(os.devnull)
 
 
 def sha256_file(path: Path) -> str:

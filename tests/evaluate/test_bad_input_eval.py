@@ -534,3 +534,31 @@ def test_a_rerun_after_a_torn_last_line_continues_from_the_whole_lines(
     assert evaluate(tiny_model, data_dir, out) == 0
     assert f"continuing: 10 of {len(whole)} predictions" in capsys.readouterr().err
     assert sorted(predictions(out), key=lambda r: r["id"]) == sorted(whole, key=lambda r: r["id"])
+
+
+def test_a_hub_ids_new_revision_is_another_model_to_the_run_record(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """evaluate_model.py --model_path org/name after the hub's model changed starts over: run.json hashes the
+    cached revision's files, as it does a folder's."""
+    import types
+
+    from huggingface_hub import constants
+
+    repo = tmp_path / "hub" / "models--org--reader"
+    for revision, weights in (("aaa111", b"old"), ("bbb222", b"new")):
+        (repo / "snapshots" / revision).mkdir(parents=True)
+        (repo / "snapshots" / revision / "config.json").write_text("{}")
+        (repo / "snapshots" / revision / "model.safetensors").write_bytes(weights)
+    (repo / "refs").mkdir()
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    args = types.SimpleNamespace(model_path="org/reader", max_new_tokens=None)
+    processor = types.SimpleNamespace(image_processor=types.SimpleNamespace(
+        size={"shortest_edge": 1, "longest_edge": 2}))
+    data = tmp_path / "test.jsonl"
+    data.write_text("")
+    settings = {}
+    for revision in ("aaa111", "bbb222"):
+        (repo / "refs" / "main").write_text(revision)
+        settings[revision] = evaluate_model.run_settings(args, [], str(data), processor, "float32")
+    assert settings["aaa111"]["model_files"] and settings["aaa111"] != settings["bbb222"]
