@@ -337,7 +337,7 @@ def compare_markdown(runs: list[dict], labels: list[str]) -> str:
 
 
 def run_settings(args: EvalArguments, records: list[dict], source: str, processor: Any, dtype: str,
-                 model: Any) -> dict:
+                 lm_head: str) -> dict:
     """Everything a prediction depends on. Batch size and loader workers are left out: predictions do not
     depend on them (tests/evaluate/test_evaluate.py), so a rerun may change them and still continue."""
     def files(folder: Path, patterns: tuple[str, ...]) -> dict[str, str]:
@@ -356,7 +356,7 @@ def run_settings(args: EvalArguments, records: list[dict], source: str, processo
         "crops": len(records),
         "crop_ids_sha256": hashlib.sha256("\n".join(r["id"] for r in records).encode()).hexdigest(),
         "max_new_tokens": args.max_new_tokens, "min_pixels": size["shortest_edge"],
-        "max_pixels": size["longest_edge"], "dtype": dtype, "lm_head": head_size(model),
+        "max_pixels": size["longest_edge"], "dtype": dtype, "lm_head": lm_head,
     }
 
 
@@ -453,7 +453,7 @@ def evaluate(args: EvalArguments) -> dict:
     records = ds.records
     out_dir = Path(args.output_dir) if args.output_dir else default_output_dir(args.model_path, args.split)
     out_dir.mkdir(parents=True, exist_ok=True)
-    settings = run_settings(args, records, source, processor, str(dtype), model)
+    settings = run_settings(args, records, source, processor, str(dtype), head_size(model))
     done = start_run(out_dir, settings)
 
     t0 = time.perf_counter()
