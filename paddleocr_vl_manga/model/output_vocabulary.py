@@ -9,9 +9,10 @@ list) beside the final model and in every checkpoint; the export keeps it beside
 that holds one is loaded for inference (model.loading.load_for_inference) with `restrict_lm_head`: lm_head
 becomes a Linear of those k rows only, and its k logits are scattered into a -inf-filled vocabulary-sized
 tensor, so generate(), its logits processors and the token ids it returns work unchanged. Greedy decoding is
-exact whenever the full model's choice lies in the set (the same rows give the same logits); otherwise the
-best token inside the set is chosen. Probabilities read from these logits (generation.TokenProbabilities)
-are within the restricted set.
+exact whenever the full model's choice lies in the set: the same rows give the same logits (bit for bit on
+this CPU, except where the BLAS takes another kernel for a tiny shape, 47 rows at batch 1: 6e-8 apart, which
+only a tie that close could flip); otherwise the best token inside the set is chosen. Probabilities read
+from these logits (generation.TokenProbabilities) are within the restricted set.
 """
 
 from __future__ import annotations

@@ -199,3 +199,20 @@ def test_training_writes_the_label_tokens_and_the_export_keeps_them(tiny_model: 
     assert json.loads((exported / OUTPUT_VOCABULARY_FILE).read_text()) == expected
     model, _, _ = load_for_inference(str(exported))
     assert model.get_output_embeddings().linear.out_features == len(expected)
+
+
+def test_bf16_weights_keep_their_dtype_and_read_the_same(tiny_model: Path, crops: list) -> None:
+    """CUDA loads bf16 weights (model.loading.load_for_inference); the restricted head is built in the
+    weights' dtype and device. Checked on the CPU here: no GPU in the test environment."""
+    from paddleocr_vl_manga.model.loading import load_model_and_processor
+    from paddleocr_vl_manga.model.output_vocabulary import restrict_lm_head
+
+    full, processor = load_model_and_processor(str(tiny_model), dtype=torch.bfloat16)
+    full_readings, full_ids = greedy(full, processor, crops)
+    pad = processor.tokenizer.pad_token_id
+    vocabulary = sorted({i for row in full_ids for i in row} - {pad} | {processor.tokenizer.eos_token_id})
+    model, _ = load_model_and_processor(str(tiny_model), dtype=torch.bfloat16)
+    restrict_lm_head(model, vocabulary)
+    assert model.get_output_embeddings().linear.weight.dtype == torch.bfloat16
+    readings, ids = greedy(model, processor, crops)
+    assert ids == full_ids and [r.text for r in readings] == [r.text for r in full_readings]
