@@ -51,7 +51,8 @@ def test_report_is_self_contained(report_dir: Path) -> None:
     for mode in NORMALIZATIONS:  # the headline table: one row per normalization, its CER in the row
         cer = f"{100 * m['metrics'][mode]['cer']:.2f} %"
         assert f'<tr><td>{mode}</td><td class="num">{cer}</td>' in html
-    assert html.count("<svg") == 3  # per-book and per-orientation charts, CER distribution
+    # per-book and per-orientation charts, CER distribution, lines kept by a confidence threshold
+    assert html.count("<svg") == 4
     for book in m["by_book"]:
         assert f">{book}</text>" in html
     # Nothing is fetched: every src/href is a data: URI (the SVG xmlns is a name, not a request).
