@@ -41,6 +41,7 @@ figure.crop img { max-width: 100%; height: auto; display: block; margin: 0 auto 
 .tag { font-size: 12px; color: #666; display: inline-block; width: 5.5em; }
 .sub { background: #ffd666; } .del { background: #ff9c9c; text-decoration: line-through; }
 .ins { background: #9be59b; text-decoration: underline; } .meta { font-size: 12px; color: #555; }
+h1, h2, .legend { overflow-wrap: anywhere; }
 """
 
 
@@ -264,20 +265,24 @@ def write_comparison(first: tuple[str, dict, list[dict]], second: tuple[str, dic
               "worse": sum(b["edits"] > a["edits"] for a, b in pairs)}
 
     def cards(items: list[tuple[dict, dict]]) -> list[str]:
-        return [crop_card(b, [(la, a["prediction"]), (lb, b["prediction"])]) for a, b in items[:limit]]
+        return [crop_card(b, [("A", a["prediction"]), ("B", b["prediction"])]) for a, b in items[:limit]]
 
+    # Columns, tags and headings name the runs A and B; their model paths (often 80+ characters, which
+    # pushed the headline table past a 1400 px window) are spelled out once, in the legend, wrapped.
+    legend = ('<p class="legend">' + "<br>".join(f"<b>{short}</b> = <code>{esc(label)}</code>"
+                                                 for short, label in (("A", la), ("B", lb))) + "</p>")
     empties = [f'<p class="empty">{esc(label)}: <b>{r["empty_answers"]} empty answers '
                f'({pct(r["empty_answers"] / max(r["num_samples"], 1))})</b>, each CER 100 %: a lower CER '
                "with many empty answers is no plain win.</p>"
-               for label, r in ((la, ra), (lb, rb)) if r.get("empty_answers")]
-    body = [metrics_table([(la, ra["metrics"]), (lb, rb["metrics"])]), *empties,
+               for label, r in (("A", ra), ("B", rb)) if r.get("empty_answers")]
+    body = [metrics_table([("A", ra["metrics"]), ("B", rb["metrics"])]), legend, *empties,
             f"<p>{counts['common']} crops in both runs ({len(rows_a)} and {len(rows_b)} evaluated): "
-            f"<b>{counts['fixed']} fixed</b>, <b>{counts['broken']} broken</b> by the second; "
+            f"<b>{counts['fixed']} fixed</b>, <b>{counts['broken']} broken</b> by the second (B); "
             f"{counts['better']} with fewer edits, {counts['worse']} with more.</p>",
             f"<p class=\"meta\">{LEGEND}</p>",
-            f"<h2>Fixed by {esc(lb)} ({min(len(fixed), limit)} of {len(fixed)} shown)</h2>",
+            f"<h2>Fixed by B ({min(len(fixed), limit)} of {len(fixed)} shown)</h2>",
             '<section class="gallery" id="fixed">', *cards(fixed), "</section>",
-            f"<h2>Broken by {esc(lb)} ({min(len(broken), limit)} of {len(broken)} shown)</h2>",
+            f"<h2>Broken by B ({min(len(broken), limit)} of {len(broken)} shown)</h2>",
             '<section class="gallery" id="broken">', *cards(broken), "</section>"]
     Path(path).write_text(page(f"{la} vs {lb}", body), encoding="utf-8")
     return counts
