@@ -90,6 +90,20 @@ def time_pair(call: Callable[[type], list], repeats: int) -> dict:
             "confidences": [r.confidence for r in call(MEASURED)]}
 
 
+def processor_alone(vocab: int, batch: int, steps: int = 200) -> float:
+    """Milliseconds one TokenProbabilities call takes on (batch, vocab) fp32 scores, timed by itself: the
+    whole of what the confidence adds per step, free of the model's far larger and noisier step time."""
+    scores, ids = torch.randn(batch, vocab), torch.zeros(batch, 1, dtype=torch.long)
+    probe = MEASURED()
+    probe(ids, scores)  # warm-up
+    t = time.perf_counter()
+    for _ in range(steps):
+        probe(ids, scores)
+    elapsed = time.perf_counter() - t
+    probe.rows()  # and the one transfer at the end, as generation does
+    return 1000 * elapsed / steps
+
+
 def build(name: str, tmp: str) -> tuple[Any, Any]:
     if name == "tiny":
         return load_model_and_processor(build_tiny_model(Path(tmp, "tiny"), charset=CHARSET),
@@ -129,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
             loads = [x for s in stats for x in s["loads"]]
             results.append((name, vocab, batch, len(images), with_s, noop_s, loads,
                             all(s["same_texts"] for s in stats),
-                            [c for s in stats for c in s["confidences"]]))
+                            [c for s in stats for c in s["confidences"]], processor_alone(vocab, batch)))
             print(f"{name} batch {batch}: {with_s:.3f} s with, {noop_s:.3f} s no-op", file=sys.stderr)
         del model
 
@@ -139,13 +153,18 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{a.max_new_tokens} tokens generated per crop (forced); each variant timed {a.repeats}x per call, "
           "alternating; seconds: sum over the crops of each call's median")
     print(f"{'model':6s} {'vocab':>7s} {'batch':>5s} {'crops':>5s} {'with (s)':>9s} {'no-op (s)':>9s} "
-          f"{'ratio':>7s} {'ms/token':>9s}  {'load avg':9s} identical texts  confidence range")
-    for name, vocab, batch, n, with_s, noop_s, loads, same, confs in results:
+          f"{'ratio':>7s} {'ms/token':>9s} {'alone':>7s} {'share':>7s}  {'load avg':9s} identical texts  "
+          "confidence range")
+    for name, vocab, batch, n, with_s, noop_s, loads, same, confs, alone_ms in results:
         per_token = 1000 * (with_s - noop_s) / (n * a.max_new_tokens)
+        steps = a.max_new_tokens * (n // batch)  # generate() steps over all the calls of the row
+        share = alone_ms * steps / (1000 * noop_s)
         print(f"{name:6s} {vocab:7d} {batch:5d} {n:5d} {with_s:9.3f} {noop_s:9.3f} {with_s / noop_s:6.3f}x "
-              f"{per_token:+9.3f}  {min(loads):.1f}-{max(loads):.1f}   {'yes' if same else 'NO':15s} "
-              f"{min(confs):.3g}-{max(confs):.3g}")
-    print("ratio: with / no-op (1.000x: no cost); ms/token: the difference per generated token and crop")
+              f"{per_token:+9.3f} {alone_ms:7.3f} {share:7.2%}  {min(loads):.1f}-{max(loads):.1f}   "
+              f"{'yes' if same else 'NO':15s} {min(confs):.3g}-{max(confs):.3g}")
+    print("ratio: with / no-op (1.000x: no cost); ms/token: their difference per generated token and crop; "
+          "alone: ms of one processor call (one step, the whole batch) timed by itself; share: alone x the "
+          "row's steps / the no-op row's time, the overhead free of the model's noise")
     return 0
 
 

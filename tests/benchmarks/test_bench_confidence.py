@@ -32,6 +32,7 @@ def test_tiny_run_prints_both_variants_their_ratio_and_the_load(capsys: pytest.C
         with_s, noop_s, ratio = float(r[4]), float(r[5]), r[6]
         assert with_s > 0 and noop_s > 0 and ratio.endswith("x")
         assert float(ratio[:-1]) == pytest.approx(with_s / noop_s, rel=0.01)  # printed rounded to ms
-        assert r[9] == "yes"  # the no-op processor changes no text
-        low, high = map(float, r[10].split("-"))
+        assert float(r[8]) > 0 and r[9].endswith("%")  # the processor timed alone, its share of the no-op
+        assert r[11] == "yes"  # the no-op processor changes no text
+        low, high = map(float, r[12].split("-"))
         assert 0 < low <= high <= 1  # the measured variant's confidences
