@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
             model, processor = build(name, tmp)
         model.generation_config.min_new_tokens = a.max_new_tokens  # every call generates the same tokens
         vocab = model.get_output_embeddings().weight.shape[0]
-        for batch in (1, len(images)):
+        for batch in sorted({1, len(images)}):
             per_call = [images] if batch > 1 else [[im] for im in images]
             stats = [time_pair(partial(read, model, processor, ims, batch, a.max_new_tokens), a.repeats)
                      for ims in per_call]
