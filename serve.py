@@ -1,12 +1,10 @@
-"""A persistent local OCR server: load the model once, OCR from any tool over HTTP.
+"""A persistent local OCR server over a PaddleOCR-VL checkpoint: load the model once, OCR from any tool.
 
-    python serve.py --model_path ./runs/ft                    # http://127.0.0.1:8000 (this machine only)
-    python serve.py --model_path ./runs/ft --quantize int8    # int8 on the CPU
-    curl -F image=@crop.png http://127.0.0.1:8000/ocr
+    python serve.py --model_path ./runs/ft                       # http://127.0.0.1:8000, this machine only
+    python serve.py --model_path ./runs/ft --quantize int8 --port 8765
+    PADDLEOCR_VL_MANGA_API_KEY=secret python serve.py --model_path ./runs/ft --host 0.0.0.0
 
-POST /ocr (crops, or a page and boxes), POST /v1/chat/completions (OpenAI-compatible), GET /health, and a
-page at / (docs/serving.md).
-
+What it does and why, and every flag: `python serve.py --help` (the module's docstring).
 The code: paddleocr_vl_manga.serve.cli (this file is a command: nothing imports it)."""
 
 import sys
