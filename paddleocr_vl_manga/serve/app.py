@@ -79,8 +79,18 @@ class Guard:
 
     The body is counted as it arrives, so a client that sends no Content-Length (chunked) is cut off too."""
 
-    def __init__(self, app: Any, *, api_key: str | None, max_body_bytes: int) -> None:
-        self.app, self.api_key, self.max_body_bytes = app, api_key, max_body_bytes
+    def __init__(self, app: Any, *, api_key: str | None, max_body_bytes: int, stats: dict) -> None:
+        self.app, self.api_key, self.max_body_bytes, self.stats = app, api_key, max_body_bytes, stats
+
+    async def _drain(self, receive: Callable, received: int) -> None:
+        """Read the rest of an oversized body (up to 4x the limit, at least 64 MB) before answering 413:
+        a client still sending when the server answers and closes gets a connection reset, not the 413."""
+        cap = max(4 * self.max_body_bytes, 64 * 1024 * 1024)
+        while received <= cap:
+            message = await receive()
+            received += len(message.get("body", b""))
+            if message["type"] != "http.request" or not message.get("more_body"):
+                return
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
@@ -96,12 +106,14 @@ class Guard:
                 response = error_response(401, "authentication_error",
                                           f"{what}: send the server's key as 'Authorization: Bearer KEY'",
                                           headers={"WWW-Authenticate": "Bearer"})
+                await self._drain(receive, 0)  # a client sending an image gets the 401, not a reset
                 return await response(scope, receive, send)
         too_large = ApiError(413, "request_too_large",
                              f"the request body is over the server's limit of {self.max_body_bytes} bytes "
                              "(--max_body_mb)")
         length = headers.get("content-length", "")
         if length.isdigit() and int(length) > self.max_body_bytes:
+            await self._drain(receive, 0)
             response = error_response(too_large.status, too_large.kind, too_large.message,
                                       headers={"Connection": "close"})
             return await response(scope, receive, send)
@@ -112,10 +124,17 @@ class Guard:
             message = await receive()
             received += len(message.get("body", b""))
             if received > self.max_body_bytes:
+                if message.get("more_body"):
+                    await self._drain(receive, received)
                 raise too_large
             return message
 
-        await self.app(scope, counting_receive, send)
+        counted = not open_path
+        self.stats["requests_in_flight"] += counted
+        try:
+            await self.app(scope, counting_receive, send)
+        finally:
+            self.stats["requests_in_flight"] -= counted
 
 
 # ---------------------------------------------------------------- input
@@ -287,7 +306,9 @@ def create_app(ocr: Any, limits: Limits | None = None, api_key: str | None = Non
     app = FastAPI(title="paddleocr-vl-manga OCR server", lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)
     app.state.batcher, app.state.limits = batcher, limits
-    app.add_middleware(Guard, api_key=api_key, max_body_bytes=int(limits.max_body_mb * 1024 * 1024))
+    stats = {"requests_in_flight": 0}  # API requests inside the app now (Guard counts them)
+    app.add_middleware(Guard, api_key=api_key, max_body_bytes=int(limits.max_body_mb * 1024 * 1024),
+                       stats=stats)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, e: ApiError) -> JSONResponse:
@@ -316,7 +337,7 @@ def create_app(ocr: Any, limits: Limits | None = None, api_key: str | None = Non
         min_pixels, max_pixels = ocr.pixel_budget
         return {"status": "ok", "model": str(ocr.model_path), "min_pixels": min_pixels,
                 "max_pixels": max_pixels, "quantize": ocr.quantize, "device": str(ocr.device),
-                "api_key_required": bool(api_key), "batches_run": batcher.batches_run,
+                "api_key_required": bool(api_key), "batches_run": batcher.batches_run, **stats,
                 "limits": asdict(limits)}
 
     @app.post("/ocr")
