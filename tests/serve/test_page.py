@@ -1,8 +1,7 @@
 """The page at GET / (paddleocr_vl_manga/serve/static/index.html) in headless Chromium, against the server.
 
-serve.py runs on the tiny fixture model on a free loopback port (--port 0; the port is read from its
-"serving ... on http://..." line), and every text the page shows is checked against `MangaOcr` on the same
-model and the same crop.
+serve.py runs on the tiny fixture model on a free loopback port (tests/serve/conftest.py's ServerProcess), and
+every text the page shows is checked against `MangaOcr` (the `mocr` fixture) on the same model and crop.
 
 Why Playwright driving the system Chromium rather than Selenium with Debian's chromium-driver: Playwright's
 Python package brings its own driver and talks to the browser over the DevTools protocol, so it works with
@@ -18,12 +17,6 @@ from __future__ import annotations
 import base64
 import json
 import mimetypes
-import os
-import re
-import signal
-import subprocess
-import sys
-import time
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,12 +25,10 @@ import httpx
 import pytest
 from PIL import Image
 
+from tests.serve.conftest import ServerProcess  # serve.py --port 0 in a subprocess, once /health answers
 from tools.write_docs import chromium_binary
 
-ROOT = Path(__file__).resolve().parents[2]
-SERVE_PY = ROOT / "serve.py"
 MAX_CROPS = 2  # the server's --max_crops: a read of 3+ crops takes the page several requests, in order
-BOOK = "KumoGakuen"  # tools/make_synthetic_manga109.py's first book with seed 7
 
 pytestmark = [
     pytest.mark.skipif(chromium_binary() is None,
@@ -47,55 +38,12 @@ sync_api = pytest.importorskip("playwright.sync_api",
                                reason="playwright is not installed (pip install -r requirements-dev.txt)")
 
 
-def start_server(model: Path, log: Path, *extra: str) -> tuple[subprocess.Popen, str]:
-    """serve.py on a free loopback port; returns the process and its base URL once /health answers."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env.pop("PADDLEOCR_VL_MANGA_API_KEY", None)
-    with log.open("wb") as out:
-        proc = subprocess.Popen([sys.executable, str(SERVE_PY), "--model_path", str(model), "--port", "0",
-                                 "--max_crops", str(MAX_CROPS), *extra],
-                                cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 300  # the model loads first: seconds for the tiny one, more on a busy box
-    while time.monotonic() < deadline:
-        found = re.search(r"serving .* on (http://\S+)", log.read_text(errors="replace"))
-        if found:
-            url = found.group(1)
-            while time.monotonic() < deadline:
-                try:
-                    if httpx.get(url + "/health", timeout=5).status_code == 200:
-                        return proc, url
-                except httpx.TransportError:
-                    pass
-                time.sleep(0.2)
-        if proc.poll() is not None:
-            break
-        time.sleep(0.2)
-    stop_server(proc)
-    raise RuntimeError(f"serve.py did not start:\n{log.read_text(errors='replace')[-3000:]}")
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 @pytest.fixture(scope="module")
 def server(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    proc, url = start_server(tiny_model, tmp_path_factory.mktemp("serve") / "serve.log")
-    yield url
-    stop_server(proc)
-
-
-@pytest.fixture(scope="module")
-def ocr(tiny_model: Path):
-    from paddleocr_vl_manga.infer.manga_ocr import MangaOcr
-
-    return MangaOcr(tiny_model, force_cpu=True)
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    process = ServerProcess(tiny_model, log, "--max_crops", str(MAX_CROPS))
+    yield process.url
+    process.stop()
 
 
 @pytest.fixture(scope="module")
@@ -123,13 +71,14 @@ def page(browser, server: str) -> Iterator:
 
 @pytest.fixture(scope="module")
 def release_page(synthetic_release: Path) -> tuple[Path, Path, dict[int, list[tuple[int, int, int, int]]]]:
-    """(page 001's image, the book's XML, {page index: its <text> boxes}) of the synthetic release."""
-    xml = synthetic_release / "annotations" / f"{BOOK}.xml"
+    """(page 001's image, its book's XML, {page index: its <text> boxes}): the release's first book."""
+    book = (synthetic_release / "books.txt").read_text(encoding="utf-8").split()[0]
+    xml = synthetic_release / "annotations" / f"{book}.xml"
     boxes = {int(p.get("index")): [tuple(int(t.get(k)) for k in ("xmin", "ymin", "xmax", "ymax"))
                                    for t in p.iter("text")]
              for p in ET.parse(xml).getroot().iter("page")}
     assert len(boxes) > 1 and all(boxes.values())  # several pages, each with text: the page choice matters
-    return synthetic_release / "images" / BOOK / "001.jpg", xml, boxes
+    return synthetic_release / "images" / book / "001.jpg", xml, boxes
 
 
 @pytest.fixture(scope="module")
@@ -182,20 +131,20 @@ def expect_readings(lines: list[dict], readings: list) -> None:
         assert f"stop: {r.stop}" in line["meta"]
 
 
-def test_dropped_crops_show_each_crop_beside_its_text_confidence_and_stop(page, crops, ocr) -> None:
+def test_dropped_crops_show_each_crop_beside_its_text_confidence_and_stop(page, crops, mocr) -> None:
     drop(page, "#crop-drop", crops)
     lines = rendered(page, len(crops))
-    expect_readings(lines, [ocr.read(c) for c in crops])
+    expect_readings(lines, [mocr.read(c) for c in crops])
     assert [line["imageSize"] for line in lines] == [list(Image.open(c).size) for c in crops]
 
 
-def test_picked_crops_are_read_as_when_dropped(page, crops, ocr) -> None:
+def test_picked_crops_are_read_as_when_dropped(page, crops, mocr) -> None:
     page.set_input_files("#crop-input", [str(c) for c in reversed(crops)])
-    expect_readings(rendered(page, len(crops)), [ocr.read(c) for c in reversed(crops)])
+    expect_readings(rendered(page, len(crops)), [mocr.read(c) for c in reversed(crops)])
 
 
-def test_low_confidence_lines_follow_the_threshold_slider(page, crops, ocr) -> None:
-    confidences = [ocr.read(c).confidence for c in crops]
+def test_low_confidence_lines_follow_the_threshold_slider(page, crops, mocr) -> None:
+    confidences = [mocr.read(c).confidence for c in crops]
     page.set_input_files("#crop-input", [str(c) for c in crops])
     lines = rendered(page, len(crops))
     assert page.input_value("#threshold") == "0.5"  # the default
@@ -208,14 +157,14 @@ def test_low_confidence_lines_follow_the_threshold_slider(page, crops, ocr) -> N
     assert "geometric mean" in page.get_attribute("#threshold-label", "title")  # the tooltip says why
 
 
-def test_copy_buttons_put_one_line_or_all_lines_on_the_clipboard(browser, server, crops, ocr) -> None:
+def test_copy_buttons_put_one_line_or_all_lines_on_the_clipboard(browser, server, crops, mocr) -> None:
     context = browser.new_context(viewport={"width": 1400, "height": 1000})
     context.grant_permissions(["clipboard-read", "clipboard-write"], origin=server)
     tab = context.new_page()
     tab.goto(server + "/")
     tab.set_input_files("#crop-input", [str(c) for c in crops])
     texts = [line["text"] for line in rendered(tab, len(crops))]
-    assert texts == [ocr.read(c).text for c in crops]
+    assert texts == [mocr.read(c).text for c in crops]
     tab.get_by_role("button", name="Copy line 2").click()
     assert tab.evaluate("navigator.clipboard.readText()") == texts[1]
     tab.get_by_role("button", name="Copy all").click()
@@ -224,12 +173,12 @@ def test_copy_buttons_put_one_line_or_all_lines_on_the_clipboard(browser, server
 
 
 def test_page_with_its_manga109_xml_reads_the_text_boxes_of_the_page_its_file_name_says(
-        page, release_page, ocr) -> None:
+        page, release_page, mocr) -> None:
     image, xml, boxes = release_page
     drop(page, "#page-drop", [image, xml])
     lines = rendered(page, len(boxes[1]))
     assert [line["box"] for line in lines] == [",".join(map(str, b)) for b in boxes[1]]
-    expect_readings(lines, [ocr.read(Image.open(image).crop(b)) for b in boxes[1]])
+    expect_readings(lines, [mocr.read(Image.open(image).crop(b)) for b in boxes[1]])
     assert page.locator("#boxes rect").count() == len(boxes[1])
     assert page.input_value("#page-index") == "1"
     # The book's next page image alone: the XML stays, and 002.jpg picks page 2's boxes.
@@ -237,11 +186,11 @@ def test_page_with_its_manga109_xml_reads_the_text_boxes_of_the_page_its_file_na
     page.set_input_files("#page-input", str(following))
     lines = rendered(page, len(boxes[2]))
     assert [line["box"] for line in lines] == [",".join(map(str, b)) for b in boxes[2]]
-    expect_readings(lines, [ocr.read(Image.open(following).crop(b)) for b in boxes[2]])
+    expect_readings(lines, [mocr.read(Image.open(following).crop(b)) for b in boxes[2]])
 
 
 def test_page_whose_file_name_has_no_number_waits_for_the_page_to_be_picked(
-        page, release_page, ocr, tmp_path) -> None:
+        page, release_page, mocr, tmp_path) -> None:
     image, xml, boxes = release_page
     unnamed = tmp_path / "scan.jpg"
     unnamed.write_bytes(image.read_bytes())
@@ -249,20 +198,20 @@ def test_page_whose_file_name_has_no_number_waits_for_the_page_to_be_picked(
     page.wait_for_selector("#page-choice", state="visible")
     assert "pick the page" in page.inner_text("#page-hint") and page.locator("#results .line").count() == 0
     page.select_option("#page-index", "1")
-    expect_readings(rendered(page, len(boxes[1])), [ocr.read(Image.open(image).crop(b)) for b in boxes[1]])
+    expect_readings(rendered(page, len(boxes[1])), [mocr.read(Image.open(image).crop(b)) for b in boxes[1]])
 
 
-def test_page_with_a_boxes_json_reads_those_boxes(page, release_page, ocr, tmp_path) -> None:
+def test_page_with_a_boxes_json_reads_those_boxes(page, release_page, mocr, tmp_path) -> None:
     image, _, boxes = release_page
     chosen = [list(b) for b in boxes[1][::-1]]  # not the XML's order: the page keeps the JSON's
     (tmp_path / "boxes.json").write_text(json.dumps(chosen))
     drop(page, "#page-drop", [image, tmp_path / "boxes.json"])
     lines = rendered(page, len(chosen))
     assert [line["box"] for line in lines] == [",".join(map(str, b)) for b in chosen]
-    expect_readings(lines, [ocr.read(Image.open(image).crop(tuple(b))) for b in chosen])
+    expect_readings(lines, [mocr.read(Image.open(image).crop(tuple(b))) for b in chosen])
 
 
-def test_a_box_dragged_on_the_page_is_read(page, release_page, ocr) -> None:
+def test_a_box_dragged_on_the_page_is_read(page, release_page, mocr) -> None:
     image, _, boxes = release_page
     page.set_input_files("#page-input", str(image))
     shown = page.locator("#page-img").bounding_box()
@@ -282,10 +231,11 @@ def test_a_box_dragged_on_the_page_is_read(page, release_page, ocr) -> None:
     box = tuple(map(int, line["box"].split(",")))
     scale = max(width / shown["width"], height / shown["height"])  # one screen pixel in image pixels
     assert all(abs(a - b) <= scale + 1 for a, b in zip(box, boxes[1][0], strict=True)), (box, boxes[1][0])
-    expect_readings([line], [ocr.read(Image.open(image).crop(box))])
+    expect_readings([line], [mocr.read(Image.open(image).crop(box))])
 
 
-def test_server_errors_show_their_message_and_the_next_read_works(page, crops, ocr, server, tmp_path) -> None:
+def test_server_errors_show_their_message_and_the_next_read_works(page, crops, mocr, server,
+                                                                  tmp_path) -> None:
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"not a PNG at all")
     answer = httpx.post(server + "/ocr", files=[("image", ("broken.png", broken.read_bytes(), "image/png"))])
@@ -294,12 +244,13 @@ def test_server_errors_show_their_message_and_the_next_read_works(page, crops, o
     page.wait_for_selector("#error", state="visible")
     assert page.inner_text("#error") == answer.json()["error"]["message"]
     page.set_input_files("#crop-input", str(crops[0]))
-    expect_readings(rendered(page, 1), [ocr.read(crops[0])])
+    expect_readings(rendered(page, 1), [mocr.read(crops[0])])
 
 
-def test_page_asks_for_the_api_key_on_401_then_remembers_it(browser, tiny_model, crops, ocr,
+def test_page_asks_for_the_api_key_on_401_then_remembers_it(browser, tiny_model, crops, mocr,
                                                             tmp_path) -> None:
-    proc, url = start_server(tiny_model, tmp_path / "serve.log", "--api_key", "s3cret")
+    server = ServerProcess(tiny_model, tmp_path / "serve.log", "--api_key", "s3cret")
+    url = server.url
     try:
         tab = browser.new_context(viewport={"width": 1400, "height": 1000}).new_page()
         tab.goto(url + "/")
@@ -311,15 +262,15 @@ def test_page_asks_for_the_api_key_on_401_then_remembers_it(browser, tiny_model,
         tab.wait_for_selector("#key-form", state="visible")  # a wrong key is asked again, not kept
         tab.get_by_label("API key").fill("s3cret")
         tab.get_by_role("button", name="Use key and retry").click()
-        expect_readings(rendered(tab, 1), [ocr.read(crops[0])])
+        expect_readings(rendered(tab, 1), [mocr.read(crops[0])])
         assert tab.evaluate("Object.values(sessionStorage)") == ["s3cret"]
         tab.reload()  # the same tab: sessionStorage keeps the key, so no question this time
         tab.set_input_files("#crop-input", str(crops[1]))
-        expect_readings(rendered(tab, 1), [ocr.read(crops[1])])
+        expect_readings(rendered(tab, 1), [mocr.read(crops[1])])
         assert tab.locator("#key-form").is_hidden()
         tab.context.close()
     finally:
-        stop_server(proc)
+        server.stop()
 
 
 def test_layout_fits_1400px_and_a_phone_and_every_control_is_labelled(page, release_page) -> None:
