@@ -57,11 +57,13 @@ def browser() -> Iterator:
 
 @pytest.fixture
 def page(browser, server: str) -> Iterator:
-    """A fresh tab (its own sessionStorage) at 1400 px on the page; fails the test on any script error."""
+    """A fresh tab (its own sessionStorage) at 1400 px on the page; fails the test on any script error or any
+    request that leaves the server (the page is self-contained: no CDN, works offline)."""
     context = browser.new_context(viewport={"width": 1400, "height": 1000})
     tab = context.new_page()
     errors: list[str] = []
     tab.on("pageerror", lambda e: errors.append(str(e)))
+    tab.on("request", lambda r: r.url.startswith((server + "/", "data:", "blob:")) or errors.append(r.url))
     tab.goto(server + "/")
     tab.wait_for_function("document.querySelector('#server').textContent.includes('device')")
     yield tab
