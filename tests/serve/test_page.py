@@ -29,6 +29,9 @@ from tests.serve.conftest import ServerProcess  # serve.py --port 0 in a subproc
 from tools.write_docs import chromium_binary
 
 MAX_CROPS = 2  # the server's --max_crops: a read of 3+ crops takes the page several requests, in order
+# Playwright waits 30 s by default; a busy 2-core machine (load 15) can take longer to answer, and a wait
+# only lasts this long when something is wrong.
+TIMEOUT_MS = 300_000
 
 pytestmark = [
     pytest.mark.skipif(chromium_binary() is None,
@@ -60,6 +63,7 @@ def page(browser, server: str) -> Iterator:
     """A fresh tab (its own sessionStorage) at 1400 px on the page; fails the test on any script error or any
     request that leaves the server (the page is self-contained: no CDN, works offline)."""
     context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    context.set_default_timeout(TIMEOUT_MS)
     tab = context.new_page()
     errors: list[str] = []
     tab.on("pageerror", lambda e: errors.append(str(e)))
@@ -116,7 +120,7 @@ def rendered(tab, count: int) -> list[dict]:
     """Wait until `count` result lines are read (or an error shows), then each line as the page shows it."""
     tab.wait_for_function("""(n) => !document.querySelector('#error').hidden
         || (document.querySelectorAll('#results .line').length === n
-            && !document.querySelector('#results .line.pending'))""", arg=count, timeout=180_000)
+            && !document.querySelector('#results .line.pending'))""", arg=count, timeout=TIMEOUT_MS)
     assert tab.locator("#error").is_hidden(), tab.inner_text("#error")
     return tab.evaluate("""() => [...document.querySelectorAll('#results .line')].map((li) => ({
         text: li.querySelector('.text').textContent, confidence: Number(li.dataset.confidence),
@@ -161,6 +165,7 @@ def test_low_confidence_lines_follow_the_threshold_slider(page, crops, mocr) -> 
 
 def test_copy_buttons_put_one_line_or_all_lines_on_the_clipboard(browser, server, crops, mocr) -> None:
     context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    context.set_default_timeout(TIMEOUT_MS)
     context.grant_permissions(["clipboard-read", "clipboard-write"], origin=server)
     tab = context.new_page()
     tab.goto(server + "/")
@@ -206,7 +211,8 @@ def test_page_whose_file_name_has_no_number_waits_for_the_page_to_be_picked(
 def test_page_with_a_boxes_json_reads_those_boxes(page, release_page, mocr, tmp_path) -> None:
     image, _, boxes = release_page
     chosen = [list(b) for b in boxes[1][::-1]]  # not the XML's order: the page keeps the JSON's
-    (tmp_path / "boxes.json").write_text(json.dumps(chosen))
+    # predict.py --boxes's two forms: a plain box, or an object with a "bbox" key
+    (tmp_path / "boxes.json").write_text(json.dumps([{"bbox": chosen[0]}, *chosen[1:]]))
     drop(page, "#page-drop", [image, tmp_path / "boxes.json"])
     lines = rendered(page, len(chosen))
     assert [line["box"] for line in lines] == [",".join(map(str, b)) for b in chosen]
@@ -254,7 +260,9 @@ def test_page_asks_for_the_api_key_on_401_then_remembers_it(browser, tiny_model,
     server = ServerProcess(tiny_model, tmp_path / "serve.log", "--api_key", "s3cret")
     url = server.url
     try:
-        tab = browser.new_context(viewport={"width": 1400, "height": 1000}).new_page()
+        context = browser.new_context(viewport={"width": 1400, "height": 1000})
+        context.set_default_timeout(TIMEOUT_MS)
+        tab = context.new_page()
         tab.goto(url + "/")
         tab.set_input_files("#crop-input", str(crops[0]))
         tab.wait_for_selector("#error", state="visible")
@@ -270,7 +278,7 @@ def test_page_asks_for_the_api_key_on_401_then_remembers_it(browser, tiny_model,
         tab.set_input_files("#crop-input", str(crops[1]))
         expect_readings(rendered(tab, 1), [mocr.read(crops[1])])
         assert tab.locator("#key-form").is_hidden()
-        tab.context.close()
+        context.close()
     finally:
         server.stop()
 
