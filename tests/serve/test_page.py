@@ -59,7 +59,7 @@ def browser() -> Iterator:
 
 
 @pytest.fixture
-def page(browser, server: str) -> Iterator:
+def page(server: str, browser) -> Iterator:  # the server first: it loads the model, the browser waits
     """A fresh tab (its own sessionStorage) at 1400 px on the page; fails the test on any script error or any
     request that leaves the server (the page is self-contained: no CDN, works offline)."""
     context = browser.new_context(viewport={"width": 1400, "height": 1000})
@@ -163,7 +163,7 @@ def test_low_confidence_lines_follow_the_threshold_slider(page, crops, mocr) -> 
     assert "geometric mean" in page.get_attribute("#threshold-label", "title")  # the tooltip says why
 
 
-def test_copy_buttons_put_one_line_or_all_lines_on_the_clipboard(browser, server, crops, mocr) -> None:
+def test_copy_buttons_put_one_line_or_all_lines_on_the_clipboard(server, browser, crops, mocr) -> None:
     context = browser.new_context(viewport={"width": 1400, "height": 1000})
     context.set_default_timeout(TIMEOUT_MS)
     context.grant_permissions(["clipboard-read", "clipboard-write"], origin=server)
