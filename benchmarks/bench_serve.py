@@ -140,6 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--min_pixels", type=int, help="the image processor's min_pixels (default: the model's)")
     ap.add_argument("--unbatched", action=argparse.BooleanOptionalAction, default=True,
                     help="also the rows with --max_batch_size 1")
+    ap.add_argument("--mangaocr_rows", action=argparse.BooleanOptionalAction, default=True,
+                    help="the MangaOcr.read rows, first and last (--no-mangaocr_rows: the server's c1 row "
+                    "is then the one-at-a-time baseline; on a slow machine each costs as much as c1)")
     a = ap.parse_args(argv)
 
     import torch
@@ -174,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
             latencies.append(time.perf_counter() - t)
         row(name, latencies, time.perf_counter() - t0, before)
 
-    one_at_a_time("one at a time (MangaOcr.read, no server)")
+    if a.mangaocr_rows:
+        one_at_a_time("one at a time (MangaOcr.read, no server)")
 
     settings = [("server", 16)] + ([("unbatched", 1)] if a.unbatched else [])
     for name, batch in settings:
@@ -189,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
                 row(f"{name} c{c}", latencies, time.perf_counter() - t0, before)
         finally:
             served.close()
-    one_at_a_time("one at a time, again (the load's drift over the run)")
+    if a.mangaocr_rows:
+        one_at_a_time("one at a time, again (the load's drift over the run)")
     return 0
 
 

@@ -200,6 +200,17 @@ def test_every_bad_request_is_parametrized(crop_files: list[Path], page_file: Pa
     assert sorted(BAD_NAMES) == sorted(bad_requests(crop_files[0], page_file))
 
 
+def test_a_body_without_content_length_is_cut_at_the_limit_too(small_client: TestClient) -> None:
+    def chunks():  # noqa: ANN202  (a generator: httpx sends it chunked, with no Content-Length)
+        for _ in range(10):
+            yield b"x" * 50_000
+
+    response = small_client.post("/ocr", content=chunks(),
+                                 headers={"content-type": "multipart/form-data; boundary=b"})
+    assert "content-length" not in response.request.headers
+    assert response.status_code == 413 and response.json()["error"]["type"] == "request_too_large"
+
+
 def test_unknown_routes_and_methods_answer_json_errors(small_client: TestClient) -> None:
     assert small_client.get("/nope").json()["error"]["type"] == "not_found"
     assert small_client.get("/ocr").json()["error"]["type"] == "method_not_allowed"
