@@ -60,9 +60,15 @@ class ServerProcess:
             self.proc = subprocess.Popen([sys.executable, str(ROOT / "serve.py"), "--model_path", str(model),
                                           "--port", "0", *args], cwd=ROOT, stdout=out,
                                          stderr=subprocess.STDOUT, env=environment)
-        self.url = self._wait_until_healthy()
+        try:
+            self.url = self._wait_until_healthy()
+        except BaseException:  # a server that never got healthy (or an interrupted run) is not left running
+            self.proc.kill()
+            self.proc.wait()
+            raise
 
-    def _wait_until_healthy(self, timeout: float = 180.0) -> str:
+    # 600 s: on the 2-core dev machine at load 15, a niced serve.py once took over 180 s to import torch.
+    def _wait_until_healthy(self, timeout: float = 600.0) -> str:
         deadline = time.monotonic() + timeout
         url = None
         while time.monotonic() < deadline:
