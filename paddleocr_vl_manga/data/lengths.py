@@ -41,10 +41,14 @@ def image_tokens(
     return max(tokens(width + dx, height + dy) for dx in grow for dy in grow)
 
 
-def sequence_lengths(ds: OCRDataset, processor: Any, *, augment: bool = False) -> list[int]:
-    """Token count of each sample (prompt + image tokens + answer + eos), as the collator builds it."""
+def sequence_lengths(
+    ds: OCRDataset, processor: Any, *, augment: bool = False, answers: list[list[int]] | None = None
+) -> list[int]:
+    """Token count of each sample (prompt + image tokens + answer + eos), as the collator builds it.
+    `answers`: the records' answer_ids when the caller has them already (150k answers are tokenized once)."""
     n_prompt = len(prompt_ids(processor)) - 1  # minus the placeholder, which becomes the image tokens
-    answers = answer_ids(processor.tokenizer, [r["text"] for r in ds.records])
+    if answers is None:
+        answers = answer_ids(processor.tokenizer, [r["text"] for r in ds.records])
     cache: dict[tuple[int, int], int] = {}  # many crops share a size; the augmented worst case is 81 sizes
     memo: dict[tuple[int, int], int] = {}
     lengths = []
@@ -85,10 +89,10 @@ class SplitLengths:
 
 def filter_split(
     split: str, ds: OCRDataset, processor: Any, max_length: int | None, *, augment: bool = False,
-    drop: bool = True,
+    drop: bool = True, answers: list[list[int]] | None = None,
 ) -> SplitLengths:
     """Measure a split and (drop=True) remove its crops over max_length from `ds` in place."""
-    lengths = sequence_lengths(ds, processor, augment=augment)
+    lengths = sequence_lengths(ds, processor, augment=augment, answers=answers)
     over = [i for i, n in enumerate(lengths) if max_length is not None and n > max_length]
     padded = sum(fitted_size(w, h) != (w, h) for w, h in ds.image_sizes())
     result = SplitLengths(

@@ -32,6 +32,7 @@ from typing import Any
 from paddleocr_vl_manga.data.dataset import DatasetError, OCRDataset, RecordCrops, spread_sample
 from paddleocr_vl_manga.evaluate.metrics import NORMALIZATIONS, all_metrics, edit_distance, normalize
 from paddleocr_vl_manga.evaluate.report import write_comparison, write_report
+from paddleocr_vl_manga.model.output_vocabulary import head_size
 from paddleocr_vl_manga.model.quantize import METHODS as QUANTIZE_METHODS
 
 METRICS = {"cer": "CER", "cer_mean": "mean CER", "exact_match": "exact match"}
@@ -96,6 +97,10 @@ class EvalArguments:
         "help": "int8 linear layers on the CPU (model/quantize.py): int8 (everywhere) or int8-text (the "
         "language model only). Default: bf16 on a GPU, fp32 on the CPU. Compare with an fp32 run through "
         "--compare.", "choices": list(QUANTIZE_METHODS)})
+    full_vocabulary: bool = arg(
+        False, "Compute lm_head over the whole vocabulary even where the model folder has an "
+        "output_vocabulary.json (default: only the token ids training's labels used, exact whenever the full "
+        "model's greedy choice is among them).")
     trust_remote_code: bool = arg(False, "Allow the checkpoint's own code (not needed for PaddleOCR-VL).")
     compare: list[str] | None = arg(
         None, "Instead of evaluating: print a side-by-side table of these metrics.json files. With "
@@ -331,7 +336,8 @@ def compare_markdown(runs: list[dict], labels: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_settings(args: EvalArguments, records: list[dict], source: str, processor: Any, dtype: str) -> dict:
+def run_settings(args: EvalArguments, records: list[dict], source: str, processor: Any, dtype: str,
+                 lm_head: str) -> dict:
     """Everything a prediction depends on. Batch size and loader workers are left out: predictions do not
     depend on them (tests/evaluate/test_evaluate.py), so a rerun may change them and still continue."""
     def files(folder: Path, patterns: tuple[str, ...]) -> dict[str, str]:
@@ -350,7 +356,7 @@ def run_settings(args: EvalArguments, records: list[dict], source: str, processo
         "crops": len(records),
         "crop_ids_sha256": hashlib.sha256("\n".join(r["id"] for r in records).encode()).hexdigest(),
         "max_new_tokens": args.max_new_tokens, "min_pixels": size["shortest_edge"],
-        "max_pixels": size["longest_edge"], "dtype": dtype,
+        "max_pixels": size["longest_edge"], "dtype": dtype, "lm_head": lm_head,
     }
 
 
@@ -428,7 +434,9 @@ def evaluate(args: EvalArguments) -> dict:
         raise EvalError(flags)
     ds, total, source = select_records(args)
     model, processor, device = load_for_inference(args.model_path, quantize=args.quantize,
-                                                  trust_remote_code=args.trust_remote_code)
+                                                  trust_remote_code=args.trust_remote_code,
+                                                  full_vocabulary=args.full_vocabulary)
+    print(f"lm_head: {head_size(model)}", file=sys.stderr)  # restricted by output_vocabulary.json or not
     dtype = "int8 (" + args.quantize + ")" if args.quantize else str(next(model.parameters()).dtype)
     if args.num_workers is None:
         args.num_workers = default_num_workers(device)
@@ -445,7 +453,7 @@ def evaluate(args: EvalArguments) -> dict:
     records = ds.records
     out_dir = Path(args.output_dir) if args.output_dir else default_output_dir(args.model_path, args.split)
     out_dir.mkdir(parents=True, exist_ok=True)
-    settings = run_settings(args, records, source, processor, str(dtype))
+    settings = run_settings(args, records, source, processor, str(dtype), head_size(model))
     done = start_run(out_dir, settings)
 
     t0 = time.perf_counter()
@@ -460,6 +468,7 @@ def evaluate(args: EvalArguments) -> dict:
         "max_new_tokens": args.max_new_tokens, "sample_lengths": lengths.summary(),
         "min_pixels": size["shortest_edge"],
         "max_pixels": size["longest_edge"], "device": device_description(device), "dtype": str(dtype),
+        "lm_head": settings["lm_head"],
         "seconds": round(seconds, 3), "crops_per_second": round(generated / max(seconds, 1e-9), 3),
         "continued_from": len(done),  # predictions an interrupted run had written (not timed here)
         "metrics": all_metrics([r["prediction"] for r in rows], [r["reference"] for r in rows]),

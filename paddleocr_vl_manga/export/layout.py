@@ -61,6 +61,7 @@ from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
 from paddleocr_vl_manga.data.collator import saved_pixel_bounds
 from paddleocr_vl_manga.export.gguf import GGUF_TYPES, GGUFError, converter_dir, export_gguf
+from paddleocr_vl_manga.model.output_vocabulary import OUTPUT_VOCABULARY_FILE
 
 logger = logging.getLogger("export_model")  # the name before the move to paddleocr_vl_manga
 
@@ -219,6 +220,8 @@ def export_model(checkpoint: str | Path, base: str, out: str | Path) -> Path:
     try:
         names = sorted(p.name for p in base_dir.iterdir() if p.is_file() and not p.name.startswith("."))
         for name in names:
+            if name == OUTPUT_VOCABULARY_FILE:  # the base's own (a fine-tuned base): the checkpoint's below
+                continue
             if name in base_files:
                 _write_weights(staging / name, base_dir / name, base_files[name], ckpt, where)
             elif name.endswith(OTHER_WEIGHTS):
@@ -227,6 +230,8 @@ def export_model(checkpoint: str | Path, base: str, out: str | Path) -> Path:
                 shutil.copyfile(base_dir / name, staging / name)
         if bounds and bounds != base_bounds:
             _write_pixel_bounds(staging, bounds)
+        if (ckpt / OUTPUT_VOCABULARY_FILE).is_file():  # the tokens its labels used: inference's lm_head rows
+            shutil.copyfile(ckpt / OUTPUT_VOCABULARY_FILE, staging / OUTPUT_VOCABULARY_FILE)
         move_into(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -262,6 +267,8 @@ def merge_adapter(ckpt: Path, base: str, dst: Path) -> Path:
         raise ExportError(f"the LoRA adapter in {ckpt} does not fit the base {base}: {e}") from e
     merged.save_pretrained(dst)
     AutoProcessor.from_pretrained(ckpt).save_pretrained(dst)
+    if (ckpt / OUTPUT_VOCABULARY_FILE).is_file():
+        shutil.copyfile(ckpt / OUTPUT_VOCABULARY_FILE, dst / OUTPUT_VOCABULARY_FILE)
     return dst
 
 

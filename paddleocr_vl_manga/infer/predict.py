@@ -105,6 +105,7 @@ def run(a: argparse.Namespace) -> int:
         pixel_bounds_error,
     )
     from paddleocr_vl_manga.model.loading import load_for_inference
+    from paddleocr_vl_manga.model.output_vocabulary import head_size
 
     flags = generation_flag_error(a.max_new_tokens, a.min_pixels, a.max_pixels)
     if flags:
@@ -130,7 +131,9 @@ def run(a: argparse.Namespace) -> int:
             raise PredictError(f"image not found: {missing[0]} ({len(missing)} of {len(a.images)} missing)")
         jobs = [{} for _ in a.images]
     model, processor, device = load_for_inference(a.model_path, quantize=a.quantize,
-                                                  trust_remote_code=a.trust_remote_code)
+                                                  trust_remote_code=a.trust_remote_code,
+                                                  full_vocabulary=a.full_vocabulary)
+    print(f"lm_head: {head_size(model)}", file=sys.stderr)  # restricted by output_vocabulary.json or not
     if a.num_workers is None:
         a.num_workers = default_num_workers(device)
     configure_image_size(processor, a.min_pixels, a.max_pixels)
@@ -245,6 +248,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quantize", choices=QUANTIZE_METHODS,
                     help="int8 linear layers on the CPU (model/quantize.py: int8 everywhere, int8-text the "
                     "language model only); default: bf16 on a GPU, fp32 on the CPU")
+    ap.add_argument("--full_vocabulary", action="store_true",
+                    help="compute lm_head over the whole vocabulary even where the model folder has an "
+                    "output_vocabulary.json (default: only the tokens training's labels used)")
     ap.add_argument("--trust_remote_code", action="store_true", help="allow the checkpoint's own code")
     a = ap.parse_args(argv)
 

@@ -340,10 +340,13 @@ def load_for_inference(
     force_cpu: bool = False,
     allow_mps: bool = False,
     trust_remote_code: bool = False,
+    full_vocabulary: bool = False,
     vision_runtime: str | None = None,
 ) -> tuple[Any, Any, str]:
     """(model, processor, device) as evaluation, prediction and MangaOcr run it: bf16 on CUDA, else fp32
     (Apple MPS when allowed), or with `quantize` (model.quantize.METHODS) int8 linear layers on the CPU.
+    lm_head keeps only the rows of the model's output_vocabulary.json where it has one, unless
+    full_vocabulary (model.output_vocabulary).
     `vision_runtime` (model.vision_runtime.RUNTIMES; None or "torch": PyTorch) runs the vision tower on that
     CPU runtime, int8 when quantize is "int8". On the CPU, torch uses one thread per physical core unless
     the user chose (model.cpu_threads.use_physical_cores)."""
@@ -361,6 +364,12 @@ def load_for_inference(
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     model, processor = load_model_and_processor(model_path, dtype=dtype, device=device,
                                                 trust_remote_code=trust_remote_code)
+    from paddleocr_vl_manga.model.output_vocabulary import OutputVocabularyError, apply_output_vocabulary
+
+    try:  # before int8, which then quantizes the small head as it would the full one
+        apply_output_vocabulary(model, model_path, full_vocabulary=full_vocabulary, **_files_only(model_path))
+    except OutputVocabularyError as e:
+        raise ModelLoadError(str(e)) from None
     if device == "cpu":
         from paddleocr_vl_manga.model.cpu_threads import use_physical_cores
 

@@ -31,6 +31,7 @@ from paddleocr_vl_manga.model.lora import (
     is_lora,
     merge_lora,
 )
+from paddleocr_vl_manga.model.output_vocabulary import write_output_vocabulary
 from paddleocr_vl_manga.train.arguments import (
     CHECKPOINTING,
     DataArguments,
@@ -254,6 +255,7 @@ def build_trainer(
         base_model=model_args.model_path,
         run_setup=setup,
         fresh_optimizer=bool(args.resume_from_checkpoint) and model_args.reset_optimizer_on_resume,
+        output_vocabulary=data.output_vocabulary,
     )
     if trainer.pop_callback(ProgressCallback):  # absent with --disable_tqdm
         trainer.add_callback(TerminalEvalBar)
@@ -277,6 +279,8 @@ def save_final_model(trainer: BF16Trainer, base: str, output_dir: str) -> bool:
                 trainer.processing_class.save_pretrained(output_dir)
             export_model(output_dir, base, output_dir)
             write_base(output_dir, base)  # a LoRA run's merged model was not saved through the trainer
+            if trainer.output_vocabulary:  # a LoRA run's went to OUTPUT_DIR/adapter
+                write_output_vocabulary(output_dir, trainer.output_vocabulary)
         except (ExportError, OSError) as e:
             return str(e)
         return None

@@ -35,6 +35,7 @@ from paddleocr_vl_manga.model.loading import (
     CheckedModel,
     load_config_and_processor,
 )
+from paddleocr_vl_manga.model.output_vocabulary import label_vocabulary
 from paddleocr_vl_manga.train.arguments import DataArguments, ModelArguments, activation_checkpointing
 
 logger = logging.getLogger("sft")
@@ -48,22 +49,24 @@ class TrainData(NamedTuple):
     checked: CheckedModel
     splits: list[SplitLengths]  # train, then val and test where present
     answer_tokens: str = ""  # the first train answer's labelled tokens (check_answer_tokens)
+    output_vocabulary: tuple[int, ...] = ()  # sorted ids every train label uses, eos included
 
 
 class AnswerTokenError(DatasetError):
     """A train answer's labels would start with a whitespace-only token."""
 
 
-def check_answer_tokens(tokenizer: Any, records: list[dict]) -> str:
+def check_answer_tokens(tokenizer: Any, records: list[dict], labels: list[list[int]] | None = None) -> str:
     """One line with the first train answer's labelled ids and pieces on this (the user's) tokenizer, after
     checking every train answer: raises AnswerTokenError if any label starts with a whitespace-only piece, or
     with a piece that merges in a space ("▁O"); answer_ids drops the whitespace a text itself starts with.
 
     The prompt ends in its own "▁" (v1) or "\n" (1.5/1.6); a label starting with "▁" would teach the model
     to emit a second space there, on every crop if the tokenizer puts it before each text (add_prefix_space,
-    which answer_ids turns off: this is the check that it did, on the files the run really loads)."""
+    which answer_ids turns off: this is the check that it did, on the files the run really loads).
+    `labels`: the records' answer_ids, when the caller has them already."""
     texts = [r["text"] for r in records]
-    labels = answer_ids(tokenizer, texts)
+    labels = answer_ids(tokenizer, texts) if labels is None else labels
     firsts = {ids[0] for ids in labels}  # a few thousand distinct first tokens: each checked once
     blank = {i for i in firsts if whitespace_start(tokenizer, [i])}
     # a space merged into the first piece ("▁O" for "OK") is as wrong (answer_ids drops a text's own)
@@ -101,9 +104,13 @@ def train_data(
     checked = load_config_and_processor(model_args.model_path, trust_remote_code=model_args.trust_remote_code)
     configure_image_size(checked.processor, data_args.min_pixels, data_args.max_pixels)
     limit, processor = data_args.max_length, checked.processor
-    answer_tokens = check_answer_tokens(processor.tokenizer, train_ds.records)
+    labels = answer_ids(processor.tokenizer, [r["text"] for r in train_ds.records])  # once for all uses
+    answer_tokens = check_answer_tokens(processor.tokenizer, train_ds.records, labels)
     logger.info("%s", answer_tokens)
-    results = [filter_split("train", train_ds, processor, limit, augment=data_args.augment)]
+    # every train answer's tokens (a few over max_length too): the rows the fine-tuned lm_head needs
+    vocabulary = tuple(label_vocabulary(labels))
+    logger.info("output vocabulary: %d distinct label tokens, eos included", len(vocabulary))
+    results = [filter_split("train", train_ds, processor, limit, augment=data_args.augment, answers=labels)]
     if "val" in present:
         results.append(filter_split("val", present["val"], processor, limit))
     check_fits(results, data_args.on_overlong)
@@ -116,7 +123,7 @@ def train_data(
     if "val" in present and not len(present["val"]):
         logger.warning("every val crop is over --max_length %d: no evaluation", limit)
         del present["val"]
-    data = TrainData(train_ds, present.get("val"), mix, checked, results, answer_tokens)
+    data = TrainData(train_ds, present.get("val"), mix, checked, results, answer_tokens, vocabulary)
     if decode:  # by this process alone (the rehearsal's rank 0); build_trainer shares it among the ranks
         drop_unreadable(data)
     return data

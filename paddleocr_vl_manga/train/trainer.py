@@ -33,6 +33,7 @@ from paddleocr_vl_manga.model.lora import (
     is_lora,
     load_adapter_weights,
 )
+from paddleocr_vl_manga.model.output_vocabulary import write_output_vocabulary
 from paddleocr_vl_manga.train.arguments import DataArguments
 from paddleocr_vl_manga.train.checkpoints import (
     RUN_SETUP_FILE,
@@ -117,12 +118,14 @@ class BF16Trainer(Trainer):
         base_model: str | None = None,
         run_setup: dict | None = None,
         fresh_optimizer: bool = False,
+        output_vocabulary: list[int] | tuple[int, ...] = (),
         **kwargs,
     ) -> None:
         super().__init__(*args, **kwargs)
         self.base_model = base_model
         self.run_setup = run_setup  # written into every checkpoint (resume_notes reads it back)
         self.fresh_optimizer = fresh_optimizer  # --reset_optimizer_on_resume
+        self.output_vocabulary = list(output_vocabulary)  # the label tokens: every save writes them
         self.lengths = lengths
         self.gen_dataset = gen_dataset
         self.data_args = data_args
@@ -174,6 +177,8 @@ class BF16Trainer(Trainer):
         super()._save(output_dir, state_dict)
         if self.base_model and self.args.should_save:
             write_base(output_dir or self.args.output_dir, self.base_model)
+        if self.output_vocabulary and self.args.should_save:  # inference restricts lm_head to these rows
+            write_output_vocabulary(output_dir or self.args.output_dir, self.output_vocabulary)
 
     def _save_checkpoint(self, model, trial) -> None:
         folder = Path(self._get_output_dir(trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"

@@ -163,3 +163,18 @@ def test_adapter_checkpoint_exports_like_the_final_model(lora_run: Path, tiny_mo
     rc = evaluate_model.main(["--model_path", best, "--data_dir", str(prepared), "--num_samples", "1",
                               "--output_dir", str(tmp_path / "eval")])
     assert "holds a LoRA adapter only" in error_line(rc)
+
+
+def test_lora_run_and_its_checkpoint_export_keep_the_output_vocabulary(lora_run: Path, tiny_model: Path,
+                                                                       tmp_path: Path) -> None:
+    """The merged final model (saved outside the trainer) and a merged adapter checkpoint both carry the
+    run's label tokens (model/output_vocabulary.py)."""
+    import paddleocr_vl_manga.export.layout as export_model
+    from paddleocr_vl_manga.model.output_vocabulary import OUTPUT_VOCABULARY_FILE
+
+    final = json.loads((lora_run / OUTPUT_VOCABULARY_FILE).read_text())
+    assert final and final == sorted(set(final))
+    checkpoint = sorted(lora_run.glob("checkpoint-*"))[0]
+    out = tmp_path / "exported"
+    assert export_model.main([str(checkpoint), "--base", str(tiny_model), "--out", str(out)]) == 0
+    assert json.loads((out / OUTPUT_VOCABULARY_FILE).read_text()) == final
