@@ -354,7 +354,10 @@ def load_for_inference(
     if compiled_vision:
         from paddleocr_vl_manga.model.vision_runtime import require
 
-        require(vision_runtime)  # a missing package fails before minutes of loading
+        try:  # a missing package fails before minutes of loading, as one line
+            require(vision_runtime)
+        except (ImportError, ValueError) as e:
+            raise ModelLoadError(str(e)) from None
     device = "cpu"  # int8 and the vision runtimes are CPU paths
     if quantize is None and not force_cpu and not compiled_vision:
         if torch.cuda.is_available():
