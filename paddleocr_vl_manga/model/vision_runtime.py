@@ -149,12 +149,12 @@ def _int8_weights(module: nn.Module) -> nn.Module:
     return module
 
 
-def _openvino(core: VisionCore, int8: bool, threads: int, folder: Path) -> Any:
+def _openvino(core: VisionCore, int8: bool, threads: int, folder: Path, in_place: bool) -> Any:
     ov = require("openvino")
-    if int8:
+    if int8:  # in place when the PyTorch tower is dropped afterwards: no 1.7 GB copy of it
         import copy
 
-        core = _int8_weights(copy.deepcopy(core))
+        core = _int8_weights(core if in_place else copy.deepcopy(core))
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer warnings about Python ints from shapes: N stays dynamic
         graph = ov.convert_model(core, example_input=_example(core))
@@ -162,7 +162,7 @@ def _openvino(core: VisionCore, int8: bool, threads: int, folder: Path) -> Any:
                                                    "PERFORMANCE_HINT": "LATENCY"})
 
 
-def _onnxruntime(core: VisionCore, int8: bool, threads: int, folder: Path) -> Any:
+def _onnxruntime(core: VisionCore, int8: bool, threads: int, folder: Path, in_place: bool) -> Any:
     ort = require("onnxruntime")
     names = ["patches", "pos", "cos", "sin", "order"]
     path = folder / "vision.onnx"
@@ -188,13 +188,14 @@ class CompiledVision(nn.Module):
 
     A module so that forward hooks (benchmarks/bench_compat_cpu.py's clock) see its calls."""
 
-    def __init__(self, core: VisionCore, runtime: str, int8: bool, threads: int) -> None:
+    def __init__(self, core: VisionCore, runtime: str, int8: bool, threads: int,
+                 in_place: bool = False) -> None:
         super().__init__()
         self.runtime, self.int8 = runtime, int8
         self._grid_inputs = lambda grid: grid_inputs(core, grid)
         with tempfile.TemporaryDirectory() as tmp:  # ONNX Runtime reads the file at session creation
             build = _openvino if runtime == "openvino" else _onnxruntime
-            self._session = build(core, int8, threads, Path(tmp))
+            self._session = build(core, int8, threads, Path(tmp), in_place)
         self._names = ["patches", "pos", "cos", "sin", "order"]
 
     @torch.no_grad()
@@ -235,7 +236,7 @@ def attach_vision_runtime(model: Any, runtime: str, *, int8: bool = True, thread
         raise VisionRuntimeError(f"--vision_runtime {runtime} needs a float32 model, got "
                                  f"{inner.visual.dtype}")
     core = VisionCore(inner.visual, inner.projector).eval()
-    compiled = CompiledVision(core, runtime, int8, threads or torch.get_num_threads())
+    compiled = CompiledVision(core, runtime, int8, threads or torch.get_num_threads(), in_place=release_tower)
     inner.vision_runtime = compiled
     if release_tower:
         core.vision_model.encoder.layers = nn.ModuleList()
