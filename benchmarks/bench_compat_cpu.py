@@ -95,14 +95,27 @@ class Variant:
 FP32 = Variant("fp32")
 
 
-def _quantized(model: Any, method: str, head: list[int] | None = None, runtime: str | None = None) -> Any:
-    """A copy of the model: lm_head restricted to `head` (model.output_vocabulary), the vision tower on
-    `runtime` (model.vision_runtime, int8 with method int8), linears quantized with `method`."""
-    model = copy.deepcopy(model)
+def _quantized(model: Any, method: str, head: list[int] | None = None, runtime: str | None = None,
+               copy_model: bool = True) -> Any:
+    """A copy of the model (or the model itself, changed in place: the last row saves a 3.6 GB copy):
+    lm_head restricted to `head` (model.output_vocabulary), the vision tower on `runtime`
+    (model.vision_runtime, int8 with method int8; the largest change of its features from the fp32 tower's
+    on a 16 x 16-patch random image is printed), linears quantized with `method`."""
+    model = copy.deepcopy(model) if copy_model else model
     if head is not None:
         restrict_lm_head(model, head)
     if runtime is not None:
+        grid = torch.tensor([[1, 16, 16]])
+        pixels = torch.randn(256, 3, 14, 14, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            ref = torch.cat(model.model.get_image_features(pixels, grid).pooler_output)
+        t = time.perf_counter()
         attach_vision_runtime(model, runtime, int8=method == "int8")
+        build = time.perf_counter() - t
+        got = torch.cat(model.model.get_image_features(pixels, grid).pooler_output)
+        print(f"vision tower on {runtime} ({'int8' if method == 'int8' else 'fp32'}): built in "
+              f"{build:.0f} s, max |features - PyTorch fp32's| / max |PyTorch fp32's| = "
+              f"{((got - ref).abs().max() / ref.abs().max()).item():.2e} (256 patches, random pixels)")
         method = "int8-text"  # the PyTorch tower is gone
     return quantize_model(model, method)
 
@@ -231,6 +244,7 @@ class Plan:
     image_tokens: float  # per crop (manga-ocr: the encoder states its decoder attends to)
     clock: Clock | None = None
     setup: Callable[[], None] = lambda: None
+    threads: int | None = None  # torch threads for this row (None: the run's --threads)
 
 
 @dataclass
@@ -269,12 +283,15 @@ def time_interleaved(plans: list[Plan], images: list[Image.Image]) -> list[Row]:
     so their ratios stay fair even when the absolute times do not. A warm-up call per plan comes first
     (one-off allocations, as manga-ocr's own warm-up at load).
     """
+    threads = torch.get_num_threads()
     for p in plans:
+        torch.set_num_threads(p.threads or threads)
         p.setup()
         p.call(images[0])
     rows = [Row(p.label, p.image_tokens) for p in plans]
     for i, im in enumerate(images):
         for p, row in zip(plans, rows, strict=True):
+            torch.set_num_threads(p.threads or threads)
             p.setup()
             row.loads.append(os.getloadavg()[0])
             p.clock.reset()
@@ -284,6 +301,7 @@ def time_interleaved(plans: list[Plan], images: list[Image.Image]) -> list[Row]:
             row.seconds, row.crops = row.seconds + wall, row.crops + 1
             row.splits.append(p.clock.split(wall))
             row.texts.append(out if isinstance(out, str) else "")
+        torch.set_num_threads(threads)
         # Progress on stderr: a long run that is stopped still shows how far it got.
         done = ", ".join(f"{r.label} {r.splits[-1].total:.2f} s" for r in rows)
         print(f"crop {i + 1}/{len(images)}: {done}", file=sys.stderr, flush=True)
@@ -345,7 +363,10 @@ def ours_plans(base: Any, processor: Any, images: list[Image.Image], a: argparse
     single: list[Plan] = []
     batched: list[Plan] = []
     for name, model in models:
-        clock = Clock(model, [model.model.visual, model.model.projector])
+        vision = [model.model.visual, model.model.projector]
+        if hasattr(model.model, "vision_runtime"):  # model.vision_runtime: the tower runs there instead
+            vision.append(model.model.vision_runtime)
+        clock = Clock(model, vision)
         mocr = MangaOcr.from_model(model, processor, max_new_tokens=a.max_new_tokens,
                                    batch_size=a.batch_size or 1)
         for min_pixels in a.min_pixels:
@@ -360,6 +381,9 @@ def ours_plans(base: Any, processor: Any, images: list[Image.Image], a: argparse
             # The processor is shared by the rows, which take turns: each sets its budget before its call.
             setup = partial(configure_image_size, processor, min_pixels, max_pixels)
             single.append(Plan(f"ours {name}, {budget}", mocr, tokens, clock, setup))
+            if name == a.thread_variant and min_pixels == a.min_pixels[0]:
+                single += [Plan(f"ours {name}, {budget}, {k} thread{'s' * (k > 1)}", mocr, tokens, clock,
+                                setup, k) for k in a.thread_rows]
             if a.batch_size:
                 batched.append(Plan(f"ours {name}, {budget}", mocr.batch, tokens, setup=setup))
     return single, batched
@@ -509,6 +533,9 @@ def main(argv: list[str] | None = None, variants: tuple[Variant, ...] = (FP32,))
     ap.add_argument("--vision_runtime", nargs="*", default=[], choices=("openvino", "onnxruntime"),
                     help="also time each --quantize row (restricted head if given) with the vision tower on "
                     "this runtime (model.vision_runtime)")
+    ap.add_argument("--thread_rows", type=int, nargs="*", default=[],
+                    help="also time --thread_variant at the first --min_pixels with this many torch threads")
+    ap.add_argument("--thread_variant", default="int8 + head", help="the row --thread_rows repeats")
     ap.add_argument("--skip_fp32", action="store_true", help="no fp32 row of ours (saves a 3.6 GB model)")
     ap.add_argument("--vision_only", action="store_true",
                     help="time only the vision tower (+ projector) of ours on the crops: PyTorch fp32 and "
@@ -524,8 +551,11 @@ def main(argv: list[str] | None = None, variants: tuple[Variant, ...] = (FP32,))
             variants += (Variant(f"{m} + head", partial(_quantized, method=m, head=head_box)),)
             head = head_box
         for rt in a.vision_runtime:
-            name = f"{m}{' + head' if head else ''} + {rt}"
+            name = f"{m}{' + head' if a.output_vocabulary else ''} + {rt}"
             variants += (Variant(name, partial(_quantized, method=m, head=head, runtime=rt)),)
+    if a.skip_fp32 and variants:  # nothing times the fp32 model: the last row may change it in place
+        last = variants[-1]
+        variants = (*variants[:-1], Variant(last.name, partial(last.transform, copy_model=False)))
     if min(a.num_samples, a.max_new_tokens, a.threads) <= 0 or a.batch_size < 0:
         print("error: --num_samples, --max_new_tokens and --threads must be positive, --batch_size >= 0",
               file=sys.stderr)
@@ -546,6 +576,7 @@ def main(argv: list[str] | None = None, variants: tuple[Variant, ...] = (FP32,))
             base, processor = full_size_random("cpu", torch.float32)
     build_s = time.perf_counter() - t
     params = sum(p.numel() for p in base.parameters())
+    vocab_size = base.get_output_embeddings().out_features
     if a.vision_only:
         return vision_only(base, processor, images, a)
     if a.output_vocabulary:
@@ -591,7 +622,7 @@ def main(argv: list[str] | None = None, variants: tuple[Variant, ...] = (FP32,))
                   f"{r.per_crop / greedy:7.2f}x {r.per_crop / beams:7.2f}x  "
                   f"{r.load}  {same}/{n}")
     if a.output_vocabulary:
-        print(f"\nrestricted head ('+ head' rows): {len(head_box):,} of {params and 103424:,} lm_head rows "
+        print(f"\nrestricted head ('+ head' rows): {len(head_box):,} of {vocab_size:,} lm_head rows "
               f"({a.output_vocabulary})")
     print(f"\nmatmul rate on this machine, {a.threads} threads (load {gemm['load']:.1f}): fp32 "
           f"{gemm['fp32']:.1f} GFLOP/s, PyTorch int8 (dynamic) {gemm['int8']:.1f} GFLOP/s "
