@@ -31,7 +31,13 @@ The batch-1 time per crop is split with forward hooks on the very calls that are
            files here; microseconds for 16 ids)
 Each row prints its mean seconds per crop (what the split adds up to) and its median; the ratios, ours over
 manga-ocr's, use the medians, which one stall of a shared machine hardly moves.
---threads defaults to the physical cores this process may run on (see physical_cores).
+--threads defaults to the physical cores this process may run on (model.cpu_threads.physical_cores);
+--thread_rows K repeats one row (--thread_variant) with K threads, in turn with the others.
+Issue 30's rows: --output_vocabulary charset ('+ head': lm_head restricted to the synthetic pages' characters,
+as model.output_vocabulary does for a fine-tuned model), --vision_runtime openvino|onnxruntime (the tower on
+that runtime, model.vision_runtime), --vision_only (the tower alone, every runtime, fp32 and int8, with its
+feature change). The run also prints the matmul rate (GFLOP/s, fp32 and int8) and each budget's FLOPs per
+line, the limit the split is set against.
 A row of ours with a changed model (e.g. quantized) is added by passing main() a Variant: a name and a
 function that returns the changed model (leaving the one it is given as it was).
 """
