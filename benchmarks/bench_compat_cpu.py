@@ -31,7 +31,13 @@ The batch-1 time per crop is split with forward hooks on the very calls that are
            files here; microseconds for 16 ids)
 Each row prints its mean seconds per crop (what the split adds up to) and its median; the ratios, ours over
 manga-ocr's, use the medians, which one stall of a shared machine hardly moves.
---threads defaults to the physical cores this process may run on (see physical_cores).
+--threads defaults to the physical cores this process may run on (model.cpu_threads.physical_cores);
+--thread_rows K repeats one row (--thread_variant) with K threads, in turn with the others.
+Issue 30's rows: --output_vocabulary charset ('+ head': lm_head restricted to the synthetic pages' characters,
+as model.output_vocabulary does for a fine-tuned model), --vision_runtime openvino|onnxruntime (the tower on
+that runtime, model.vision_runtime), --vision_only (the tower alone, every runtime, fp32 and int8, with its
+feature change). The run also prints the matmul rate (GFLOP/s, fp32 and int8) and each budget's FLOPs per
+line, the limit the split is set against.
 A row of ours with a changed model (e.g. quantized) is added by passing main() a Variant: a name and a
 function that returns the changed model (leaving the one it is given as it was).
 """
@@ -70,8 +76,16 @@ from benchmarks.bench_eval import full_size_random  # noqa: E402
 from paddleocr_vl_manga.data.collator import configure_image_size, num_image_tokens  # noqa: E402
 from paddleocr_vl_manga.data.dataset import load_image, read_jsonl  # noqa: E402
 from paddleocr_vl_manga.infer.manga_ocr import MangaOcr  # noqa: E402
+from paddleocr_vl_manga.model.cpu_threads import physical_cores  # noqa: E402
 from paddleocr_vl_manga.model.loading import load_model_and_processor  # noqa: E402
+from paddleocr_vl_manga.model.output_vocabulary import restrict_lm_head  # noqa: E402
 from paddleocr_vl_manga.model.quantize import METHODS, quantize_model  # noqa: E402
+from paddleocr_vl_manga.model.vision_runtime import (  # noqa: E402
+    CompiledVision,
+    VisionCore,
+    attach_vision_runtime,
+    grid_inputs,
+)
 from tools.make_synthetic_manga109 import CHARSET, generate  # noqa: E402
 from tools.make_tiny_model import build_tiny_model  # noqa: E402
 
@@ -87,33 +101,41 @@ class Variant:
 FP32 = Variant("fp32")
 
 
-def _quantized(model: Any, method: str) -> Any:
-    return quantize_model(copy.deepcopy(model), method)
+def _quantized(model: Any, method: str, head: list[int] | None = None, runtime: str | None = None,
+               copy_model: bool = True) -> Any:
+    """A copy of the model (or the model itself, changed in place: the last row saves a 3.6 GB copy):
+    lm_head restricted to `head` (model.output_vocabulary), the vision tower on `runtime`
+    (model.vision_runtime, int8 with method int8; the largest change of its features from the fp32 tower's
+    on a 16 x 16-patch random image is printed), linears quantized with `method`."""
+    model = copy.deepcopy(model) if copy_model else model
+    if head is not None:
+        restrict_lm_head(model, head)
+    if runtime is not None:
+        grid = torch.tensor([[1, 16, 16]])
+        pixels = torch.randn(256, 3, 14, 14, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            ref = torch.cat(model.model.get_image_features(pixels, grid).pooler_output)
+        t = time.perf_counter()
+        attach_vision_runtime(model, runtime, int8=method == "int8")
+        build = time.perf_counter() - t
+        got = torch.cat(model.model.get_image_features(pixels, grid).pooler_output)
+        print(f"vision tower on {runtime} ({'int8' if method == 'int8' else 'fp32'}): built in "
+              f"{build:.0f} s, max |features - PyTorch fp32's| / max |PyTorch fp32's| = "
+              f"{((got - ref).abs().max() / ref.abs().max()).item():.2e} (256 patches, random pixels)")
+        method = "int8-text"  # the PyTorch tower is gone
+    return quantize_model(model, method)
 
 
-def physical_cores() -> int:
-    """Physical cores among the CPUs this process may run on (its affinity mask: taskset and cpusets count).
+def head_ids(processor: Any, spec: str) -> list[int]:
+    """Token ids of an output vocabulary: "charset" (the synthetic pages' characters, as a demo model's
+    output_vocabulary.json lists them, plus eos) or a path to an output_vocabulary.json."""
+    if spec != "charset":
+        import json
 
-    torch's default thread count is not used: it follows OMP_NUM_THREADS (set to 1 in test environments, or to
-    anything in a user's shell). SMT siblings share one core's vector units, so GEMM-bound inference gains
-    nothing from them and loses to their contention. /proc/cpuinfo pairs each logical CPU with its (physical
-    id, core id); where it lacks them (some ARM kernels, non-Linux) every allowed logical CPU counts.
-    """
-    try:
-        allowed = os.sched_getaffinity(0)
-    except AttributeError:  # macOS, Windows
-        return os.cpu_count() or 1
-    try:
-        blocks = Path("/proc/cpuinfo").read_text().strip().split("\n\n")
-    except OSError:
-        return len(allowed)
-    cores = set()
-    for block in blocks:
-        pairs = (line.partition(":") for line in block.splitlines())
-        info = {k.strip(): v.strip() for k, _, v in pairs}
-        if "core id" in info and info.get("processor", "").isdigit() and int(info["processor"]) in allowed:
-            cores.add((info.get("physical id"), info["core id"]))
-    return len(cores) or len(allowed)
+        return sorted(set(json.loads(Path(spec).read_text())))
+    tok = processor.tokenizer
+    ids = {i for ch in CHARSET for i in tok(ch, add_special_tokens=False).input_ids}
+    return sorted(ids | {tok.eos_token_id})
 
 
 # ---------------------------------------------------------------- manga-ocr's architecture
@@ -228,6 +250,7 @@ class Plan:
     image_tokens: float  # per crop (manga-ocr: the encoder states its decoder attends to)
     clock: Clock | None = None
     setup: Callable[[], None] = lambda: None
+    threads: int | None = None  # torch threads for this row (None: the run's --threads)
 
 
 @dataclass
@@ -266,12 +289,15 @@ def time_interleaved(plans: list[Plan], images: list[Image.Image]) -> list[Row]:
     so their ratios stay fair even when the absolute times do not. A warm-up call per plan comes first
     (one-off allocations, as manga-ocr's own warm-up at load).
     """
+    threads = torch.get_num_threads()
     for p in plans:
+        torch.set_num_threads(p.threads or threads)
         p.setup()
         p.call(images[0])
     rows = [Row(p.label, p.image_tokens) for p in plans]
     for i, im in enumerate(images):
         for p, row in zip(plans, rows, strict=True):
+            torch.set_num_threads(p.threads or threads)
             p.setup()
             row.loads.append(os.getloadavg()[0])
             p.clock.reset()
@@ -281,6 +307,7 @@ def time_interleaved(plans: list[Plan], images: list[Image.Image]) -> list[Row]:
             row.seconds, row.crops = row.seconds + wall, row.crops + 1
             row.splits.append(p.clock.split(wall))
             row.texts.append(out if isinstance(out, str) else "")
+        torch.set_num_threads(threads)
         # Progress on stderr: a long run that is stopped still shows how far it got.
         done = ", ".join(f"{r.label} {r.splits[-1].total:.2f} s" for r in rows)
         print(f"crop {i + 1}/{len(images)}: {done}", file=sys.stderr, flush=True)
@@ -342,7 +369,10 @@ def ours_plans(base: Any, processor: Any, images: list[Image.Image], a: argparse
     single: list[Plan] = []
     batched: list[Plan] = []
     for name, model in models:
-        clock = Clock(model, [model.model.visual, model.model.projector])
+        vision = [model.model.visual, model.model.projector]
+        if hasattr(model.model, "vision_runtime"):  # model.vision_runtime: the tower runs there instead
+            vision.append(model.model.vision_runtime)
+        clock = Clock(model, vision)
         mocr = MangaOcr.from_model(model, processor, max_new_tokens=a.max_new_tokens,
                                    batch_size=a.batch_size or 1)
         for min_pixels in a.min_pixels:
@@ -357,9 +387,135 @@ def ours_plans(base: Any, processor: Any, images: list[Image.Image], a: argparse
             # The processor is shared by the rows, which take turns: each sets its budget before its call.
             setup = partial(configure_image_size, processor, min_pixels, max_pixels)
             single.append(Plan(f"ours {name}, {budget}", mocr, tokens, clock, setup))
+            if name == a.thread_variant and min_pixels == a.min_pixels[0]:
+                single += [Plan(f"ours {name}, {budget}, {k} thread{'s' * (k > 1)}", mocr, tokens, clock,
+                                setup, k) for k in a.thread_rows]
             if a.batch_size:
                 batched.append(Plan(f"ours {name}, {budget}", mocr.batch, tokens, setup=setup))
     return single, batched
+
+
+def pixel_budget(size: dict, min_pixels: int | None, max_pixels: int | None) -> tuple[int, int]:
+    """(min_pixels, max_pixels), the processor's own `size` where None."""
+    return min_pixels or size["shortest_edge"], max_pixels or size["longest_edge"]
+
+
+GEMM_SHAPE = (256, 1152, 4304)  # the vision MLP's first linear at 256 patches (min_pixels 50,176)
+
+
+def gemm_rates(repeats: int = 20) -> dict[str, float]:
+    """GFLOP/s of one fp32 matmul and of PyTorch's int8 dynamic linear at GEMM_SHAPE, median of repeats,
+    with the 1-minute load average: the rate the FLOPs per line are set against."""
+    m, k, n = GEMM_SHAPE
+    x, linear = torch.randn(m, k), torch.nn.Linear(k, n, bias=False)
+    int8 = quantize_model(torch.nn.Sequential(copy.deepcopy(linear)), "int8")
+    rates = {"load": os.getloadavg()[0]}
+    with torch.no_grad():
+        for name, f in (("fp32", linear), ("int8", int8)):
+            f(x)
+            times = []
+            for _ in range(repeats):
+                t = time.perf_counter()
+                f(x)
+                times.append(time.perf_counter() - t)
+            rates[name] = 2 * m * k * n / sorted(times)[repeats // 2] / 1e9
+    return rates
+
+
+def line_flops(model: Any, processor: Any, image: Image.Image, a: argparse.Namespace) -> dict[str, dict]:
+    """FLOPs of reading `image` at each --min_pixels: 2 x the multiply-adds of every nn.Linear (and the
+    patch convolution), counted with forward hooks over one generate() of --max_new_tokens tokens, split
+    into vision (tower + projector), prefill, decode (text layers) and lm_head. Attention's own matmuls are
+    left out: under 1 % at these lengths (N^2 x width against N x width^2 x 12)."""
+    counts: dict[str, float] = {}
+    state = {"step": 0}
+    vision = {id(m) for root in (model.model.visual, model.model.projector) for m in root.modules()}
+    head = model.get_output_embeddings()
+    patch_embedding = model.model.visual.vision_model.embeddings.patch_embedding
+
+    def hook(module: torch.nn.Module, args: tuple, out: torch.Tensor) -> None:
+        if isinstance(module, torch.nn.Conv2d):
+            macs = out.numel() * module.in_channels * module.kernel_size[0] * module.kernel_size[1]
+        else:
+            macs = out.numel() * module.in_features
+        part = ("vision" if id(module) in vision else "lm_head" if module is head else
+                "prefill" if state["step"] == 0 else "decode")
+        counts[part] = counts.get(part, 0) + 2 * macs
+
+    def step(*_: Any) -> None:
+        state["step"] += 1
+
+    handles = [m.register_forward_hook(hook) for m in model.modules()
+               if isinstance(m, torch.nn.Linear) or m is patch_embedding]
+    handles.append(model.register_forward_hook(step))
+    size = dict(processor.image_processor.size)
+    result = {}
+    mocr = MangaOcr.from_model(model, processor, max_new_tokens=a.max_new_tokens)
+    try:
+        for min_pixels in a.min_pixels:
+            configure_image_size(processor, *pixel_budget(size, min_pixels, a.max_pixels))
+            counts.clear()
+            state["step"] = 0
+            mocr(image)
+            result[f"min_pixels {min_pixels or size['shortest_edge']:,}"] = dict(counts)
+    finally:
+        for h in handles:
+            h.remove()
+        configure_image_size(processor, size["shortest_edge"], size["longest_edge"])
+    return result
+
+
+def vision_only(base: Any, processor: Any, images: list[Image.Image], a: argparse.Namespace) -> int:
+    """The vision tower + projector alone on every crop at each --min_pixels: PyTorch fp32 and int8, and each
+    --vision_runtime in fp32 and int8, the rows in turn on each crop; seconds per crop (median) and the
+    largest difference of each row's features from PyTorch fp32's, relative to their largest magnitude."""
+    inner = base.model
+    core = VisionCore(inner.visual, inner.projector).eval()
+    size = dict(processor.image_processor.size)
+    inputs = []  # (budget, pixel_values, grid) per crop and budget
+    for min_pixels in a.min_pixels:
+        configure_image_size(processor, *pixel_budget(size, min_pixels, a.max_pixels))
+        for im in images:
+            x = processor.image_processor([im], return_tensors="pt")
+            inputs.append((min_pixels or size["shortest_edge"], x["pixel_values"], x["image_grid_thw"]))
+
+    def torch_call(c: Any) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        def call(pv: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                return c(pv, *grid_inputs(core, grid[0]))
+        return call
+
+    rows: dict[str, Callable] = {"PyTorch fp32": torch_call(core)}
+    rows["PyTorch int8 (today's --quantize int8)"] = torch_call(quantize_model(copy.deepcopy(core), "int8"))
+    for rt in a.vision_runtime:
+        for int8 in (False, True):
+            t = time.perf_counter()
+            rows[f"{rt} {'int8' if int8 else 'fp32'}"] = CompiledVision(core, rt, int8, a.threads)
+            print(f"built {rt} {'int8' if int8 else 'fp32'} in {time.perf_counter() - t:.0f} s",
+                  file=sys.stderr)
+    reference = [rows["PyTorch fp32"](pv, g) for _, pv, g in inputs]
+    for f in rows.values():  # warm-up
+        f(inputs[0][1], inputs[0][2])
+    times: dict[tuple[str, int], list[float]] = {}
+    errors: dict[str, float] = {}
+    loads = []
+    for (budget, pv, g), ref in zip(inputs, reference, strict=True):
+        loads.append(os.getloadavg()[0])
+        for name, f in rows.items():
+            t = time.perf_counter()
+            out = f(pv, g)
+            times.setdefault((name, budget), []).append(time.perf_counter() - t)
+            err = ((out - ref).abs().max() / ref.abs().max()).item()
+            errors[name] = max(errors.get(name, 0.0), err)
+    print(f"vision tower + projector alone, {len(images)} crops, {a.threads} threads, load average "
+          f"{min(loads):.1f}-{max(loads):.1f}; seconds per crop (median), max |features - PyTorch fp32's| / "
+          "max |PyTorch fp32's|")
+    budgets = sorted({b for _, b in times})
+    print(f"{'row':40s} " + " ".join(f"{'mp ' + format(b, ','):>12s}" for b in budgets) + "  max rel diff")
+    for name in rows:
+        cells = " ".join(f"{sorted(times[name, b])[len(times[name, b]) // 2]:12.3f}" for b in budgets)
+        print(f"{name:40s} {cells}  {errors[name]:.2e}")
+    return 0
 
 
 def main(argv: list[str] | None = None, variants: tuple[Variant, ...] = (FP32,)) -> int:
@@ -377,8 +533,35 @@ def main(argv: list[str] | None = None, variants: tuple[Variant, ...] = (FP32,))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quantize", nargs="*", default=[], choices=METHODS,
                     help="also time ours quantized this way (model.quantize.quantize_model), a row each")
+    ap.add_argument("--output_vocabulary", metavar="charset|PATH",
+                    help="also time each --quantize row with lm_head restricted to these ids "
+                    "(model.output_vocabulary): charset = the synthetic pages' characters + eos")
+    ap.add_argument("--vision_runtime", nargs="*", default=[], choices=("openvino", "onnxruntime"),
+                    help="also time each --quantize row (restricted head if given) with the vision tower on "
+                    "this runtime (model.vision_runtime)")
+    ap.add_argument("--thread_rows", type=int, nargs="*", default=[],
+                    help="also time --thread_variant at the first --min_pixels with this many torch threads")
+    ap.add_argument("--thread_variant", default="int8 + head", help="the row --thread_rows repeats")
+    ap.add_argument("--skip_fp32", action="store_true", help="no fp32 row of ours (saves a 3.6 GB model)")
+    ap.add_argument("--vision_only", action="store_true",
+                    help="time only the vision tower (+ projector) of ours on the crops: PyTorch fp32 and "
+                    "int8 and each --vision_runtime fp32 and int8, with each one's largest feature change")
     a = ap.parse_args(argv)
-    variants = (*variants, *(Variant(m, partial(_quantized, method=m)) for m in a.quantize))
+    if a.skip_fp32:
+        variants = tuple(v for v in variants if v is not FP32)
+    head_box: list[int] = []  # filled with the ids once the processor is loaded
+    for m in a.quantize:
+        variants += (Variant(m, partial(_quantized, method=m)),)
+        head = None
+        if a.output_vocabulary:
+            variants += (Variant(f"{m} + head", partial(_quantized, method=m, head=head_box)),)
+            head = head_box
+        for rt in a.vision_runtime:
+            name = f"{m}{' + head' if a.output_vocabulary else ''} + {rt}"
+            variants += (Variant(name, partial(_quantized, method=m, head=head, runtime=rt)),)
+    if a.skip_fp32 and variants:  # nothing times the fp32 model: the last row may change it in place
+        last = variants[-1]
+        variants = (*variants[:-1], Variant(last.name, partial(last.transform, copy_model=False)))
     if min(a.num_samples, a.max_new_tokens, a.threads) <= 0 or a.batch_size < 0:
         print("error: --num_samples, --max_new_tokens and --threads must be positive, --batch_size >= 0",
               file=sys.stderr)
@@ -399,7 +582,15 @@ def main(argv: list[str] | None = None, variants: tuple[Variant, ...] = (FP32,))
             base, processor = full_size_random("cpu", torch.float32)
     build_s = time.perf_counter() - t
     params = sum(p.numel() for p in base.parameters())
+    vocab_size = base.get_output_embeddings().out_features
+    if a.vision_only:
+        return vision_only(base, processor, images, a)
+    if a.output_vocabulary:
+        head_box += head_ids(processor, a.output_vocabulary)
+    flops = line_flops(base, processor, images[0], a)
     single, batched_plans = ours_plans(base, processor, images, a, variants)
+    del base  # the variants are copies: 3.6 GB back on a 2-core laptop's RAM
+    gemm = gemm_rates()
     load_before = os.getloadavg()[0]
     rows = time_interleaved(mo_plans + single, images)
     batched = time_batched(batched_plans, images)
@@ -436,6 +627,19 @@ def main(argv: list[str] | None = None, variants: tuple[Variant, ...] = (FP32,))
             print(f"{r.label:52s} {r.image_tokens:7.0f} {r.per_crop:7.3f} {1 / r.per_crop:7.2f} "
                   f"{r.per_crop / greedy:7.2f}x {r.per_crop / beams:7.2f}x  "
                   f"{r.load}  {same}/{n}")
+    if a.output_vocabulary:
+        print(f"\nrestricted head ('+ head' rows): {len(head_box):,} of {vocab_size:,} lm_head rows "
+              f"({a.output_vocabulary})")
+    print(f"\nmatmul rate on this machine, {a.threads} threads (load {gemm['load']:.1f}): fp32 "
+          f"{gemm['fp32']:.1f} GFLOP/s, PyTorch int8 (dynamic) {gemm['int8']:.1f} GFLOP/s "
+          f"({GEMM_SHAPE[0]} x {GEMM_SHAPE[1]} @ {GEMM_SHAPE[1]} x {GEMM_SHAPE[2]})")
+    print("FLOPs per line (2 x multiply-adds of every linear layer, one crop of median size, "
+          f"{a.max_new_tokens} tokens) and their time at those rates:")
+    for budget, parts in flops.items():
+        total = sum(parts.values())
+        split = ", ".join(f"{k} {v / 1e9:.1f}" for k, v in parts.items())
+        print(f"  {budget}: {total / 1e9:.1f} GFLOP ({split}) -> {total / 1e9 / gemm['fp32']:.2f} s fp32, "
+              f"{total / 1e9 / gemm['int8']:.2f} s int8")
     print("\nsplit: vision = image encoder forwards; prefill = first decoder forward (prompt + image tokens; "
           "manga-ocr: [CLS] over 197 encoder states); decode = the other forwards, one per further token; "
           "other = the rest of the call (preprocessing, generate() between steps, detokenizing)")

@@ -42,6 +42,7 @@ from paddleocr_vl_manga.evaluate.metrics import (
 from paddleocr_vl_manga.evaluate.report import write_comparison, write_report
 from paddleocr_vl_manga.model.output_vocabulary import head_size
 from paddleocr_vl_manga.model.quantize import METHODS as QUANTIZE_METHODS
+from paddleocr_vl_manga.model.vision_runtime import RUNTIMES as VISION_RUNTIMES
 
 METRICS = {"cer": "CER", "cer_mean": "mean CER", "exact_match": "exact match"}
 RUN_FILE = "run.json"  # the settings of the run the folder holds, and whether it is complete
@@ -109,6 +110,10 @@ class EvalArguments:
         False, "Compute lm_head over the whole vocabulary even where the model folder has an "
         "output_vocabulary.json (default: only the token ids training's labels used, exact whenever the full "
         "model's greedy choice is among them).")
+    vision_runtime: str | None = field(default=None, metadata={
+        "help": "Run the vision tower on this CPU runtime (model/vision_runtime.py; an optional package: pip "
+        "install openvino / onnxruntime), int8 with --quantize int8. Default: torch.",
+        "choices": list(VISION_RUNTIMES)})
     trust_remote_code: bool = arg(False, "Allow the checkpoint's own code (not needed for PaddleOCR-VL).")
     compare: list[str] | None = arg(
         None, "Instead of evaluating: print a side-by-side table of these metrics.json files. With "
@@ -485,7 +490,8 @@ def evaluate(args: EvalArguments) -> dict:
     ds, total, source = select_records(args)
     model, processor, device = load_for_inference(args.model_path, quantize=args.quantize,
                                                   trust_remote_code=args.trust_remote_code,
-                                                  full_vocabulary=args.full_vocabulary)
+                                                  full_vocabulary=args.full_vocabulary,
+                                                  vision_runtime=args.vision_runtime)
     print(f"lm_head: {head_size(model)}", file=sys.stderr)  # restricted by output_vocabulary.json or not
     dtype = "int8 (" + args.quantize + ")" if args.quantize else str(next(model.parameters()).dtype)
     if args.num_workers is None:

@@ -69,6 +69,7 @@ class MangaOcr:
         min_pixels: int | None = None,
         max_pixels: int | None = None,
         full_vocabulary: bool = False,
+        vision_runtime: str | None = None,
     ) -> None:
         from paddleocr_vl_manga.model.loading import load_for_inference
 
@@ -78,8 +79,10 @@ class MangaOcr:
         # manga-ocr's device choice: CUDA, then Apple MPS, then CPU; bf16 only on CUDA (as evaluate_model).
         # quantize="int8": int8 linear layers on the CPU (model/quantize.py), for readers without a GPU.
         # full_vocabulary: lm_head over all tokens even where the folder has an output_vocabulary.json
+        # vision_runtime="openvino" / "onnxruntime": the vision tower on that CPU runtime (vision_runtime.py)
         model, processor, self.device = load_for_inference(path, quantize=quantize, force_cpu=force_cpu,
-                                                           allow_mps=True, full_vocabulary=full_vocabulary)
+                                                           allow_mps=True, full_vocabulary=full_vocabulary,
+                                                           vision_runtime=vision_runtime)
         self.model_path, self.quantize = path, quantize
         self._setup(model, processor, raw=raw, batch_size=batch_size, max_new_tokens=max_new_tokens,
                     min_pixels=min_pixels, max_pixels=max_pixels)

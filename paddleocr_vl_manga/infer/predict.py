@@ -135,7 +135,8 @@ def run(a: argparse.Namespace) -> int:
         jobs = [{} for _ in a.images]
     model, processor, device = load_for_inference(a.model_path, quantize=a.quantize,
                                                   trust_remote_code=a.trust_remote_code,
-                                                  full_vocabulary=a.full_vocabulary)
+                                                  full_vocabulary=a.full_vocabulary,
+                                                  vision_runtime=a.vision_runtime)
     print(f"lm_head: {head_size(model)}", file=sys.stderr)  # restricted by output_vocabulary.json or not
     if a.num_workers is None:
         a.num_workers = default_num_workers(device)
@@ -228,6 +229,7 @@ def write_predictions(a: argparse.Namespace, model: Any, processor: Any, jobs: l
 
 def main(argv: list[str] | None = None) -> int:
     from paddleocr_vl_manga.model.quantize import METHODS as QUANTIZE_METHODS
+    from paddleocr_vl_manga.model.vision_runtime import RUNTIMES as VISION_RUNTIMES
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("images", nargs="+", help="crop image files (not folders: crops/*.png), or one page "
@@ -260,6 +262,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--full_vocabulary", action="store_true",
                     help="compute lm_head over the whole vocabulary even where the model folder has an "
                     "output_vocabulary.json (default: only the tokens training's labels used)")
+    ap.add_argument("--vision_runtime", choices=VISION_RUNTIMES,
+                    help="run the vision tower on this CPU runtime (model/vision_runtime.py; an optional "
+                    "package: pip install openvino / onnxruntime), int8 with --quantize int8; default: torch")
     ap.add_argument("--trust_remote_code", action="store_true", help="allow the checkpoint's own code")
     a = ap.parse_args(argv)
 

@@ -341,13 +341,25 @@ def load_for_inference(
     allow_mps: bool = False,
     trust_remote_code: bool = False,
     full_vocabulary: bool = False,
+    vision_runtime: str | None = None,
 ) -> tuple[Any, Any, str]:
     """(model, processor, device) as evaluation, prediction and MangaOcr run it: bf16 on CUDA, else fp32
     (Apple MPS when allowed), or with `quantize` (model.quantize.METHODS) int8 linear layers on the CPU.
     lm_head keeps only the rows of the model's output_vocabulary.json where it has one, unless
-    full_vocabulary (model.output_vocabulary)."""
-    device = "cpu"  # int8 is a CPU path
-    if quantize is None and not force_cpu:
+    full_vocabulary (model.output_vocabulary).
+    `vision_runtime` (model.vision_runtime.RUNTIMES; None or "torch": PyTorch) runs the vision tower on that
+    CPU runtime, int8 when quantize is "int8". On the CPU, torch uses one thread per physical core unless
+    the user chose (model.cpu_threads.use_physical_cores)."""
+    compiled_vision = vision_runtime not in (None, "torch")
+    if compiled_vision:
+        from paddleocr_vl_manga.model.vision_runtime import require
+
+        try:  # a missing package fails before minutes of loading, as one line
+            require(vision_runtime)
+        except (ImportError, ValueError) as e:
+            raise ModelLoadError(str(e)) from None
+    device = "cpu"  # int8 and the vision runtimes are CPU paths
+    if quantize is None and not force_cpu and not compiled_vision:
         if torch.cuda.is_available():
             device = "cuda"
         elif allow_mps and torch.backends.mps.is_available():
@@ -361,6 +373,15 @@ def load_for_inference(
         apply_output_vocabulary(model, model_path, full_vocabulary=full_vocabulary, **_files_only(model_path))
     except OutputVocabularyError as e:
         raise ModelLoadError(str(e)) from None
+    if device == "cpu":
+        from paddleocr_vl_manga.model.cpu_threads import use_physical_cores
+
+        use_physical_cores()
+    if compiled_vision:
+        from paddleocr_vl_manga.model.vision_runtime import attach_vision_runtime
+
+        model = attach_vision_runtime(model, vision_runtime, int8=quantize == "int8")
+        quantize = quantize and "int8-text"  # the PyTorch tower no longer runs: leave it unquantized
     if quantize is not None:
         from paddleocr_vl_manga.model.quantize import quantize_model
 
