@@ -494,6 +494,8 @@ def evaluate(args: EvalArguments) -> dict:
                                                   vision_runtime=args.vision_runtime)
     print(f"lm_head: {head_size(model)}", file=sys.stderr)  # restricted by output_vocabulary.json or not
     dtype = "int8 (" + args.quantize + ")" if args.quantize else str(next(model.parameters()).dtype)
+    if args.vision_runtime:  # its int8 tower reads other texts than torch's: another run
+        dtype += f", vision tower on {args.vision_runtime}"
     if args.num_workers is None:
         args.num_workers = default_num_workers(device)
     configure_image_size(processor, args.min_pixels, args.max_pixels)

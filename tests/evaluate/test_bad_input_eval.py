@@ -560,5 +560,5 @@ def test_a_hub_ids_new_revision_is_another_model_to_the_run_record(
     settings = {}
     for revision in ("aaa111", "bbb222"):
         (repo / "refs" / "main").write_text(revision)
-        settings[revision] = evaluate_model.run_settings(args, [], str(data), processor, "float32")
+        settings[revision] = evaluate_model.run_settings(args, [], str(data), processor, "float32", "all")
     assert settings["aaa111"]["model_files"] and settings["aaa111"] != settings["bbb222"]
