@@ -65,6 +65,13 @@ d = sys.argv[1]
 before, after = (json.load(open(f"{d}/eval_{w}/metrics.json"))["metrics"]["none"]["cer"] for w in ("before", "after"))
 verdict = "halved or better" if after <= before / 2 else "NOT halved"
 print(f"\ntest CER (held-out books): {before:.1%} -> {after:.1%} ({verdict})")
+conf = json.load(open(f"{d}/eval_after/metrics.json")).get("confidence", {})
+if "top_half" in conf and conf["bottom_half"]:  # does the model's own confidence tell good lines from bad?
+    top, bottom = conf["top_half"], conf["bottom_half"]
+    cut = lambda g: f"{g['stops']['cap'] + g['stops']['loop']} cap/loop stops"
+    print(f"by confidence (after): exact match {top['exact_match']:.1%} in the more confident half, "
+          f"{bottom['exact_match']:.1%} in the other; CER {top['cer']:.1%} vs {bottom['cer']:.1%}; "
+          f"{cut(top)} vs {cut(bottom)}")
 print(f"training curves: {d}/sft_output/training_curves.png")
 sys.exit(0 if after <= before / 2 else 1)
 EOF

@@ -30,7 +30,15 @@ from pathlib import Path
 from typing import Any
 
 from paddleocr_vl_manga.data.dataset import DatasetError, OCRDataset, RecordCrops, spread_sample
-from paddleocr_vl_manga.evaluate.metrics import NORMALIZATIONS, all_metrics, edit_distance, normalize
+from paddleocr_vl_manga.evaluate.metrics import (
+    NORMALIZATIONS,
+    STOPS,
+    all_metrics,
+    confidence_groups,
+    confidence_missing,
+    edit_distance,
+    normalize,
+)
 from paddleocr_vl_manga.evaluate.report import write_comparison, write_report
 from paddleocr_vl_manga.model.quantize import METHODS as QUANTIZE_METHODS
 
@@ -207,6 +215,37 @@ def stop_counts(rows: list[dict]) -> dict[str, int]:
     return {k: sum(r.get("stop") == k for r in rows) for k in ("eos", "cap", "loop")}
 
 
+def confidence_halves(rows: list[dict]) -> dict:
+    """The lines ranked by confidence and split in two: CER, exact match and stop reasons of the more
+    confident half against the less confident one (the extra line of an odd count goes to the top half).
+    If confidence means something, the top half reads better and holds the cap and loop stops.
+    {"missing": why} when the predictions carry no confidence (a run continued from an older version)."""
+    why = confidence_missing(rows)
+    if why:
+        return {"missing": why}
+    top, bottom = confidence_groups(rows, 2) if len(rows) > 1 else (*confidence_groups(rows, 1), None)
+    return {"statistic": "geometric mean token probability", "top_half": top, "bottom_half": bottom}
+
+
+def confidence_lines(res: dict) -> list[str]:
+    conf = res.get("confidence")
+    if conf is None:  # a metrics.json from before confidence was measured
+        return []
+    lines = ["## By confidence (normalization: none)", ""]
+    if "missing" in conf:
+        return [*lines, f"Missing: {conf['missing']}.", ""]
+    lines += ["Lines ranked by confidence (the geometric mean probability of their tokens) and split at the "
+              "median.", "", md_row("half", "crops", "confidence", "CER", "exact match", *STOPS),
+              md_row("---", *["---:"] * 7)]
+    for name in ("top_half", "bottom_half"):
+        g = conf[name]
+        if g:
+            lines.append(md_row(name.replace("_", " "), g["n"],
+                                f"{g['confidence_min']:.3g}–{g['confidence_max']:.3g}", pct(g["cer"]),
+                                pct(g["exact_match"]), *(g["stops"][k] for k in STOPS)))
+    return [*lines, ""]
+
+
 def empty_answers(rows: list[dict]) -> int:
     """Answers with no text (whitespace only counts as none): CER counts each as deleting the reference."""
     return sum(not r["prediction"].strip() for r in rows)
@@ -248,6 +287,7 @@ def summary_markdown(res: dict) -> str:
     for mode, m in res["metrics"].items():
         lines.append(md_row(mode, *(pct(m[k]) for k in METRICS), f"{m['edits']} / {m['ref_chars']}"))
     lines += ["", *group_table("book", res["by_book"]), *group_table("orientation", res["by_orientation"])]
+    lines += confidence_lines(res)
     lines += [f"## Worst {len(res['worst'])} (most edits, normalization: none)", "",
               md_row("id", "edits", "reference", "prediction"), md_row("---", "---:", "---", "---")]
     for w in res["worst"]:
@@ -476,6 +516,7 @@ def evaluate(args: EvalArguments) -> dict:
         "by_book": breakdown(rows, "book"), "by_orientation": breakdown(rows, "orientation"),
         "worst": sorted(rows, key=lambda r: (-r["edits"], r["id"]))[: max(args.worst, 0)],
         "stops": stop_counts(rows), "empty_answers": empty_answers(rows),
+        "confidence": confidence_halves(rows),
     }
     write_report(res, rows, out_dir / ".report.html.tmp")
     os.replace(out_dir / ".report.html.tmp", out_dir / "report.html")

@@ -117,3 +117,58 @@ def cer_metrics(
 
 def all_metrics(predictions: list[str], references: list[str]) -> dict[str, dict[str, float]]:
     return {mode: cer_metrics(predictions, references, mode) for mode in NORMALIZATIONS}
+
+
+# --- By confidence (issue 29): do a reading's own token probabilities tell good lines from bad? Rows are
+# predictions.jsonl records (reference, edits under normalization none, stop, confidence).
+
+STOPS = ("eos", "cap", "loop")
+
+
+def confidence_missing(rows: list[dict]) -> str | None:
+    """Why the rows cannot be ranked by confidence, or None when every one carries it."""
+    bare = sum(not isinstance(r.get("confidence"), int | float) or r["confidence"] != r["confidence"]
+               for r in rows)  # absent, null or NaN
+    if not rows:
+        return "no predictions"
+    if bare:
+        return (f"{bare} of {len(rows)} predictions carry no confidence: predictions.jsonl was begun before "
+                "evaluation stored it, and this run continued it; evaluate into a new --output_dir for it")
+    return None
+
+
+def by_confidence(rows: list[dict]) -> list[dict]:
+    """Most confident first; ties in id order, so the split does not depend on the file's order."""
+    return sorted(rows, key=lambda r: (-r["confidence"], r["id"]))
+
+
+def group_scores(rows: list[dict]) -> dict:
+    """CER (corpus: edits / reference chars), exact match and stop reasons of a group of rows (none)."""
+    ref_chars = sum(len(normalize(r["reference"])) for r in rows)
+    return {"n": len(rows), "confidence_min": min(r["confidence"] for r in rows),
+            "confidence_max": max(r["confidence"] for r in rows),
+            "cer": sum(r["edits"] for r in rows) / max(ref_chars, 1),
+            "exact_match": sum(r["edits"] == 0 for r in rows) / len(rows),
+            "stops": {k: sum(r.get("stop") == k for r in rows) for k in STOPS}}
+
+
+def confidence_groups(rows: list[dict], k: int) -> list[dict]:
+    """The rows ranked by confidence and cut into k groups of equal size (± 1, the larger ones first: the
+    top half of an odd count holds the middle line), most confident first; a group left empty (fewer rows
+    than k) is dropped."""
+    ranked, n = by_confidence(rows), len(rows)
+    cuts = [-(-i * n // k) for i in range(k + 1)]  # ceil(i * n / k)
+    return [group_scores(ranked[a:b]) for a, b in zip(cuts, cuts[1:], strict=False) if b > a]
+
+
+def kept_curve(rows: list[dict]) -> list[tuple[float, float, float]]:
+    """(share of lines kept, CER of the kept lines, threshold) for every threshold "keep the lines with
+    confidence >= t" that keeps a different set: t runs over the distinct confidences, highest first."""
+    ranked, points = by_confidence(rows), []
+    edits = ref_chars = 0
+    for i, r in enumerate(ranked):
+        edits += r["edits"]
+        ref_chars += len(normalize(r["reference"]))
+        if i + 1 == len(ranked) or ranked[i + 1]["confidence"] < r["confidence"]:
+            points.append(((i + 1) / len(ranked), edits / max(ref_chars, 1), r["confidence"]))
+    return points

@@ -13,7 +13,15 @@ import io
 from pathlib import Path
 
 from paddleocr_vl_manga.data.dataset import open_rgb
-from paddleocr_vl_manga.evaluate.metrics import NORMALIZATIONS, align, normalize
+from paddleocr_vl_manga.evaluate.metrics import (
+    NORMALIZATIONS,
+    STOPS,
+    align,
+    confidence_groups,
+    confidence_missing,
+    kept_curve,
+    normalize,
+)
 
 THUMB = (360, 240)  # largest shown crop size; tall vertical lines are scaled to fit
 CER_BINS = [(0.0, 0.0, "0 %"), (0.0, 0.1, "≤ 10 %"), (0.1, 0.25, "10–25 %"), (0.25, 0.5, "25–50 %"),
@@ -33,6 +41,7 @@ figure.crop img { max-width: 100%; height: auto; display: block; margin: 0 auto 
 .tag { font-size: 12px; color: #666; display: inline-block; width: 5.5em; }
 .sub { background: #ffd666; } .del { background: #ff9c9c; text-decoration: line-through; }
 .ins { background: #9be59b; text-decoration: underline; } .meta { font-size: 12px; color: #555; }
+h1, h2, .legend { overflow-wrap: anywhere; }
 """
 
 
@@ -143,6 +152,67 @@ def cer_histogram(rows: list[dict]) -> str:
                      [(label, c, f"{c} crops") for (_, _, label), c in zip(CER_BINS, counts, strict=True)])
 
 
+def conf(v: float) -> str:
+    """A confidence with 3 significant digits: 0.997, and 0.00312 from an untrained model."""
+    return f"{v:.3g}"
+
+
+def kept_chart(points: list[tuple[float, float, float]]) -> str:
+    """The lines kept by a confidence threshold against their CER, as an inline SVG line: x the share of
+    lines kept (most confident first), y the CER of those lines. Each tenth of the lines is marked (hovering
+    shows the threshold that keeps it and their CER); every other mark is labelled with its threshold."""
+    width, height, left, top, plot_w, plot_h = 720, 300, 60, 30, 620, 220
+    y_top = max((c for _, c, _ in points), default=0) or 1
+    bottom = top + plot_h
+
+    def xy(share: float, cer: float) -> tuple[float, float]:
+        return left + plot_w * share, top + plot_h * (1 - cer / y_top)
+
+    path = " ".join(f"{x:.1f},{y:.1f}" for x, y in (xy(s, c) for s, c, _ in points))
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
+             'class="kept">',
+             '<text x="0" y="16" font-size="14" font-weight="bold">CER of the lines kept by a confidence '
+             'threshold</text>',
+             f'<line x1="{left}" y1="{bottom}" x2="{left + plot_w}" y2="{bottom}" stroke="#888"/>',
+             f'<line x1="{left}" y1="{top}" x2="{left}" y2="{bottom}" stroke="#888"/>',
+             f'<text x="{left - 6}" y="{top + 4}" font-size="11" text-anchor="end">{pct(y_top)}</text>',
+             f'<text x="{left - 6}" y="{bottom}" font-size="11" text-anchor="end">0 %</text>',
+             f'<text x="{left + plot_w / 2}" y="{height - 6}" font-size="12" text-anchor="middle">share of '
+             'lines kept (most confident first)</text>',
+             f'<polyline points="{path}" fill="none" stroke="#4c78a8" stroke-width="2"/>']
+    for tick in range(0, 101, 20):
+        parts.append(f'<text x="{left + plot_w * tick / 100:.1f}" y="{bottom + 14}" font-size="11" '
+                     f'text-anchor="middle">{tick} %</text>')
+    for tenth in range(1, 11):  # the first threshold keeping at least this share; every other one labelled
+        share, cer, t = next(p for p in points if p[0] >= tenth / 10 - 1e-9)
+        x, y = xy(share, cer)
+        parts.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3" fill="#4c78a8"><title>confidence ≥ '
+                     f'{conf(t)}: {pct(share)} of lines kept, CER {pct(cer)}</title></circle>')
+        if tenth % 2 == 0:
+            parts.append(f'<text x="{x:.1f}" y="{y - 7:.1f}" font-size="10" text-anchor="middle">'
+                         f'≥{conf(t)}</text>')
+    return "".join(parts) + "</svg>"
+
+
+def confidence_section(rows: list[dict]) -> str:
+    """CER and exact match by confidence decile (a table) and the kept-lines curve, so a user can pick a
+    threshold; a note instead when the predictions carry no confidence."""
+    why = confidence_missing(rows)
+    head = "<h2>By confidence</h2>"
+    if why:
+        return f'{head}<p class="missing">This section is missing: {esc(why)}.</p>'
+    cells = "".join(f"<th>{k}</th>" for k in ("decile", "confidence", "crops", "CER", "exact match", *STOPS))
+    table = [f'<table class="deciles"><tr>{cells}</tr>']
+    for i, g in enumerate(confidence_groups(rows, 10), 1):
+        nums = [g["n"], pct(g["cer"]), pct(g["exact_match"]), *(g["stops"][k] for k in STOPS)]
+        table.append(f"<tr><td>{i}</td><td>{conf(g['confidence_min'])}–{conf(g['confidence_max'])}</td>"
+                     + "".join(f'<td class="num">{v}</td>' for v in nums) + "</tr>")
+    return (f"{head}<p>Confidence is the geometric mean probability the model gave its own tokens. Decile 1 "
+            "holds the most confident tenth of the lines; the curve shows what keeping only the lines above "
+            "a threshold leaves, and how well those are read.</p>"
+            f'{"".join(table)}</table>{kept_chart(kept_curve(rows))}')
+
+
 def stops_paragraph(res: dict) -> str:
     """How many answers did not end by themselves (cut by their token cap, or stopped looping), and how
     many are empty (each scores CER 100 %: a model that answers nothing can pass for a low CER)."""
@@ -171,6 +241,7 @@ def write_report(res: dict, rows: list[dict], path: str | Path) -> None:
             metrics_table([("value", res["metrics"])]),
             '<h2>Breakdowns</h2><div class="charts">', group_bars("CER by book", res["by_book"]),
             group_bars("CER by orientation", res["by_orientation"]), cer_histogram(rows), "</div>",
+            confidence_section(rows),
             f"<h2>Worst {len(res['worst'])} crops (most edits)</h2>",
             f"<p class=\"meta\">{LEGEND}</p>",
             '<section class="gallery" id="gallery">', *map(crop_card, res["worst"]), "</section>"]
@@ -194,20 +265,24 @@ def write_comparison(first: tuple[str, dict, list[dict]], second: tuple[str, dic
               "worse": sum(b["edits"] > a["edits"] for a, b in pairs)}
 
     def cards(items: list[tuple[dict, dict]]) -> list[str]:
-        return [crop_card(b, [(la, a["prediction"]), (lb, b["prediction"])]) for a, b in items[:limit]]
+        return [crop_card(b, [("A", a["prediction"]), ("B", b["prediction"])]) for a, b in items[:limit]]
 
+    # Columns, tags and headings name the runs A and B; their model paths (often 80+ characters, which
+    # pushed the headline table past a 1400 px window) are spelled out once, in the legend, wrapped.
+    legend = ('<p class="legend">' + "<br>".join(f"<b>{short}</b> = <code>{esc(label)}</code>"
+                                                 for short, label in (("A", la), ("B", lb))) + "</p>")
     empties = [f'<p class="empty">{esc(label)}: <b>{r["empty_answers"]} empty answers '
                f'({pct(r["empty_answers"] / max(r["num_samples"], 1))})</b>, each CER 100 %: a lower CER '
                "with many empty answers is no plain win.</p>"
-               for label, r in ((la, ra), (lb, rb)) if r.get("empty_answers")]
-    body = [metrics_table([(la, ra["metrics"]), (lb, rb["metrics"])]), *empties,
+               for label, r in (("A", ra), ("B", rb)) if r.get("empty_answers")]
+    body = [metrics_table([("A", ra["metrics"]), ("B", rb["metrics"])]), legend, *empties,
             f"<p>{counts['common']} crops in both runs ({len(rows_a)} and {len(rows_b)} evaluated): "
-            f"<b>{counts['fixed']} fixed</b>, <b>{counts['broken']} broken</b> by the second; "
+            f"<b>{counts['fixed']} fixed</b>, <b>{counts['broken']} broken</b> by the second (B); "
             f"{counts['better']} with fewer edits, {counts['worse']} with more.</p>",
             f"<p class=\"meta\">{LEGEND}</p>",
-            f"<h2>Fixed by {esc(lb)} ({min(len(fixed), limit)} of {len(fixed)} shown)</h2>",
+            f"<h2>Fixed by B ({min(len(fixed), limit)} of {len(fixed)} shown)</h2>",
             '<section class="gallery" id="fixed">', *cards(fixed), "</section>",
-            f"<h2>Broken by {esc(lb)} ({min(len(broken), limit)} of {len(broken)} shown)</h2>",
+            f"<h2>Broken by B ({min(len(broken), limit)} of {len(broken)} shown)</h2>",
             '<section class="gallery" id="broken">', *cards(broken), "</section>"]
     Path(path).write_text(page(f"{la} vs {lb}", body), encoding="utf-8")
     return counts

@@ -2,12 +2,15 @@
 
     python predict.py --model_path ./runs/ft crop1.png crop2.png            # prints path<TAB>text
     python predict.py --model_path ./runs/ft crops/*.png --output preds.jsonl
+    python predict.py --model_path ./runs/ft crops/*.png --json              # one JSON object a line
     python predict.py --model_path ./runs/ft page.jpg --boxes boxes.json     # [[x0,y0,x1,y1], ...]
     python predict.py --model_path ./runs/ft Manga109s/images/ARMS/003.jpg \\
         --manga109_xml Manga109s/annotations/ARMS.xml --page 3
 
 With boxes, each output line is path<TAB>x0,y0,x1,y1<TAB>text. Printed text has newlines and tabs escaped
-as \\n and \\t; the JSONL (--output) keeps it exact. Output is flushed after every chunk of crops.
+as \\n and \\t; the JSONL (--output, or --json on stdout) keeps it exact and adds each line's confidence (the
+geometric mean probability of its tokens, in [0, 1]), min_probability (its least sure token) and stop (eos:
+the model finished; cap: its token cap; loop: a repeat was cut). Output is flushed after every chunk of crops.
 """
 
 from __future__ import annotations
@@ -192,7 +195,7 @@ def write_predictions(a: argparse.Namespace, model: Any, processor: Any, jobs: l
     from contextlib import closing
 
     from paddleocr_vl_manga.data.dataset import fitted_size
-    from paddleocr_vl_manga.model.generation import crop_chunks, generate_texts, pin_memory
+    from paddleocr_vl_manga.model.generation import crop_chunks, generate_readings, pin_memory
 
     crops = PageCrops(page, [j["bbox"] for j in jobs]) if page else FileCrops(a.images)
     chunks = crop_chunks(processor, crops, batch_size=a.batch_size, chunk_size=8 * a.batch_size,
@@ -206,14 +209,17 @@ def write_predictions(a: argparse.Namespace, model: Any, processor: Any, jobs: l
                     where = f"box {jobs[i]['bbox']}" if page else a.images[i]
                     print(f"warning: {where}: {size[0]}x{size[1]} padded to {fitted_size(*size)} "
                           "(aspect ratio over what the image processor takes)", file=sys.stderr)
-            texts = generate_texts(model, processor, chunk, max_new_tokens=a.max_new_tokens)
-            for i, text in zip(chunk.positions, texts, strict=True):
+            readings = generate_readings(model, processor, chunk, max_new_tokens=a.max_new_tokens)
+            for i, r in zip(chunk.positions, readings, strict=True):
                 path = a.images[0] if page else a.images[i]
-                if a.output:
-                    out.write(json.dumps({"image": path, **jobs[i], "text": text}, ensure_ascii=False) + "\n")
+                if a.output or a.json:
+                    record = {"image": path, **jobs[i], "text": r.text, "confidence": round(r.confidence, 6),
+                              "min_probability": round(r.min_probability, 6), "stop": r.stop}
+                    out.write(json.dumps(record, ensure_ascii=False) + "\n")
                 else:
                     box = [",".join(map(str, jobs[i]["bbox"]))] if page else []
-                    out.write("\t".join([path, *box, text.replace("\n", "\\n").replace("\t", "\\t")]) + "\n")
+                    text = r.text.replace("\n", "\\n").replace("\t", "\\t")
+                    out.write("\t".join([path, *box, text]) + "\n")
             out.flush()
 
 
@@ -225,6 +231,9 @@ def main(argv: list[str] | None = None) -> int:
                     "image with --boxes/--manga109_xml")
     ap.add_argument("--model_path", required=True, help="hub id or local folder of the model")
     ap.add_argument("--output", help="write JSONL here instead of printing path<TAB>text")
+    ap.add_argument("--json", action="store_true",
+                    help="print one JSON object per input (image, text, confidence, min_probability, stop; "
+                    "bbox and id with boxes) instead of path<TAB>text")
     ap.add_argument("--boxes", help="JSON list of [xmin,ymin,xmax,ymax] (or objects with a bbox key) to OCR")
     ap.add_argument("--manga109_xml", help="Manga109 annotation XML: OCR every <text> box of --page")
     ap.add_argument("--page", type=int, help="page index in --manga109_xml")

@@ -84,7 +84,9 @@ def test_evaluate_writes_consistent_outputs(tiny_model: Path, data_dir: Path, tm
     rows = predictions(out)
     assert sorted(r["id"] for r in rows) == sorted(refs)
     for r in rows:
-        assert set(r) == {"id", "image", "book", "orientation", "reference", "prediction", "edits", "stop"}
+        assert set(r) == {"id", "image", "book", "orientation", "reference", "prediction", "edits", "stop",
+                          "confidence", "min_probability"}
+        assert 0.0 <= r["min_probability"] <= r["confidence"] <= 1.0
         assert (r["reference"], r["book"], r["orientation"], r["image"]) == (
             refs[r["id"]]["text"], refs[r["id"]]["book"], refs[r["id"]]["orientation"],
             refs[r["id"]]["image_path"])
@@ -101,7 +103,8 @@ def test_evaluate_writes_consistent_outputs(tiny_model: Path, data_dir: Path, tm
     ranked = sorted(rows, key=lambda r: (-r["edits"], r["id"]))[:3]
     assert m["worst"] == ranked
     summary = (out / "summary.md").read_text(encoding="utf-8")
-    for heading in ("| none |", "| nfkc |", "| mangaocr |", "## By book", "## By orientation", "## Worst 3"):
+    for heading in ("| none |", "| nfkc |", "| mangaocr |", "## By book", "## By orientation", "## Worst 3",
+                    "## By confidence"):
         assert heading in summary
     assert (out / "report.html").is_file()  # its content: tests/evaluate/test_report.py
 

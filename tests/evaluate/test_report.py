@@ -51,7 +51,8 @@ def test_report_is_self_contained(report_dir: Path) -> None:
     for mode in NORMALIZATIONS:  # the headline table: one row per normalization, its CER in the row
         cer = f"{100 * m['metrics'][mode]['cer']:.2f} %"
         assert f'<tr><td>{mode}</td><td class="num">{cer}</td>' in html
-    assert html.count("<svg") == 3  # per-book and per-orientation charts, CER distribution
+    # per-book and per-orientation charts, CER distribution, lines kept by a confidence threshold
+    assert html.count("<svg") == 4
     for book in m["by_book"]:
         assert f">{book}</text>" in html
     # Nothing is fetched: every src/href is a data: URI (the SVG xmlns is a name, not a request).
@@ -131,3 +132,34 @@ def test_report_renders_in_headless_chromium(report_dir: Path, tmp_path: Path) -
     cards = figures(dom, "gallery")
     assert len(cards) == WORST and all('<img src="data:image/png;base64,' in c for c in cards)
     assert all(f"<td>{mode}</td>" in dom for mode in NORMALIZATIONS)
+
+
+RUNS = "/home/reader/models/paddleocr-vl-manga/runs"
+LONG_PATHS = (f"{RUNS}/2026-12-06-lora-r16-alpha32-lr2e-4/checkpoint-2000",
+              f"{RUNS}/2026-12-06-full-finetune-lr1e-5-epochs3/checkpoint-6000")
+WIDTH_PROBE = ("<script>const t = document.querySelector('table.headline').getBoundingClientRect();"
+               "document.body.dataset.widths = [Math.ceil(t.right), window.innerWidth,"
+               " document.documentElement.scrollWidth].join(',');</script></body>")
+
+
+@pytest.mark.skipif(chromium_binary() is None,
+                    reason="no Chromium on this machine (.ci/run installs Debian's chromium when it can)")
+def test_comparison_table_fits_a_1400_px_window_with_long_model_paths(data_dir: Path, tmp_path: Path) -> None:
+    recs = read_jsonl(data_dir / "test.jsonl")[:4]
+    runs = [_run(tmp_path / name, model, [
+        {"id": r["id"], "image": r["image_path"], "book": r["book"], "orientation": r["orientation"],
+         "reference": r["text"], "prediction": r["text"] + suffix[i]} for i, r in enumerate(recs)])
+        for name, model, suffix in (("a", LONG_PATHS[0], ["x", "", "y", ""]),
+                                    ("b", LONG_PATHS[1], ["", "z", "", ""]))]
+    out = tmp_path / "cmp"
+    assert evaluate_model.main(["--compare", *runs, "--output_dir", str(out)]) == 0
+    html = (out / "comparison.html").read_text(encoding="utf-8")
+    assert all(escape(p) in html for p in LONG_PATHS)  # the legend still names each model in full
+    # The page has no script of its own; a copy with a probe reports the rendered widths in the DOM.
+    probe = tmp_path / "probe.html"
+    probe.write_text(html.replace("</body>", WIDTH_PROBE), encoding="utf-8")
+    dom = chromium("--window-size=1400,900", "--dump-dom", probe.resolve().as_uri(), cwd=tmp_path).stdout
+    widths = re.search(r'data-widths="([\d,]+)"', dom).group(1)
+    table_right, viewport, page_width = map(int, widths.split(","))
+    assert viewport == 1400
+    assert table_right <= viewport and page_width <= viewport, (table_right, page_width)

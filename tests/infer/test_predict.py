@@ -13,7 +13,7 @@ from PIL import Image
 
 import paddleocr_vl_manga.infer.predict as predict
 from paddleocr_vl_manga.data.dataset import read_jsonl
-from paddleocr_vl_manga.model.generation import generate_texts
+from paddleocr_vl_manga.model.generation import generate_readings, generate_texts
 from paddleocr_vl_manga.model.loading import load_model_and_processor
 
 REPO = Path(__file__).resolve().parents[2]
@@ -46,13 +46,32 @@ def test_crops_print_path_and_text(tiny_model: Path, data_dir: Path, loaded,
     assert lines == [f"{p}\t{t}" for p, t in zip(paths, escaped, strict=True)]
 
 
-def test_crops_to_jsonl(tiny_model: Path, data_dir: Path, loaded, tmp_path: Path) -> None:
+def expected_records(loaded, paths: list[str]) -> list[dict]:
+    readings = generate_readings(*loaded, [Image.open(p).convert("RGB") for p in paths], batch_size=1,
+                                 max_new_tokens=6)
+    return [{"image": p, "text": r.text, "stop": r.stop, "confidence": pytest.approx(r.confidence, abs=1e-5),
+             "min_probability": pytest.approx(r.min_probability, abs=1e-5)}
+            for p, r in zip(paths, readings, strict=True)]
+
+
+def test_crops_to_jsonl_with_confidence_and_stop(tiny_model: Path, data_dir: Path, loaded,
+                                                 tmp_path: Path) -> None:
     paths = [r["image_path"] for r in read_jsonl(data_dir / "val.jsonl")[:3]]
     out = tmp_path / "p.jsonl"
     assert predict.main(["--model_path", str(tiny_model), *paths, "--output", str(out), *TOKENS]) == 0
     rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
-    texts = expected_texts(loaded, [Image.open(p).convert("RGB") for p in paths])
-    assert rows == [{"image": p, "text": t} for p, t in zip(paths, texts, strict=True)]
+    assert rows == expected_records(loaded, paths)
+
+
+def test_json_prints_one_object_per_input_with_text_confidence_and_stop(
+        tiny_model: Path, data_dir: Path, loaded, capsys: pytest.CaptureFixture[str]) -> None:
+    paths = [r["image_path"] for r in read_jsonl(data_dir / "test.jsonl")[:4]]
+    argv = ["--model_path", str(tiny_model), *paths, "--json", "--batch_size", "2", *TOKENS]
+    assert predict.main(argv) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert rows == expected_records(loaded, paths)
+    assert all(0.0 <= r["min_probability"] <= r["confidence"] <= 1.0 and r["stop"] in ("eos", "cap", "loop")
+               for r in rows)
 
 
 def test_page_with_boxes_json(tiny_model: Path, synthetic_release: Path, loaded, tmp_path: Path,
@@ -69,6 +88,7 @@ def test_page_with_boxes_json(tiny_model: Path, synthetic_release: Path, loaded,
     rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
     assert [r["bbox"] for r in rows] == clipped and [r["text"] for r in rows] == texts
     assert rows[1]["id"] == "b2" and all(r["image"] == str(page) for r in rows)
+    assert all({"confidence", "min_probability", "stop"} <= r.keys() for r in rows)
 
     assert predict.main(argv) == 0
     first = capsys.readouterr().out.splitlines()[0].split("\t")
