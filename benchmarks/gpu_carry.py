@@ -51,6 +51,9 @@ CARRY_UNLISTED = {"peft"}
 # working tree included, and wordfreq's wheel is 56.8 MB (word lists of 40+ languages; 3.1.1).
 LEFT_OUT = {"wordfreq": "56.8 MB wheel against the device tool's 64 MiB carry limit; only "
                         "synthesize_lines.py imports it (inside a function), and no suite part runs that"}
+# serve.py's stack: only paddleocr_vl_manga/serve imports it, and no suite part serves.
+LEFT_OUT |= {name: "serve.py's server only; no suite part serves" for name in ("fastapi", "uvicorn",
+                                                                                "python-multipart")}
 # pip matches a manylinux tag exactly: offer glibc 2.5 to 2.39 (the image's Python 3.12.3 is Ubuntu 24.04's)
 PLATFORMS = ["manylinux1_x86_64", "manylinux2010_x86_64", "manylinux2014_x86_64",
              *(f"manylinux_2_{n}_x86_64" for n in range(5, 40))]

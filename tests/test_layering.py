@@ -13,10 +13,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = "paddleocr_vl_manga"
 # Rank of each stage: a module may import its own stage and any stage of a lower rank, never a peer's.
-STAGE_RANK = {"data": 0, "model": 1, "evaluate": 2, "export": 2, "train": 3, "infer": 3}
+STAGE_RANK = {"data": 0, "model": 1, "evaluate": 2, "export": 2, "train": 3, "infer": 3, "serve": 4}
 # The commands users type (README, docs/): leaves that nothing imports.
 COMMANDS = ["prepare_manga109_data", "synthesize_lines", "sft_paddleocr_vl", "evaluate_model", "predict",
-            "export_model", "ocr_dataset", "custom_collator"]  # the last two: the seed project's re-exports
+            "export_model", "serve", "ocr_dataset", "custom_collator"]  # the last two: the seed's re-exports
 OUTSIDE = {"tools", "benchmarks", "tests"}
 
 
