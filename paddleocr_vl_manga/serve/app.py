@@ -182,7 +182,9 @@ def parse_boxes(text: str, width: int, height: int, max_crops: int) -> list[tupl
     for i, item in enumerate(items):
         box = item.get("bbox") if isinstance(item, dict) else item
         numbers = isinstance(box, list) and len(box) == 4 and all(
-            isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in box)
+            isinstance(v, int | float) and not isinstance(v, bool)
+            and (isinstance(v, int) or math.isfinite(v))  # math.isfinite(10**400) raises OverflowError
+            for v in box)
         if not numbers:
             raise ApiError(422, "invalid_boxes", f"boxes[{i}] must be [x0, y0, x1, y1] (numbers), got "
                            f"{item!r}")
@@ -238,6 +240,11 @@ async def _ocr_inputs(request: Request, limits: Limits) -> list[Image.Image]:
         names = [f"image {i} ({f.filename})" for i, f in enumerate(crops)]
         return await asyncio.to_thread(  # decoding a big image takes ~0.1 s: off the event loop
             lambda: [decode_image(d, n, limits.max_image_pixels) for d, n in zip(data, names, strict=True)])
+    if len(boxes) == 1 and isinstance(boxes[0], UploadFile):  # curl -F boxes=@boxes.json: a file part
+        try:
+            boxes = [(await boxes[0].read()).decode("utf-8-sig")]
+        except UnicodeDecodeError as e:
+            raise ApiError(400, "invalid_json", f"boxes is not UTF-8 JSON ({e})") from None
     if len(pages) != 1 or len(boxes) != 1 or not isinstance(boxes[0], str):
         raise ApiError(400, "invalid_form", "send one or more `image` files, or exactly one `page` file and "
                        f"one `boxes` field (got {len(pages)} page and {len(boxes)} boxes)")

@@ -51,6 +51,7 @@ def bind(host: str, port: int) -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
+        sock.listen()  # now: a bound socket that is not listening lets a second server bind the port too
     except OSError as e:
         sock.close()
         raise ServeError(f"cannot listen on {host}:{port} ({e.strerror or e}); is another server there? "

@@ -75,6 +75,28 @@ def test_ocr_page_and_boxes_read_the_boxes_of_the_page(client: TestClient, mocr:
     assert response.json()["results"] == expected(mocr, crops)
 
 
+def test_a_box_with_a_huge_integer_is_clipped_to_the_page_not_a_server_error(client: TestClient, mocr: Any,
+                                                                             page_file: Path) -> None:
+    # JSON's integers are unbounded: 10**400 once made math.isfinite raise OverflowError, a plain-text 500
+    response = client.post("/ocr", files=files([page_file], "page"),
+                           data={"boxes": f"[[10, 10, {10 ** 400}, 60]]"})
+    assert response.status_code == 200, response.text
+    width = Image.open(page_file).width
+    crop = Image.open(page_file).convert("RGB").crop((10, 10, width, 60))
+    assert response.json()["results"] == expected(mocr, [crop])
+
+
+def test_boxes_sent_as_a_file_part_are_read_as_the_boxes_field(client: TestClient, mocr: Any,
+                                                               page_file: Path) -> None:
+    # `curl -F boxes=@boxes.json` (the file predict.py --boxes takes) sends boxes as a file part
+    boxes = [[10, 10, 50, 150], [100, 20, 190, 60]]
+    boxes_file = ("boxes", ("boxes.json", json.dumps(boxes).encode(), "application/json"))
+    response = client.post("/ocr", files=[*files([page_file], "page"), boxes_file])
+    assert response.status_code == 200, response.text
+    page = Image.open(page_file).convert("RGB")
+    assert response.json()["results"] == expected(mocr, [page.crop(tuple(b)) for b in boxes])
+
+
 def test_chat_completion_answers_the_text_as_the_assistant_message(client: TestClient, mocr: Any,
                                                                    crop_files: list[Path]) -> None:
     answer = client.post("/v1/chat/completions", json=chat_body(crop_files[1])).json()
@@ -276,3 +298,13 @@ def test_a_port_in_use_is_one_line_and_exit_2(tiny_model: Path, capsys: pytest.C
         assert main(["--model_path", str(tiny_model), "--port", str(port)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: cannot listen on 127.0.0.1:") and "\n" not in err
+
+
+def test_a_second_server_cannot_take_the_port_while_the_first_loads_its_model() -> None:
+    # cli binds before the model loads (minutes for the full model); a socket that is bound but not yet
+    # listening lets a second SO_REUSEADDR socket bind the same port, which then fails only after its load
+    from paddleocr_vl_manga.serve.cli import ServeError, bind
+
+    with bind("127.0.0.1", 0) as first:
+        with pytest.raises(ServeError, match="cannot listen on"):
+            bind("127.0.0.1", first.getsockname()[1]).close()
