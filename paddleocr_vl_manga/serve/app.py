@@ -79,18 +79,30 @@ class Guard:
 
     The body is counted as it arrives, so a client that sends no Content-Length (chunked) is cut off too."""
 
-    def __init__(self, app: Any, *, api_key: str | None, max_body_bytes: int, stats: dict) -> None:
+    def __init__(self, app: Any, *, api_key: str | None, max_body_bytes: int, stats: dict,
+                 drain_timeout_s: float) -> None:
         self.app, self.api_key, self.max_body_bytes, self.stats = app, api_key, max_body_bytes, stats
+        self.drain_timeout_s = drain_timeout_s
 
     async def _drain(self, receive: Callable, received: int) -> None:
         """Read the rest of an oversized body (up to 4x the limit, at least 64 MB) before answering 413:
-        a client still sending when the server answers and closes gets a connection reset, not the 413."""
+        a client still sending when the server answers and closes gets a connection reset, not the 413.
+        At most drain_timeout_s: a client that stalls mid-body must not hold the connection, nor Ctrl-C's
+        graceful shutdown, forever."""
         cap = max(4 * self.max_body_bytes, 64 * 1024 * 1024)
-        while received <= cap:
-            message = await receive()
-            received += len(message.get("body", b""))
-            if message["type"] != "http.request" or not message.get("more_body"):
-                return
+
+        async def read_rest() -> None:
+            nonlocal received
+            while received <= cap:
+                message = await receive()
+                received += len(message.get("body", b""))
+                if message["type"] != "http.request" or not message.get("more_body"):
+                    return
+
+        try:
+            await asyncio.wait_for(read_rest(), self.drain_timeout_s)
+        except asyncio.TimeoutError:
+            pass  # answer now; the server closes the half-read connection after the error
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
@@ -315,7 +327,7 @@ def create_app(ocr: Any, limits: Limits | None = None, api_key: str | None = Non
     app.state.batcher, app.state.limits = batcher, limits
     stats = {"requests_in_flight": 0}  # API requests inside the app now (Guard counts them)
     app.add_middleware(Guard, api_key=api_key, max_body_bytes=int(limits.max_body_mb * 1024 * 1024),
-                       stats=stats)
+                       stats=stats, drain_timeout_s=limits.request_timeout_s)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, e: ApiError) -> JSONResponse:

@@ -308,3 +308,39 @@ def test_a_second_server_cannot_take_the_port_while_the_first_loads_its_model() 
     with bind("127.0.0.1", 0) as first:
         with pytest.raises(ServeError, match="cannot listen on"):
             bind("127.0.0.1", first.getsockname()[1]).close()
+
+
+
+@pytest.mark.parametrize("headers", [
+    [(b"authorization", b"Bearer wrong"), (b"content-length", b"1000")],
+    [(b"authorization", b"Bearer s3cret"), (b"content-length", b"999999999")],
+], ids=["wrong key", "declared too large"])
+def test_a_client_stalling_mid_body_gets_its_error_and_cannot_hold_the_server(mocr: Any,
+                                                                                headers: list) -> None:
+    # The 401 and the 413 read the rest of the body first; a client that stops sending (a laptop asleep
+    # mid-upload) once held that forever, and with it Ctrl-C's graceful shutdown: --request_timeout_s bounds
+    # it.
+    import asyncio
+
+    app = create_app(mocr, Limits(request_timeout_s=0.5), api_key="s3cret")
+    scope = {"type": "http", "method": "POST", "path": "/ocr", "raw_path": b"/ocr", "query_string": b"",
+             "root_path": "", "scheme": "http", "server": ("127.0.0.1", 8000), "client": ("127.0.0.1", 1),
+             "http_version": "1.1", "asgi": {"version": "3.0"},
+             "headers": [(b"content-type", b"multipart/form-data; boundary=b"), *headers]}
+    chunks = [{"type": "http.request", "body": b"x" * 10, "more_body": True}]
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        if chunks:
+            return chunks.pop()
+        await asyncio.Event().wait()  # the client sends nothing more, and stays connected
+        raise AssertionError("unreachable")
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    async def call() -> None:  # 60 s: only a hang reaches it
+        await asyncio.wait_for(app(scope, receive, send), 60)
+
+    asyncio.run(call())
+    assert sent[0]["type"] == "http.response.start" and sent[0]["status"] in (401, 413)
