@@ -83,7 +83,22 @@ def _server_class():  # noqa: ANN202
     return Server
 
 
+def missing_packages() -> list[str]:
+    """The server's packages (requirements.txt) this Python lacks: a kit updated by `git pull` without
+    `pip install -r requirements.txt` would otherwise die in an import traceback or, without python-multipart,
+    start and answer every POST /ocr with a 500."""
+    from importlib.util import find_spec
+
+    wanted = {"fastapi": ["fastapi"], "uvicorn": ["uvicorn"],
+              "python-multipart": ["python_multipart", "multipart"]}  # "multipart" before 0.0.13
+    return [name for name, modules in wanted.items() if not any(find_spec(m) for m in modules)]
+
+
 def main(argv: list[str] | None = None) -> int:
+    missing = missing_packages()
+    if missing:
+        print(f"error: serve.py needs {', '.join(missing)}: pip install -r requirements.txt", file=sys.stderr)
+        return 2
     from paddleocr_vl_manga.model.quantize import METHODS as QUANTIZE_METHODS
     from paddleocr_vl_manga.serve.app import Limits
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import json
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -286,6 +287,17 @@ def test_bad_flags_are_one_line_and_exit_2(args: list[str], phrase: str, tiny_mo
     assert main(["--model_path", str(tiny_model), "--port", "0", *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: ") and phrase in err[-1], err
+
+
+def test_a_missing_server_package_is_one_line_naming_it_and_exit_2(capsys: pytest.CaptureFixture,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    # a kit updated without `pip install -r requirements.txt`: without python-multipart the server used to
+    # start and answer every POST /ocr with a 500
+    for module in ("python_multipart", "multipart"):
+        monkeypatch.setitem(sys.modules, module, None)
+    assert main(["--model_path", "/no/such/model", "--port", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: serve.py needs python-multipart: pip install -r requirements.txt"
 
 
 def test_a_port_in_use_is_one_line_and_exit_2(tiny_model: Path, capsys: pytest.CaptureFixture) -> None:
