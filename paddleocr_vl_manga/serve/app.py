@@ -183,7 +183,7 @@ def parse_boxes(text: str, width: int, height: int, max_crops: int) -> list[tupl
     "bbox" key too), each clipped to the page; a box that is empty or wholly outside the page is an error."""
     try:
         items = json.loads(text)
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:  # RecursionError: brackets nested thousands deep
         raise ApiError(400, "invalid_json", f"boxes is not JSON ({e})") from None
     if not isinstance(items, list) or not items:
         raise ApiError(422, "invalid_boxes", "boxes must be a non-empty JSON list of [x0, y0, x1, y1]")
@@ -382,7 +382,7 @@ def create_app(ocr: Any, limits: Limits | None = None, api_key: str | None = Non
             raw = await request.body()
             try:
                 body = json.loads(raw)
-            except ValueError as e:
+            except (ValueError, RecursionError) as e:  # RecursionError: brackets nested thousands deep
                 raise ApiError(400, "invalid_json", f"the body is not JSON ({e})") from None
             images = await asyncio.to_thread(chat_images, body, limits)
             return body, await batcher.read(images)

@@ -223,6 +223,16 @@ def test_every_bad_request_is_parametrized(crop_files: list[Path], page_file: Pa
     assert sorted(BAD_NAMES) == sorted(bad_requests(crop_files[0], page_file))
 
 
+def test_json_nested_too_deep_is_a_400_not_a_server_error(client: TestClient, page_file: Path) -> None:
+    # 200 kB of brackets, well under the body limit: json.loads raises RecursionError, no ValueError
+    deep = "[" * 100_000 + "]" * 100_000
+    for response in (client.post("/ocr", files=files([page_file], "page"), data={"boxes": deep}),
+                     client.post("/v1/chat/completions", content=deep.encode(),
+                                 headers={"content-type": "application/json"})):
+        assert response.status_code == 400, response.text
+        assert response.json()["error"]["type"] == "invalid_json"
+
+
 def test_unknown_routes_and_methods_answer_json_errors(small_client: TestClient) -> None:
     assert small_client.get("/nope").json()["error"]["type"] == "not_found"
     assert small_client.get("/ocr").json()["error"]["type"] == "method_not_allowed"
