@@ -178,6 +178,27 @@ def decode_image(data: bytes, what: str, max_pixels: int) -> Image.Image:
                        f"{what} is not an image the server can read ({reason})") from None
 
 
+def header_pixels(data: bytes) -> int:
+    """An image file's width x height from its header alone; 0 when PIL cannot read it (decode_image then
+    names the problem)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as im:
+                return im.size[0] * im.size[1]
+    except Exception:  # noqa: BLE001  (decode_image reports it, with its reason)
+        return 0
+
+
+def check_total_pixels(sizes: list[int], what: str, limits: Limits) -> None:
+    """--max_image_pixels also bounds a request's images (or boxes) together, before any is decoded: each
+    image under it, 64 of them (PNG bombs of a few kB each) decoded to tens of GB. One image alone is
+    decode_image's check, which names the file."""
+    if len(sizes) > 1 and sum(sizes) > limits.max_image_pixels:
+        raise ApiError(413, "image_too_large", f"the {len(sizes)} {what} total {sum(sizes)} pixels, over the "
+                       f"server's limit of {limits.max_image_pixels} per request (--max_image_pixels)")
+
+
 def parse_boxes(text: str, width: int, height: int, max_crops: int) -> list[tuple[int, int, int, int]]:
     """`boxes` as predict.py --boxes reads them: [[x0, y0, x1, y1], ...] in page pixels (objects with a
     "bbox" key too), each clipped to the page; a box that is empty or wholly outside the page is an error."""
@@ -250,6 +271,7 @@ async def _ocr_inputs(request: Request, limits: Limits) -> list[Image.Image]:
                            f"{limits.max_crops} crops per request (--max_crops)")
         data = [await f.read() for f in crops]
         names = [f"image {i} ({f.filename})" for i, f in enumerate(crops)]
+        check_total_pixels(list(map(header_pixels, data)), "images", limits)
         return await asyncio.to_thread(  # decoding a big image takes ~0.1 s: off the event loop
             lambda: [decode_image(d, n, limits.max_image_pixels) for d, n in zip(data, names, strict=True)])
     if len(boxes) == 1 and isinstance(boxes[0], UploadFile):  # curl -F boxes=@boxes.json: a file part
@@ -263,10 +285,13 @@ async def _ocr_inputs(request: Request, limits: Limits) -> list[Image.Image]:
     page_data = await pages[0].read()
     page = await asyncio.to_thread(decode_image, page_data, f"page ({pages[0].filename})",
                                    limits.max_image_pixels)
-    return [page.crop(b) for b in parse_boxes(boxes[0], *page.size, limits.max_crops)]
+    clipped = parse_boxes(boxes[0], *page.size, limits.max_crops)
+    # each crop is a copy of its box's pixels
+    check_total_pixels([(x1 - x0) * (y1 - y0) for x0, y0, x1, y1 in clipped], "boxes", limits)
+    return [page.crop(b) for b in clipped]
 
 
-def _data_uri_image(url: Any, i: int, limits: Limits) -> Image.Image:
+def _data_uri_bytes(url: Any, i: int) -> bytes:
     if not isinstance(url, str) or not url.startswith("data:"):
         raise ApiError(400, "invalid_request_error", f"image {i}: only data: URIs are read "
                        "(data:image/png;base64,...); the server fetches no URL")
@@ -279,7 +304,7 @@ def _data_uri_image(url: Any, i: int, limits: Limits) -> Image.Image:
     except (binascii.Error, ValueError) as e:
         raise ApiError(400, "invalid_request_error",
                        f"image {i}: the data URI is not valid base64 ({e})") from None
-    return decode_image(data, f"image {i}", limits.max_image_pixels)
+    return data
 
 
 def chat_images(body: Any, limits: Limits) -> list[Image.Image]:
@@ -303,7 +328,9 @@ def chat_images(body: Any, limits: Limits) -> list[Image.Image]:
     if len(urls) > limits.max_crops:
         raise ApiError(413, "too_many_crops", f"{len(urls)} images, over the server's limit of "
                        f"{limits.max_crops} crops per request (--max_crops)")
-    return [_data_uri_image(url, i, limits) for i, url in enumerate(urls)]
+    data = [_data_uri_bytes(url, i) for i, url in enumerate(urls)]
+    check_total_pixels(list(map(header_pixels, data)), "images", limits)
+    return [decode_image(d, f"image {i}", limits.max_image_pixels) for i, d in enumerate(data)]
 
 
 # ---------------------------------------------------------------- the app

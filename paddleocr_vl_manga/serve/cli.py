@@ -122,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
                     f"Bearer KEY' (default: ${API_KEY_ENV}); required off loopback")
     help_of = {
         "max_body_mb": "largest request body, MB (413 over it)",
-        "max_image_pixels": "most pixels in one decoded image, crop or page (413 over it)",
+        "max_image_pixels": "most pixels in one decoded image, crop or page, and in a request's images or "
+        "boxes together (413 over it)",
         "max_crops": "most crops in one request: image files, boxes or chat images (413 over it)",
         "request_timeout_s": "longest a request may take, queueing included, seconds (504 over it)",
         "batch_window_ms": "how long the batcher waits for other requests before reading (0: not at all)",
