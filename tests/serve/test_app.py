@@ -223,34 +223,6 @@ def test_every_bad_request_is_parametrized(crop_files: list[Path], page_file: Pa
     assert sorted(BAD_NAMES) == sorted(bad_requests(crop_files[0], page_file))
 
 
-def test_json_nested_too_deep_is_a_400_not_a_server_error(client: TestClient, page_file: Path) -> None:
-    # 200 kB of brackets, well under the body limit: json.loads raises RecursionError, no ValueError
-    deep = "[" * 100_000 + "]" * 100_000
-    for response in (client.post("/ocr", files=files([page_file], "page"), data={"boxes": deep}),
-                     client.post("/v1/chat/completions", content=deep.encode(),
-                                 headers={"content-type": "application/json"})):
-        assert response.status_code == 400, response.text
-        assert response.json()["error"]["type"] == "invalid_json"
-
-
-def test_a_request_whose_images_together_pass_the_pixel_limit_gets_413_before_decoding(
-        small_client: TestClient, page_file: Path) -> None:
-    # Each image under --max_image_pixels, but not all of them together: 64 PNG bombs of 36 M pixels
-    # (35 kB each, a 2 MB request) once decoded to ~27 GB and got the server killed for memory.
-    each = png(150, 150)  # 22,500 pixels; SMALL allows 60,000
-    uri = "data:image/png;base64," + base64.b64encode(each).decode()
-    chat = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": uri}}] * 3}]}
-    page_boxes = {"boxes": json.dumps([[0, 0, 200, 300]] * 2)}  # the whole 200x300 page, twice
-    for response in (small_client.post("/ocr", files=[("image", (f"{i}.png", each, "image/png"))
-                                                      for i in range(3)]),
-                     small_client.post("/v1/chat/completions", json=chat),
-                     small_client.post("/ocr", files=files([page_file], "page"), data=page_boxes)):
-        assert response.status_code == 413, response.text
-        error = response.json()["error"]
-        assert error["type"] == "image_too_large" and "--max_image_pixels" in error["message"]
-    assert small_client.post("/ocr", files=[("image", ("0.png", each, "image/png"))] * 2).status_code == 200
-
-
 def test_unknown_routes_and_methods_answer_json_errors(small_client: TestClient) -> None:
     assert small_client.get("/nope").json()["error"]["type"] == "not_found"
     assert small_client.get("/ocr").json()["error"]["type"] == "method_not_allowed"
@@ -384,3 +356,31 @@ def test_a_client_stalling_mid_body_gets_its_error_and_cannot_hold_the_server(mo
 
     asyncio.run(call())
     assert sent[0]["type"] == "http.response.start" and sent[0]["status"] in (401, 413)
+
+
+def test_json_nested_too_deep_is_a_400_not_a_server_error(client: TestClient, page_file: Path) -> None:
+    # 200 kB of brackets, well under the body limit: json.loads raises RecursionError, no ValueError
+    deep = "[" * 100_000 + "]" * 100_000
+    for response in (client.post("/ocr", files=files([page_file], "page"), data={"boxes": deep}),
+                     client.post("/v1/chat/completions", content=deep.encode(),
+                                 headers={"content-type": "application/json"})):
+        assert response.status_code == 400, response.text
+        assert response.json()["error"]["type"] == "invalid_json"
+
+
+def test_a_request_whose_images_together_pass_the_pixel_limit_gets_413_before_decoding(
+        small_client: TestClient, page_file: Path) -> None:
+    # Each image under --max_image_pixels, but not all of them together: 64 PNG bombs of 36 M pixels
+    # (35 kB each, a 2 MB request) once decoded to ~27 GB and got the server killed for memory.
+    each = png(150, 150)  # 22,500 pixels; SMALL allows 60,000
+    uri = "data:image/png;base64," + base64.b64encode(each).decode()
+    chat = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": uri}}] * 3}]}
+    page_boxes = {"boxes": json.dumps([[0, 0, 200, 300]] * 2)}  # the whole 200x300 page, twice
+    for response in (small_client.post("/ocr", files=[("image", (f"{i}.png", each, "image/png"))
+                                                      for i in range(3)]),
+                     small_client.post("/v1/chat/completions", json=chat),
+                     small_client.post("/ocr", files=files([page_file], "page"), data=page_boxes)):
+        assert response.status_code == 413, response.text
+        error = response.json()["error"]
+        assert error["type"] == "image_too_large" and "--max_image_pixels" in error["message"]
+    assert small_client.post("/ocr", files=[("image", ("0.png", each, "image/png"))] * 2).status_code == 200
