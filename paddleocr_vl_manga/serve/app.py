@@ -79,18 +79,30 @@ class Guard:
 
     The body is counted as it arrives, so a client that sends no Content-Length (chunked) is cut off too."""
 
-    def __init__(self, app: Any, *, api_key: str | None, max_body_bytes: int, stats: dict) -> None:
+    def __init__(self, app: Any, *, api_key: str | None, max_body_bytes: int, stats: dict,
+                 drain_timeout_s: float) -> None:
         self.app, self.api_key, self.max_body_bytes, self.stats = app, api_key, max_body_bytes, stats
+        self.drain_timeout_s = drain_timeout_s
 
     async def _drain(self, receive: Callable, received: int) -> None:
         """Read the rest of an oversized body (up to 4x the limit, at least 64 MB) before answering 413:
-        a client still sending when the server answers and closes gets a connection reset, not the 413."""
+        a client still sending when the server answers and closes gets a connection reset, not the 413.
+        At most drain_timeout_s: a client that stalls mid-body must not hold the connection, nor Ctrl-C's
+        graceful shutdown, forever."""
         cap = max(4 * self.max_body_bytes, 64 * 1024 * 1024)
-        while received <= cap:
-            message = await receive()
-            received += len(message.get("body", b""))
-            if message["type"] != "http.request" or not message.get("more_body"):
-                return
+
+        async def read_rest() -> None:
+            nonlocal received
+            while received <= cap:
+                message = await receive()
+                received += len(message.get("body", b""))
+                if message["type"] != "http.request" or not message.get("more_body"):
+                    return
+
+        try:
+            await asyncio.wait_for(read_rest(), self.drain_timeout_s)
+        except asyncio.TimeoutError:
+            pass  # answer now; the server closes the half-read connection after the error
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
@@ -166,12 +178,33 @@ def decode_image(data: bytes, what: str, max_pixels: int) -> Image.Image:
                        f"{what} is not an image the server can read ({reason})") from None
 
 
+def header_pixels(data: bytes) -> int:
+    """An image file's width x height from its header alone; 0 when PIL cannot read it (decode_image then
+    names the problem)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as im:
+                return im.size[0] * im.size[1]
+    except Exception:  # noqa: BLE001  (decode_image reports it, with its reason)
+        return 0
+
+
+def check_total_pixels(sizes: list[int], what: str, limits: Limits) -> None:
+    """--max_image_pixels also bounds a request's images (or boxes) together, before any is decoded: each
+    image under it, 64 of them (PNG bombs of a few kB each) decoded to tens of GB. One image alone is
+    decode_image's check, which names the file."""
+    if len(sizes) > 1 and sum(sizes) > limits.max_image_pixels:
+        raise ApiError(413, "image_too_large", f"the {len(sizes)} {what} total {sum(sizes)} pixels, over the "
+                       f"server's limit of {limits.max_image_pixels} per request (--max_image_pixels)")
+
+
 def parse_boxes(text: str, width: int, height: int, max_crops: int) -> list[tuple[int, int, int, int]]:
     """`boxes` as predict.py --boxes reads them: [[x0, y0, x1, y1], ...] in page pixels (objects with a
     "bbox" key too), each clipped to the page; a box that is empty or wholly outside the page is an error."""
     try:
         items = json.loads(text)
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:  # RecursionError: brackets nested thousands deep
         raise ApiError(400, "invalid_json", f"boxes is not JSON ({e})") from None
     if not isinstance(items, list) or not items:
         raise ApiError(422, "invalid_boxes", "boxes must be a non-empty JSON list of [x0, y0, x1, y1]")
@@ -182,7 +215,9 @@ def parse_boxes(text: str, width: int, height: int, max_crops: int) -> list[tupl
     for i, item in enumerate(items):
         box = item.get("bbox") if isinstance(item, dict) else item
         numbers = isinstance(box, list) and len(box) == 4 and all(
-            isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in box)
+            isinstance(v, int | float) and not isinstance(v, bool)
+            and (isinstance(v, int) or math.isfinite(v))  # math.isfinite(10**400) raises OverflowError
+            for v in box)
         if not numbers:
             raise ApiError(422, "invalid_boxes", f"boxes[{i}] must be [x0, y0, x1, y1] (numbers), got "
                            f"{item!r}")
@@ -236,18 +271,27 @@ async def _ocr_inputs(request: Request, limits: Limits) -> list[Image.Image]:
                            f"{limits.max_crops} crops per request (--max_crops)")
         data = [await f.read() for f in crops]
         names = [f"image {i} ({f.filename})" for i, f in enumerate(crops)]
+        check_total_pixels(list(map(header_pixels, data)), "images", limits)
         return await asyncio.to_thread(  # decoding a big image takes ~0.1 s: off the event loop
             lambda: [decode_image(d, n, limits.max_image_pixels) for d, n in zip(data, names, strict=True)])
+    if len(boxes) == 1 and isinstance(boxes[0], UploadFile):  # curl -F boxes=@boxes.json: a file part
+        try:
+            boxes = [(await boxes[0].read()).decode("utf-8-sig")]
+        except UnicodeDecodeError as e:
+            raise ApiError(400, "invalid_json", f"boxes is not UTF-8 JSON ({e})") from None
     if len(pages) != 1 or len(boxes) != 1 or not isinstance(boxes[0], str):
         raise ApiError(400, "invalid_form", "send one or more `image` files, or exactly one `page` file and "
                        f"one `boxes` field (got {len(pages)} page and {len(boxes)} boxes)")
     page_data = await pages[0].read()
     page = await asyncio.to_thread(decode_image, page_data, f"page ({pages[0].filename})",
                                    limits.max_image_pixels)
-    return [page.crop(b) for b in parse_boxes(boxes[0], *page.size, limits.max_crops)]
+    clipped = parse_boxes(boxes[0], *page.size, limits.max_crops)
+    # each crop is a copy of its box's pixels
+    check_total_pixels([(x1 - x0) * (y1 - y0) for x0, y0, x1, y1 in clipped], "boxes", limits)
+    return [page.crop(b) for b in clipped]
 
 
-def _data_uri_image(url: Any, i: int, limits: Limits) -> Image.Image:
+def _data_uri_bytes(url: Any, i: int) -> bytes:
     if not isinstance(url, str) or not url.startswith("data:"):
         raise ApiError(400, "invalid_request_error", f"image {i}: only data: URIs are read "
                        "(data:image/png;base64,...); the server fetches no URL")
@@ -260,7 +304,7 @@ def _data_uri_image(url: Any, i: int, limits: Limits) -> Image.Image:
     except (binascii.Error, ValueError) as e:
         raise ApiError(400, "invalid_request_error",
                        f"image {i}: the data URI is not valid base64 ({e})") from None
-    return decode_image(data, f"image {i}", limits.max_image_pixels)
+    return data
 
 
 def chat_images(body: Any, limits: Limits) -> list[Image.Image]:
@@ -284,7 +328,9 @@ def chat_images(body: Any, limits: Limits) -> list[Image.Image]:
     if len(urls) > limits.max_crops:
         raise ApiError(413, "too_many_crops", f"{len(urls)} images, over the server's limit of "
                        f"{limits.max_crops} crops per request (--max_crops)")
-    return [_data_uri_image(url, i, limits) for i, url in enumerate(urls)]
+    data = [_data_uri_bytes(url, i) for i, url in enumerate(urls)]
+    check_total_pixels(list(map(header_pixels, data)), "images", limits)
+    return [decode_image(d, f"image {i}", limits.max_image_pixels) for i, d in enumerate(data)]
 
 
 # ---------------------------------------------------------------- the app
@@ -308,7 +354,7 @@ def create_app(ocr: Any, limits: Limits | None = None, api_key: str | None = Non
     app.state.batcher, app.state.limits = batcher, limits
     stats = {"requests_in_flight": 0}  # API requests inside the app now (Guard counts them)
     app.add_middleware(Guard, api_key=api_key, max_body_bytes=int(limits.max_body_mb * 1024 * 1024),
-                       stats=stats)
+                       stats=stats, drain_timeout_s=limits.request_timeout_s)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, e: ApiError) -> JSONResponse:
@@ -363,7 +409,7 @@ def create_app(ocr: Any, limits: Limits | None = None, api_key: str | None = Non
             raw = await request.body()
             try:
                 body = json.loads(raw)
-            except ValueError as e:
+            except (ValueError, RecursionError) as e:  # RecursionError: brackets nested thousands deep
                 raise ApiError(400, "invalid_json", f"the body is not JSON ({e})") from None
             images = await asyncio.to_thread(chat_images, body, limits)
             return body, await batcher.read(images)

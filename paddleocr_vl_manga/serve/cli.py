@@ -51,6 +51,7 @@ def bind(host: str, port: int) -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
+        sock.listen()  # now: a bound socket that is not listening lets a second server bind the port too
     except OSError as e:
         sock.close()
         raise ServeError(f"cannot listen on {host}:{port} ({e.strerror or e}); is another server there? "
@@ -82,7 +83,22 @@ def _server_class():  # noqa: ANN202
     return Server
 
 
+def missing_packages() -> list[str]:
+    """The server's packages (requirements.txt) this Python lacks: a kit updated by `git pull` without
+    `pip install -r requirements.txt` would otherwise die in an import traceback or, without python-multipart,
+    start and answer every POST /ocr with a 500."""
+    from importlib.util import find_spec
+
+    wanted = {"fastapi": ["fastapi"], "uvicorn": ["uvicorn"],
+              "python-multipart": ["python_multipart", "multipart"]}  # "multipart" before 0.0.13
+    return [name for name, modules in wanted.items() if not any(find_spec(m) for m in modules)]
+
+
 def main(argv: list[str] | None = None) -> int:
+    missing = missing_packages()
+    if missing:
+        print(f"error: serve.py needs {', '.join(missing)}: pip install -r requirements.txt", file=sys.stderr)
+        return 2
     from paddleocr_vl_manga.model.quantize import METHODS as QUANTIZE_METHODS
     from paddleocr_vl_manga.serve.app import Limits
 
@@ -106,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
                     f"Bearer KEY' (default: ${API_KEY_ENV}); required off loopback")
     help_of = {
         "max_body_mb": "largest request body, MB (413 over it)",
-        "max_image_pixels": "most pixels in one decoded image, crop or page (413 over it)",
+        "max_image_pixels": "most pixels in one decoded image, crop or page, and in a request's images or "
+        "boxes together (413 over it)",
         "max_crops": "most crops in one request: image files, boxes or chat images (413 over it)",
         "request_timeout_s": "longest a request may take, queueing included, seconds (504 over it)",
         "batch_window_ms": "how long the batcher waits for other requests before reading (0: not at all)",

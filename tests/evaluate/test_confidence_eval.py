@@ -76,6 +76,16 @@ def test_report_section_has_a_decile_table_and_the_kept_curve() -> None:
     assert "missing" not in html
 
 
+
+def test_with_fewer_lines_than_deciles_each_row_names_the_decile_its_line_falls_in() -> None:
+    import re
+
+    # 5 lines: the least confident is in the bottom tenths; labelled 1..5 it read as the middle decile
+    labels = [int(d) for d in re.findall(r"<tr><td>(\d+)</td>", confidence_section(rows_of(5)))]
+    assert labels == [1 + 10 * i // 5 for i in range(5)]
+    assert [int(d) for d in re.findall(r"<tr><td>(\d+)</td>", confidence_section(rows_of(40)))] == [
+        *range(1, 11)]
+
 @pytest.fixture(scope="module")
 def run_dir(tiny_model: Path, data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list]:
     out = tmp_path_factory.mktemp("conf_eval")

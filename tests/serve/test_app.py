@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import json
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,28 @@ def test_ocr_page_and_boxes_read_the_boxes_of_the_page(client: TestClient, mocr:
     page = Image.open(page_file).convert("RGB")
     crops = [page.crop(b) for b in [(10, 10, 50, 150), (100, 20, 190, 60), (150, 250, 200, 300)]]
     assert response.json()["results"] == expected(mocr, crops)
+
+
+def test_a_box_with_a_huge_integer_is_clipped_to_the_page_not_a_server_error(client: TestClient, mocr: Any,
+                                                                             page_file: Path) -> None:
+    # JSON's integers are unbounded: 10**400 once made math.isfinite raise OverflowError, a plain-text 500
+    response = client.post("/ocr", files=files([page_file], "page"),
+                           data={"boxes": f"[[10, 10, {10 ** 400}, 60]]"})
+    assert response.status_code == 200, response.text
+    width = Image.open(page_file).width
+    crop = Image.open(page_file).convert("RGB").crop((10, 10, width, 60))
+    assert response.json()["results"] == expected(mocr, [crop])
+
+
+def test_boxes_sent_as_a_file_part_are_read_as_the_boxes_field(client: TestClient, mocr: Any,
+                                                               page_file: Path) -> None:
+    # `curl -F boxes=@boxes.json` (the file predict.py --boxes takes) sends boxes as a file part
+    boxes = [[10, 10, 50, 150], [100, 20, 190, 60]]
+    boxes_file = ("boxes", ("boxes.json", json.dumps(boxes).encode(), "application/json"))
+    response = client.post("/ocr", files=[*files([page_file], "page"), boxes_file])
+    assert response.status_code == 200, response.text
+    page = Image.open(page_file).convert("RGB")
+    assert response.json()["results"] == expected(mocr, [page.crop(tuple(b)) for b in boxes])
 
 
 def test_chat_completion_answers_the_text_as_the_assistant_message(client: TestClient, mocr: Any,
@@ -277,6 +300,17 @@ def test_bad_flags_are_one_line_and_exit_2(args: list[str], phrase: str, tiny_mo
     assert err[-1].startswith("error: ") and phrase in err[-1], err
 
 
+def test_a_missing_server_package_is_one_line_naming_it_and_exit_2(capsys: pytest.CaptureFixture,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    # a kit updated without `pip install -r requirements.txt`: without python-multipart the server used to
+    # start and answer every POST /ocr with a 500
+    for module in ("python_multipart", "multipart"):
+        monkeypatch.setitem(sys.modules, module, None)
+    assert main(["--model_path", "/no/such/model", "--port", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: serve.py needs python-multipart: pip install -r requirements.txt"
+
+
 def test_a_port_in_use_is_one_line_and_exit_2(tiny_model: Path, capsys: pytest.CaptureFixture) -> None:
     import socket
 
@@ -287,3 +321,77 @@ def test_a_port_in_use_is_one_line_and_exit_2(tiny_model: Path, capsys: pytest.C
         assert main(["--model_path", str(tiny_model), "--port", str(port)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: cannot listen on 127.0.0.1:") and "\n" not in err
+
+
+def test_a_second_server_cannot_take_the_port_while_the_first_loads_its_model() -> None:
+    # cli binds before the model loads (minutes for the full model); a socket that is bound but not yet
+    # listening lets a second SO_REUSEADDR socket bind the same port, which then fails only after its load
+    from paddleocr_vl_manga.serve.cli import ServeError, bind
+
+    with bind("127.0.0.1", 0) as first:
+        with pytest.raises(ServeError, match="cannot listen on"):
+            bind("127.0.0.1", first.getsockname()[1]).close()
+
+
+
+@pytest.mark.parametrize("headers", [
+    [(b"authorization", b"Bearer wrong"), (b"content-length", b"1000")],
+    [(b"authorization", b"Bearer s3cret"), (b"content-length", b"999999999")],
+], ids=["wrong key", "declared too large"])
+def test_a_client_stalling_mid_body_gets_its_error_and_cannot_hold_the_server(mocr: Any,
+                                                                                headers: list) -> None:
+    # The 401 and the 413 read the rest of the body first; a client that stops sending (a laptop asleep
+    # mid-upload) once held that forever, and with it Ctrl-C's graceful shutdown: --request_timeout_s bounds
+    # it.
+    import asyncio
+
+    app = create_app(mocr, Limits(request_timeout_s=0.5), api_key="s3cret")
+    scope = {"type": "http", "method": "POST", "path": "/ocr", "raw_path": b"/ocr", "query_string": b"",
+             "root_path": "", "scheme": "http", "server": ("127.0.0.1", 8000), "client": ("127.0.0.1", 1),
+             "http_version": "1.1", "asgi": {"version": "3.0"},
+             "headers": [(b"content-type", b"multipart/form-data; boundary=b"), *headers]}
+    chunks = [{"type": "http.request", "body": b"x" * 10, "more_body": True}]
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        if chunks:
+            return chunks.pop()
+        await asyncio.Event().wait()  # the client sends nothing more, and stays connected
+        raise AssertionError("unreachable")
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    async def call() -> None:  # 60 s: only a hang reaches it
+        await asyncio.wait_for(app(scope, receive, send), 60)
+
+    asyncio.run(call())
+    assert sent[0]["type"] == "http.response.start" and sent[0]["status"] in (401, 413)
+
+
+def test_json_nested_too_deep_is_a_400_not_a_server_error(client: TestClient, page_file: Path) -> None:
+    # 200 kB of brackets, well under the body limit: json.loads raises RecursionError, no ValueError
+    deep = "[" * 100_000 + "]" * 100_000
+    for response in (client.post("/ocr", files=files([page_file], "page"), data={"boxes": deep}),
+                     client.post("/v1/chat/completions", content=deep.encode(),
+                                 headers={"content-type": "application/json"})):
+        assert response.status_code == 400, response.text
+        assert response.json()["error"]["type"] == "invalid_json"
+
+
+def test_a_request_whose_images_together_pass_the_pixel_limit_gets_413_before_decoding(
+        small_client: TestClient, page_file: Path) -> None:
+    # Each image under --max_image_pixels, but not all of them together: 64 PNG bombs of 36 M pixels
+    # (35 kB each, a 2 MB request) once decoded to ~27 GB and got the server killed for memory.
+    each = png(150, 150)  # 22,500 pixels; SMALL allows 60,000
+    uri = "data:image/png;base64," + base64.b64encode(each).decode()
+    chat = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": uri}}] * 3}]}
+    page_boxes = {"boxes": json.dumps([[0, 0, 200, 300]] * 2)}  # the whole 200x300 page, twice
+    for response in (small_client.post("/ocr", files=[("image", (f"{i}.png", each, "image/png"))
+                                                      for i in range(3)]),
+                     small_client.post("/v1/chat/completions", json=chat),
+                     small_client.post("/ocr", files=files([page_file], "page"), data=page_boxes)):
+        assert response.status_code == 413, response.text
+        error = response.json()["error"]
+        assert error["type"] == "image_too_large" and "--max_image_pixels" in error["message"]
+    assert small_client.post("/ocr", files=[("image", ("0.png", each, "image/png"))] * 2).status_code == 200
