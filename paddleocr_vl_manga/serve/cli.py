@@ -129,10 +129,19 @@ def main(argv: list[str] | None = None) -> int:
         "batch_window_ms": "how long the batcher waits for other requests before reading (0: not at all)",
         "max_batch_size": "most crops read in one batch (read_many's batch size)",
     }
+    # int8 quantizes activations with one scale per batch, so a crop's text depends on its batch mates (7 of
+    # 8 tiny-model crops read otherwise batched), and on a CPU batching gained no throughput at full size
+    # (docs/serving.md): quantized, each crop is read alone unless asked, so its text is MangaOcr()'s.
     for f in fields(Limits):
-        ap.add_argument(f"--{f.name}", type=type(f.default), default=f.default,
-                        help=f"{help_of[f.name]} (default {f.default:g})")
+        default, shown = f.default, f"{f.default:g}"
+        if f.name == "max_batch_size":
+            default = None
+            shown = f"{f.default}; 1 with --quantize, whose per-batch scale ties a text to its batch mates"
+        ap.add_argument(f"--{f.name}", type=type(f.default), default=default,
+                        help=f"{help_of[f.name]} (default {shown})")
     a = ap.parse_args(argv)
+    if a.max_batch_size is None:
+        a.max_batch_size = 1 if a.quantize else Limits.max_batch_size
 
     from paddleocr_vl_manga.model.loading import ModelLoadError
 

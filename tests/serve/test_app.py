@@ -395,3 +395,17 @@ def test_a_request_whose_images_together_pass_the_pixel_limit_gets_413_before_de
         error = response.json()["error"]
         assert error["type"] == "image_too_large" and "--max_image_pixels" in error["message"]
     assert small_client.post("/ocr", files=[("image", ("0.png", each, "image/png"))] * 2).status_code == 200
+
+
+@pytest.mark.parametrize(("args", "batch"), [([], 16), (["--quantize", "int8"], 1),
+                                             (["--quantize", "int8", "--max_batch_size", "8"], 8)])
+def test_a_quantized_server_reads_each_crop_alone_unless_asked(args: list[str], batch: int,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """int8's activation scale is one per batch: batched, a crop's text would depend on its batch mates and
+    differ from MangaOcr()'s (7 of 8 tiny-model crops did)."""
+    import paddleocr_vl_manga.serve.cli as cli
+
+    seen: list[Limits] = []
+    monkeypatch.setattr(cli, "run", lambda a, limits, sock: sock.close() or seen.append(limits) or 0)
+    assert main(["--model_path", "unused", "--port", "0", *args]) == 0
+    assert seen[0].max_batch_size == batch
