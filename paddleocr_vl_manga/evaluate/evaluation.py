@@ -40,7 +40,7 @@ from paddleocr_vl_manga.evaluate.metrics import (
     normalize,
 )
 from paddleocr_vl_manga.evaluate.report import write_comparison, write_report
-from paddleocr_vl_manga.model.output_vocabulary import head_size
+from paddleocr_vl_manga.model.output_vocabulary import head_line, head_size
 from paddleocr_vl_manga.model.quantize import METHODS as QUANTIZE_METHODS
 from paddleocr_vl_manga.model.vision_runtime import RUNTIMES as VISION_RUNTIMES
 
@@ -492,7 +492,7 @@ def evaluate(args: EvalArguments) -> dict:
                                                   trust_remote_code=args.trust_remote_code,
                                                   full_vocabulary=args.full_vocabulary,
                                                   vision_runtime=args.vision_runtime)
-    print(f"lm_head: {head_size(model)}", file=sys.stderr)  # restricted by output_vocabulary.json or not
+    print(head_line(model), file=sys.stderr)  # restricted by output_vocabulary.json or not
     dtype = "int8 (" + args.quantize + ")" if args.quantize else str(next(model.parameters()).dtype)
     if args.vision_runtime:  # its int8 tower reads other texts than torch's: another run
         dtype += f", vision tower on {args.vision_runtime}"

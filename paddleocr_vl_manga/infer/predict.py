@@ -108,7 +108,7 @@ def run(a: argparse.Namespace) -> int:
         pixel_bounds_error,
     )
     from paddleocr_vl_manga.model.loading import load_for_inference
-    from paddleocr_vl_manga.model.output_vocabulary import head_size
+    from paddleocr_vl_manga.model.output_vocabulary import head_line
 
     flags = generation_flag_error(a.max_new_tokens, a.min_pixels, a.max_pixels)
     if flags:
@@ -137,7 +137,7 @@ def run(a: argparse.Namespace) -> int:
                                                   trust_remote_code=a.trust_remote_code,
                                                   full_vocabulary=a.full_vocabulary,
                                                   vision_runtime=a.vision_runtime)
-    print(f"lm_head: {head_size(model)}", file=sys.stderr)  # restricted by output_vocabulary.json or not
+    print(head_line(model), file=sys.stderr)  # restricted by output_vocabulary.json or not
     if a.num_workers is None:
         a.num_workers = default_num_workers(device)
     configure_image_size(processor, a.min_pixels, a.max_pixels)

@@ -120,6 +120,16 @@ def head_size(model: nn.Module) -> str:
     return f"all {getattr(head, 'out_features', 0):,} tokens"
 
 
+def head_line(model: nn.Module) -> str:
+    """The line the commands print at load: head_size, and for a restricted head what it cannot write and the
+    flag that reads it (a fine-tune's labels rarely hold every name or rare kanji a reader meets)."""
+    line = f"lm_head: {head_size(model)}"
+    if isinstance(model.get_output_embeddings(), RestrictedHead):
+        line += (" (output_vocabulary.json: the tokens training's labels used; a character no label had "
+                 "cannot be read: --full_vocabulary computes all)")
+    return line
+
+
 def apply_output_vocabulary(
     model: nn.Module, model_path: str, *, full_vocabulary: bool = False, local_files_only: bool = False
 ) -> str:

@@ -216,3 +216,22 @@ def test_bf16_weights_keep_their_dtype_and_read_the_same(tiny_model: Path, crops
     assert model.get_output_embeddings().linear.weight.dtype == torch.bfloat16
     readings, ids = greedy(model, processor, crops)
     assert ids == full_ids and [r.text for r in readings] == [r.text for r in full_readings]
+
+
+def test_the_restricted_heads_load_line_says_what_it_cannot_write_and_the_way_off(
+        tiny_model: Path, prepared: Path, tmp_path: Path, capsys) -> None:
+    # A Manga109-only fine-tune meets a name or rare kanji no label had: the one line predict.py and
+    # evaluate_model.py print at load is where the user can learn why, and which flag reads it.
+    import paddleocr_vl_manga.evaluate.evaluation as evaluate_model
+    import paddleocr_vl_manga.infer.predict as predict
+
+    folder = model_with_vocabulary(tiny_model, tmp_path / "m", [0, 1, 2])
+    image = str(prepared / json.loads((prepared / "test.jsonl").read_text().splitlines()[0])["image"])
+    assert predict.main([image, "--model_path", str(folder), "--max_new_tokens", "1"]) == 0
+    printed = [capsys.readouterr().err]
+    assert evaluate_model.main(["--model_path", str(folder), "--data_dir", str(prepared), "--num_samples",
+                                "1", "--max_new_tokens", "1", "--output_dir", str(tmp_path / "e")]) == 0
+    printed.append(capsys.readouterr().err)
+    for err in printed:
+        line = next(x for x in err.splitlines() if x.startswith("lm_head:"))
+        assert "--full_vocabulary" in line and "cannot" in line
