@@ -183,6 +183,34 @@ def _onnxruntime(core: VisionCore, int8: bool, threads: int, folder: Path, in_pl
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
+# The full-size tower (1.7 GB in fp32) passed 14 GB resident while its int8 graph was built, by either
+# runtime, and was stopped unfinished (docs/inference.md): at least 8x the tower's own fp32 bytes.
+INT8_BUILD_MEMORY_FACTOR = 8
+
+
+def available_memory() -> int | None:
+    """Bytes the OS says a new allocation can get (MemAvailable), or None where /proc/meminfo has none."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def warn_if_int8_build_may_not_fit(core: nn.Module, runtime: str) -> None:
+    """Warn before an int8 build that may exhaust memory: killed minutes in is all a user would see."""
+    need = INT8_BUILD_MEMORY_FACTOR * sum(p.numel() * p.element_size() for p in core.parameters())
+    free = available_memory()
+    if free is not None and need > free:
+        warnings.warn(f"--vision_runtime {runtime} with --quantize int8 builds an int8 graph of the vision "
+                      f"tower at load, which needs about {need / 1e9:.1f} GB of memory (the full-size "
+                      f"tower's build passed 14 GB); {free / 1e9:.1f} GB is available: if it is killed, "
+                      "leave --vision_runtime out (PyTorch's int8 tower) or --quantize int8 off",
+                      stacklevel=3)
+
+
 class CompiledVision(nn.Module):
     """get_image_features' vision part on a compiled runtime: features of every image, concatenated.
 
@@ -236,6 +264,8 @@ def attach_vision_runtime(model: Any, runtime: str, *, int8: bool = True, thread
         raise VisionRuntimeError(f"--vision_runtime {runtime} needs a float32 model, got "
                                  f"{inner.visual.dtype}")
     core = VisionCore(inner.visual, inner.projector).eval()
+    if int8:
+        warn_if_int8_build_may_not_fit(core, runtime)
     compiled = CompiledVision(core, runtime, int8, threads or torch.get_num_threads(), in_place=release_tower)
     inner.vision_runtime = compiled
     if release_tower:

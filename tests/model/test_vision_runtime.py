@@ -7,6 +7,7 @@ import copy
 import importlib.util
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -145,3 +146,22 @@ def test_cpu_threads_default_to_physical_cores_unless_the_user_chose(monkeypatch
 def test_physical_cores_counts_cores_not_smt_siblings() -> None:
     cores = cpu_threads.physical_cores()
     assert 1 <= cores <= cpu_threads.torch_default_threads()
+
+
+@pytest.mark.parametrize("runtime", [r for r in COMPILED if installed(r)])
+def test_int8_build_warns_before_it_starts_when_memory_looks_short(model_and_inputs: tuple, runtime: str,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    # The full-size tower's int8 build passed 14 GB resident (docs/inference.md): on a 16 GB laptop it is
+    # killed after minutes. The warning must come before the build, and only where memory looks short.
+    import paddleocr_vl_manga.model.vision_runtime as vision_runtime
+
+    model = copy.deepcopy(model_and_inputs[0])
+    tower_bytes = sum(p.numel() * p.element_size() for p in model.model.visual.parameters())
+    monkeypatch.setattr(vision_runtime, "available_memory", lambda: tower_bytes)
+    with pytest.warns(UserWarning, match="memory") as caught:
+        attach_vision_runtime(model, runtime, int8=True)
+    assert "--quantize int8" in str(caught[0].message)
+    monkeypatch.setattr(vision_runtime, "available_memory", lambda: 1000 * tower_bytes)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        attach_vision_runtime(copy.deepcopy(model_and_inputs[0]), runtime, int8=True)
