@@ -109,6 +109,15 @@ def restrict_lm_head(model: nn.Module, ids: list[int]) -> nn.Module:
     if not isinstance(full, nn.Linear):
         raise OutputVocabularyError(f"cannot restrict an lm_head of type {type(full).__name__}")
     model.set_output_embeddings(RestrictedHead(full, ids))
+    rows, vocab_size = len(ids), full.out_features  # not `full` itself: its matrix must be freed
+
+    def refuse_to_save(*args: object, **kwargs: object) -> None:
+        # it would write lm_head.linear.weight (k rows) and no lm_head.weight: loaded again, a random head
+        raise OutputVocabularyError(f"this model's lm_head holds {rows:,} of {vocab_size:,} rows "
+                                    "(output_vocabulary.json), which no loader can read back: load it with "
+                                    "full_vocabulary=True to save it")
+
+    model.save_pretrained = refuse_to_save  # this instance only
     return model
 
 

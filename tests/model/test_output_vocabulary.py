@@ -19,6 +19,7 @@ from paddleocr_vl_manga.model.generation import generate_readings
 from paddleocr_vl_manga.model.loading import ModelLoadError, load_for_inference
 from paddleocr_vl_manga.model.output_vocabulary import (
     OUTPUT_VOCABULARY_FILE,
+    OutputVocabularyError,
     RestrictedHead,
     write_output_vocabulary,
 )
@@ -235,3 +236,31 @@ def test_the_restricted_heads_load_line_says_what_it_cannot_write_and_the_way_of
     for err in printed:
         line = next(x for x in err.splitlines() if x.startswith("lm_head:"))
         assert "--full_vocabulary" in line and "cannot" in line
+
+
+def test_saving_a_restricted_model_refuses_instead_of_writing_a_k_row_head(tiny_model: Path,
+                                                                          tmp_path: Path) -> None:
+    # save_pretrained would write lm_head.linear.weight (k rows) and no lm_head.weight: a folder that loads
+    # with a freshly initialised head. A library user saving MangaOcr(...).model must be stopped instead.
+    folder = model_with_vocabulary(tiny_model, tmp_path / "m", [0, 1, 2])
+    model, _, _ = load_for_inference(str(folder))
+    with pytest.raises(OutputVocabularyError, match="full_vocabulary"):
+        model.save_pretrained(tmp_path / "saved")
+    assert not (tmp_path / "saved" / "model.safetensors").exists()
+    full, _, _ = load_for_inference(str(folder), full_vocabulary=True)
+    full.save_pretrained(tmp_path / "saved_full")
+    assert (tmp_path / "saved_full" / "model.safetensors").is_file()
+
+
+def test_restricting_frees_the_full_heads_matrix(tiny_model: Path) -> None:
+    import gc
+    import weakref
+
+    from paddleocr_vl_manga.model.loading import load_model_and_processor
+    from paddleocr_vl_manga.model.output_vocabulary import restrict_lm_head
+
+    model, _ = load_model_and_processor(str(tiny_model), dtype=torch.float32)
+    full = weakref.ref(model.get_output_embeddings().weight)
+    restrict_lm_head(model, [0, 1, 2])
+    gc.collect()
+    assert full() is None
