@@ -264,3 +264,21 @@ def test_restricting_frees_the_full_heads_matrix(tiny_model: Path) -> None:
     restrict_lm_head(model, [0, 1, 2])
     gc.collect()
     assert full() is None
+
+
+def test_a_mixed_data_dir_records_the_tokens_of_every_folder(tiny_model: Path, prepared: Path,
+                                                             tmp_path: Path) -> None:
+    # DATA_DIR "manga109 synth:1": the synthetic folder's characters are trained on, so they are kept.
+    from paddleocr_vl_manga.train.inputs import train_data
+
+    first = subset(prepared, tmp_path / "a", 4)
+    second = subset(prepared, tmp_path / "b", 4, split="test")
+    model_args, data_args, args = train_args(tiny_model, Path(f"{first} {second}:1"), tmp_path / "out")
+    data = train_data(model_args, data_args, args, decode=False)
+    tokenizer = data.checked.processor.tokenizer
+    texts = [r["text"] for r in data.train.records]
+    assert {Path(r["_source"]).parent for r in data.train.records} == {first, second}
+    assert list(data.output_vocabulary) == sorted({i for ids in answer_ids(tokenizer, texts) for i in ids})
+    first_only = {i for ids in answer_ids(tokenizer, [r["text"] for r in data.train.records
+                                                      if Path(r["_source"]).parent == first]) for i in ids}
+    assert first_only < set(data.output_vocabulary)  # the second folder adds tokens: the check can fail
