@@ -282,3 +282,16 @@ def test_a_mixed_data_dir_records_the_tokens_of_every_folder(tiny_model: Path, p
     first_only = {i for ids in answer_ids(tokenizer, [r["text"] for r in data.train.records
                                                       if Path(r["_source"]).parent == first]) for i in ids}
     assert first_only < set(data.output_vocabulary)  # the second folder adds tokens: the check can fail
+
+
+def test_an_old_checkpoint_without_the_file_exports_and_loads_with_the_full_head(tiny_model: Path,
+                                                                                 tmp_path: Path) -> None:
+    # a checkpoint saved before training wrote the file, exported against a base that has its own
+    import paddleocr_vl_manga.export.layout as export_model
+
+    base = model_with_vocabulary(tiny_model, tmp_path / "base", [0, 1, 2])
+    old = model_with_vocabulary(tiny_model, tmp_path / "checkpoint-100", None)
+    exported = tmp_path / "exported"
+    assert export_model.main([str(old), "--base", str(base), "--out", str(exported)]) == 0
+    assert not (exported / OUTPUT_VOCABULARY_FILE).exists()
+    assert type(load_for_inference(str(exported))[0].get_output_embeddings()) is nn.Linear
