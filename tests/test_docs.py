@@ -297,3 +297,17 @@ def test_every_moved_module_is_named_with_its_new_home() -> None:
     assert not missing, f"docs/development.md does not say where these went: {missing}"
     for new in MOVED.values():
         assert (ROOT / (new.replace(".", "/") + ".py")).exists(), new
+
+
+def test_every_manga_ocr_argument_has_a_row_in_its_table() -> None:
+    # a reader's tool constructs MangaOcr(...): an argument missing from the table is one nobody finds
+    # (full_vocabulary is the way off for the restricted lm_head a fine-tune loads with by default)
+    import inspect
+
+    from paddleocr_vl_manga.infer.manga_ocr import MangaOcr
+
+    text = (ROOT / "docs" / "inference.md").read_text(encoding="utf-8")
+    rows = set(re.findall(r"^\| `(\w+)`(?:, `(\w+)`)? \|", text, flags=re.M))
+    rows = {name for pair in rows for name in pair if name}
+    missing = [n for n in inspect.signature(MangaOcr.__init__).parameters if n != "self" and n not in rows]
+    assert not missing, f"docs/inference.md's MangaOcr table lacks {missing}"
