@@ -17,6 +17,7 @@ from these logits (generation.TokenProbabilities) are within the restricted set.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from collections.abc import Iterable
@@ -102,6 +103,13 @@ class RestrictedHead(nn.Module):
         return f"{self.linear.out_features} of {self.vocab_size} rows"
 
 
+def _refuse_to_save(rows: int, vocab_size: int, *args: object, **kwargs: object) -> None:
+    # save_pretrained would write lm_head.linear.weight (k rows) and no lm_head.weight: a random head on load
+    raise OutputVocabularyError(f"this model's lm_head holds {rows:,} of {vocab_size:,} rows "
+                                "(output_vocabulary.json), which no loader can read back: load it with "
+                                "full_vocabulary=True to save it")
+
+
 def restrict_lm_head(model: nn.Module, ids: list[int]) -> nn.Module:
     """Replace model.lm_head (an nn.Linear) by a RestrictedHead of `ids`, in place; return the model.
     Do it before quantize_model, which then quantizes the small head as it would have the full one."""
@@ -109,15 +117,9 @@ def restrict_lm_head(model: nn.Module, ids: list[int]) -> nn.Module:
     if not isinstance(full, nn.Linear):
         raise OutputVocabularyError(f"cannot restrict an lm_head of type {type(full).__name__}")
     model.set_output_embeddings(RestrictedHead(full, ids))
-    rows, vocab_size = len(ids), full.out_features  # not `full` itself: its matrix must be freed
-
-    def refuse_to_save(*args: object, **kwargs: object) -> None:
-        # it would write lm_head.linear.weight (k rows) and no lm_head.weight: loaded again, a random head
-        raise OutputVocabularyError(f"this model's lm_head holds {rows:,} of {vocab_size:,} rows "
-                                    "(output_vocabulary.json), which no loader can read back: load it with "
-                                    "full_vocabulary=True to save it")
-
-    model.save_pretrained = refuse_to_save  # this instance only
+    # this instance only; a partial of ints, not a closure over `full`: its matrix must be freed, and the
+    # model must still pickle
+    model.save_pretrained = functools.partial(_refuse_to_save, len(ids), full.out_features)
     return model
 
 

@@ -247,6 +247,7 @@ def test_saving_a_restricted_model_refuses_instead_of_writing_a_k_row_head(tiny_
     with pytest.raises(OutputVocabularyError, match="full_vocabulary"):
         model.save_pretrained(tmp_path / "saved")
     assert not (tmp_path / "saved" / "model.safetensors").exists()
+    torch.save(model, tmp_path / "pickled.pt")  # still a picklable model (no closure in its attributes)
     full, _, _ = load_for_inference(str(folder), full_vocabulary=True)
     full.save_pretrained(tmp_path / "saved_full")
     assert (tmp_path / "saved_full" / "model.safetensors").is_file()
