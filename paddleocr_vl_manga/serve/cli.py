@@ -113,6 +113,10 @@ def main(argv: list[str] | None = None) -> int:
                     "min_pixels)")
     ap.add_argument("--force_cpu", action="store_true", help="run on the CPU even where CUDA or Apple MPS is "
                     "available (default: CUDA, then MPS, then CPU, as MangaOcr)")
+    ap.add_argument("--full_vocabulary", action="store_true",
+                    help="compute lm_head over the whole vocabulary even where the model folder has an "
+                    "output_vocabulary.json (default: only the tokens training's labels used; a character "
+                    "no label had cannot be read)")
     ap.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this "
                     "machine only); any other address needs --api_key")
     ap.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000; 0: a free one, "
@@ -174,7 +178,8 @@ def run(a: argparse.Namespace, limits: Any, sock: socket.socket) -> int:
     with sock:
         try:
             ocr = MangaOcr(a.model_path, force_cpu=a.force_cpu, quantize=a.quantize, min_pixels=a.min_pixels,
-                           max_pixels=a.max_pixels, batch_size=limits.max_batch_size)
+                           max_pixels=a.max_pixels, batch_size=limits.max_batch_size,
+                           full_vocabulary=a.full_vocabulary)
         except ValueError as e:  # bad pixel bounds (ModelLoadError is a ValueError too)
             raise ServeError(str(e)) from None
         app = create_app(ocr, limits, api_key=a.api_key)

@@ -136,3 +136,22 @@ def test_a_signal_answers_the_request_in_flight_then_exits_0(start_server: Any, 
     assert [r["text"] for r in results] == [mocr.read(p).text for p in crop_files[:2]]
     assert server.proc.wait(60) == 0, server.output()
     assert "Traceback" not in server.output()
+
+
+def test_full_vocabulary_reaches_the_servers_model(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    # A fine-tune loads with lm_head restricted to its labels' tokens; a server whose readers meet rarer
+    # characters needs the way off that predict.py and evaluate_model.py have.
+    import paddleocr_vl_manga.infer.manga_ocr as manga_ocr
+    from paddleocr_vl_manga.serve.cli import main
+
+    seen: list[dict] = []
+
+    def fake(*args: Any, **kwargs: Any) -> None:
+        seen.append(kwargs)
+        raise ValueError("stop before serving")
+
+    monkeypatch.setattr(manga_ocr, "MangaOcr", fake)
+    for flag in ([], ["--full_vocabulary"]):
+        assert main(["--model_path", "m", "--port", "0", *flag]) == 2
+    assert [kw.get("full_vocabulary", False) for kw in seen] == [False, True]
+    assert "stop before serving" in capsys.readouterr().err
