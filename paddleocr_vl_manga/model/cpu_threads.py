@@ -9,14 +9,27 @@ environment, or torch.set_num_threads(k) called with k other than torch's own de
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
 import torch
 
+CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")  # cgroup v2: "QUOTA PERIOD" or "max PERIOD" (docker --cpus)
+
+
+def cpu_quota() -> int | None:
+    """The CPUs' worth of time a cgroup quota allows this process (rounded up), or None without a quota."""
+    try:
+        quota, period = CGROUP_CPU_MAX.read_text().split()[:2]
+        return None if quota == "max" else max(1, math.ceil(int(quota) / int(period)))
+    except (OSError, ValueError, ZeroDivisionError):
+        return None
+
 
 def physical_cores() -> int:
-    """Physical cores among the CPUs this process may run on (its affinity mask: taskset and cpusets count).
+    """Physical cores among the CPUs this process may run on (its affinity mask: taskset and cpusets count),
+    at most its cgroup's CPU quota (cpu.max: docker --cpus; threads past it only wait for the CFS throttle).
 
     /proc/cpuinfo pairs each logical CPU with its (physical id, core id); where it lacks them (some ARM
     kernels, non-Linux) every allowed logical CPU counts.
@@ -28,14 +41,14 @@ def physical_cores() -> int:
     try:
         blocks = Path("/proc/cpuinfo").read_text().strip().split("\n\n")
     except OSError:
-        return len(allowed)
+        return min(len(allowed), cpu_quota() or len(allowed))
     cores = set()
     for block in blocks:
         pairs = (line.partition(":") for line in block.splitlines())
         info = {k.strip(): v.strip() for k, _, v in pairs}
         if "core id" in info and info.get("processor", "").isdigit() and int(info["processor"]) in allowed:
             cores.add((info.get("physical id"), info["core id"]))
-    return len(cores) or len(allowed)
+    return min(len(cores) or len(allowed), cpu_quota() or len(allowed))
 
 
 def torch_default_threads() -> int:

@@ -165,3 +165,13 @@ def test_int8_build_warns_before_it_starts_when_memory_looks_short(model_and_inp
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         attach_vision_runtime(copy.deepcopy(model_and_inputs[0]), runtime, int8=True)
+
+
+@pytest.mark.parametrize("cpu_max, cores", [("100000 100000", 1), ("150000 100000", 2), ("max 100000", None)])
+def test_physical_cores_stay_within_a_containers_cpu_quota(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                           cpu_max: str, cores: int | None) -> None:
+    # docker --cpus=1 on a many-core host: every thread past the quota only waits for the CFS throttle
+    unlimited = cpu_threads.physical_cores()
+    (tmp_path / "cpu.max").write_text(cpu_max + "\n")
+    monkeypatch.setattr(cpu_threads, "CGROUP_CPU_MAX", tmp_path / "cpu.max")
+    assert cpu_threads.physical_cores() == min(unlimited, cores or unlimited)
