@@ -38,6 +38,7 @@ from paddleocr_vl_manga.evaluate.metrics import (
     confidence_missing,
     edit_distance,
     normalize,
+    stop_counts,
 )
 from paddleocr_vl_manga.evaluate.report import write_comparison, write_report
 from paddleocr_vl_manga.model.output_vocabulary import head_line, head_size
@@ -218,11 +219,6 @@ def breakdown(rows: list[dict], key: str) -> dict[str, dict]:
         groups[r[key] or "(unknown)"].append(r)
     return {g: all_metrics([r["prediction"] for r in rs], [r["reference"] for r in rs])
             for g, rs in sorted(groups.items())}
-
-
-def stop_counts(rows: list[dict]) -> dict[str, int]:
-    """How generation ended: eos (the model finished), cap (the token cap cut it) or loop (the guard)."""
-    return {k: sum(r.get("stop") == k for r in rows) for k in ("eos", "cap", "loop")}
 
 
 def confidence_halves(rows: list[dict]) -> dict:

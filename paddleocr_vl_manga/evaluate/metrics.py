@@ -125,6 +125,11 @@ def all_metrics(predictions: list[str], references: list[str]) -> dict[str, dict
 STOPS = ("eos", "cap", "loop")
 
 
+def stop_counts(rows: list[dict]) -> dict[str, int]:
+    """How generation ended: eos (the model finished), cap (the token cap cut it) or loop (the guard)."""
+    return {k: sum(r.get("stop") == k for r in rows) for k in STOPS}
+
+
 def confidence_missing(rows: list[dict]) -> str | None:
     """Why the rows cannot be ranked by confidence, or None when every one carries it."""
     bare = sum(not isinstance(r.get("confidence"), int | float) or r["confidence"] != r["confidence"]
@@ -149,7 +154,7 @@ def group_scores(rows: list[dict]) -> dict:
             "confidence_max": max(r["confidence"] for r in rows),
             "cer": sum(r["edits"] for r in rows) / max(ref_chars, 1),
             "exact_match": sum(r["edits"] == 0 for r in rows) / len(rows),
-            "stops": {k: sum(r.get("stop") == k for r in rows) for k in STOPS}}
+            "stops": stop_counts(rows)}
 
 
 def confidence_groups(rows: list[dict], k: int) -> list[dict]:
